@@ -1,0 +1,319 @@
+"""The array namespace: the one module (besides ``refattn/cuda``) that knows
+which array libraries exist.
+
+Everything in ``refattn.ops`` and ``refattn.blocks`` is written against the
+Python Array API standard.  A public entry point resolves the namespace once,
+
+    xp = namespace(x=x, weight=weight)
+
+and uses only ``xp.*`` functions plus the few helpers below that the standard
+lacks (zero padding, strided windows for scatter-adds, a stable sigmoid,
+``sum_to_shape``).  NumPy arrays run through ``array_api_compat.numpy``,
+CuPy arrays through ``array_api_compat.cupy``; the test suite also runs
+everything under ``array_api_strict`` with arrays on a non-default device.
+
+Random numbers are always drawn on the host with
+``numpy.random.default_rng(seed)`` in float64 and then moved to the target
+namespace, so NumPy and CuPy runs see bit-identical inputs.
+
+Dtype policy: refattn computes in float32 or float64 only.  Every floating
+argument of one call must share a dtype (no silent promotion), integer,
+boolean and complex arrays are refused with a ``TypeError`` naming the
+argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from refattn._typing import Array, Shape
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "accumulate",
+    "as_tuple",
+    "check_array",
+    "check_finite",
+    "check_same_dtype",
+    "device",
+    "dtype_name",
+    "from_host",
+    "host_rng",
+    "is_cupy",
+    "is_numpy",
+    "namespace",
+    "pad_spatial",
+    "sum_to_shape",
+    "to_host",
+    "unpad_spatial",
+    "window",
+    "zeros_like_shape",
+]
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+# ---------------------------------------------------------------------------
+# namespace resolution
+
+
+def namespace(*arrays: Any, **named: Any) -> Any:
+    """Return the Array API namespace shared by the given arrays.
+
+    Positional and keyword arrays are both accepted; keyword names are used in
+    error messages.  ``None`` and Python scalars are ignored.
+
+    Raises:
+        TypeError: an argument is not an array of a supported library, or the
+            arrays come from different libraries or devices.
+    """
+    items = [(f"argument {i}", a) for i, a in enumerate(arrays)] + list(named.items())
+    found = []
+    for name, a in items:
+        if a is None or isinstance(a, (bool, int, float)):
+            continue
+        if not array_api_compat.is_array_api_obj(a):
+            raise TypeError(
+                f"{name}: expected an array (numpy, cupy or an Array API array), "
+                f"got {type(a).__module__}.{type(a).__qualname__}"
+            )
+        found.append((name, a))
+    if not found:
+        raise TypeError("no array arguments were given")
+    try:
+        return array_api_compat.array_namespace(*(a for _, a in found))
+    except TypeError as err:
+        kinds = ", ".join(f"{n}: {type(a).__module__}" for n, a in found)
+        raise TypeError(f"arrays from different libraries were mixed ({kinds})") from err
+
+
+def is_numpy(xp: Any) -> bool:
+    """True for NumPy (plain or through array_api_compat)."""
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def is_cupy(xp: Any) -> bool:
+    """True for CuPy (plain or through array_api_compat)."""
+    return array_api_compat.is_cupy_namespace(xp)
+
+
+def device(a: Array) -> Any:
+    """The device of `a` (``"cpu"`` for NumPy)."""
+    return array_api_compat.device(a)
+
+
+# ---------------------------------------------------------------------------
+# host <-> namespace
+
+
+def host_rng(seed: int) -> np.random.Generator:
+    """The one random generator refattn uses: PCG64 through default_rng."""
+    return np.random.default_rng(seed)
+
+
+def to_host(a: Array) -> np.ndarray:
+    """Copy an array of any supported namespace to a NumPy ndarray.
+
+    For emission, reports and tests only; never called inside ops.
+    """
+    if isinstance(a, np.ndarray):
+        return a
+    if array_api_compat.is_cupy_array(a):
+        return a.get()
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().numpy()
+    xp = namespace(a)
+    if "array_api_strict" in getattr(xp, "__name__", ""):
+        # array_api_strict refuses __array__ off its default device: copy there.
+        cpu = xp.asarray(a, device=xp.__array_namespace_info__().default_device())
+        return np.asarray(cpu)
+    return np.asarray(a)
+
+
+def from_host(a: np.ndarray, xp: Any, *, device: Any = None) -> Array:
+    """Move a host array into namespace `xp` (on `device` when given)."""
+    if is_numpy(xp):
+        return np.asarray(a)
+    if device is None:
+        return xp.asarray(a)
+    if "array_api_strict" in getattr(xp, "__name__", ""):
+        default = xp.__array_namespace_info__().default_device()
+        return xp.asarray(xp.asarray(a, device=default), device=device)
+    return xp.asarray(a, device=device)
+
+
+# ---------------------------------------------------------------------------
+# validation and dtype policy
+
+
+def dtype_name(a: Array) -> str:
+    """'float32', 'float64', 'int64', ... for any namespace's array."""
+    dt = a.dtype
+    name = getattr(dt, "name", None)
+    if isinstance(name, str):
+        return name
+    return str(dt).split(".")[-1].strip("'>")
+
+
+def check_array(
+    name: str,
+    a: Any,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    shape: Shape | None = None,
+) -> None:
+    """Refuse anything that is not a float32/float64 array of the right rank.
+
+    ``shape`` entries of ``-1`` match any size.
+    """
+    if not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float)):
+        raise TypeError(
+            f"{name}: expected a float32 or float64 array, "
+            f"got {type(a).__module__}.{type(a).__qualname__}"
+        )
+    dt = dtype_name(a)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {dt}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if a.ndim not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(
+                f"{name}: expected a {want}-D array, got shape {tuple(a.shape)}"
+            )
+    if shape is not None:
+        if len(shape) != a.ndim or any(
+            s != -1 and s != t for s, t in zip(shape, a.shape)
+        ):
+            want = "(" + ", ".join("*" if s == -1 else str(s) for s in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(a.shape)}")
+
+
+def check_same_dtype(**arrays: Any) -> str:
+    """All non-None arrays share one float dtype; return its name."""
+    names = {k: dtype_name(v) for k, v in arrays.items() if v is not None}
+    dts = set(names.values())
+    if len(dts) > 1:
+        listing = ", ".join(f"{k}={v}" for k, v in names.items())
+        raise TypeError(
+            f"all arrays must share one dtype (refattn never promotes), got {listing}"
+        )
+    return dts.pop()
+
+
+def check_finite(name: str, a: Array) -> None:
+    """Refuse NaN and +-Inf, reporting how many elements are bad."""
+    xp = namespace(a)
+    ok = xp.isfinite(a)
+    if not bool(xp.all(ok)):
+        bad = int(xp.sum(xp.astype(xp.logical_not(ok), xp.int64)))
+        raise ValueError(
+            f"{name}: expected finite values, got {bad} NaN/Inf of {_size(a)} elements"
+        )
+
+
+def _size(a: Array) -> int:
+    n = 1
+    for s in a.shape:
+        n *= int(s)
+    return n
+
+
+def as_tuple(name: str, value: int | Sequence[int], n: int, *, minimum: int = 0) -> tuple[int, ...]:
+    """Expand an int or a length-n sequence of ints to an n-tuple, validated."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int or {n} ints, got {value!r}")
+    if isinstance(value, int):
+        out = (value,) * n
+    else:
+        try:
+            out = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name}: expected an int or {n} ints, got {value!r}") from None
+        if len(out) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+            raise ValueError(f"{name}: expected an int or {n} ints, got {value!r}")
+    if any(v < minimum for v in out):
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# helpers the standard lacks
+
+
+def sum_to_shape(g: Array, shape: Shape) -> Array:
+    """Reverse of broadcasting: sum `g` down to `shape`.
+
+    Sums the leading axes `g` has in front of `shape`, and every axis where
+    `shape` is 1 but `g` is not.  Every backward whose forward broadcast an
+    operand undoes it with this function and nothing ad hoc.
+    """
+    shape = tuple(shape)
+    if tuple(g.shape) == shape:
+        return g
+    xp = namespace(g)
+    extra = g.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and g.shape[extra + i] != 1
+    )
+    summed = xp.sum(g, axis=axes, keepdims=True) if axes else g
+    return xp.reshape(summed, shape)
+
+
+def zeros_like_shape(ref: Array, shape: Shape) -> Array:
+    """Zeros of `shape` with the dtype and device of `ref`."""
+    xp = namespace(ref)
+    return xp.zeros(tuple(shape), dtype=ref.dtype, device=device(ref))
+
+
+def pad_spatial(x: Array, padding: Sequence[int]) -> Array:
+    """Zero-pad the trailing ``len(padding)`` axes symmetrically.
+
+    ``padding[i]`` zeros go before and after trailing axis ``i``.
+    """
+    if not any(padding):
+        return x
+    lead = x.ndim - len(padding)
+    shape = tuple(x.shape[:lead]) + tuple(
+        s + 2 * p for s, p in zip(x.shape[lead:], padding)
+    )
+    out = zeros_like_shape(x, shape)
+    inner = (slice(None),) * lead + tuple(
+        slice(p, p + s) for s, p in zip(x.shape[lead:], padding)
+    )
+    out[inner] = x
+    return out
+
+
+def unpad_spatial(x: Array, padding: Sequence[int]) -> Array:
+    """The adjoint of pad_spatial: crop the padding away again."""
+    if not any(padding):
+        return x
+    lead = x.ndim - len(padding)
+    inner = (slice(None),) * lead + tuple(
+        slice(p, s - p) for s, p in zip(x.shape[lead:], padding)
+    )
+    return x[inner]
+
+
+def window(start: int, step: int, count: int) -> slice:
+    """``start, start+step, ..., start+step*(count-1)`` as an in-bounds slice.
+
+    array_api_strict refuses slice stops past the end, so the stop is the last
+    index plus one rather than ``start + step*count``.
+    """
+    return slice(start, start + step * (count - 1) + 1, step)
+
+
+def accumulate(dst: Array, index: tuple[slice, ...], src: Array) -> None:
+    """``dst[index] += src`` on an array the caller allocated itself.
+
+    The one in-place operation refattn allows: scatter-adding into a fresh
+    gradient buffer through a strided slice (no index repeats within one
+    slice, so it is exact).  Used by the adjoints of im2col and pooling.
+    """
+    dst[index] = dst[index] + src

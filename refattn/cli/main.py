@@ -1,0 +1,76 @@
+"""The click group, its global options and the error policy of every command."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from refattn import __version__
+
+
+class RefattnGroup(click.Group):
+    """A click group that turns library errors into one-line messages.
+
+    Bad input (``ValueError``, ``TypeError``, ``OSError`` and refattn's own
+    input errors) exits 2; any other exception is a refattn bug and exits 1
+    with one line that says so.  ``--debug`` re-raises instead, so the
+    traceback is shown.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise
+        except (ValueError, TypeError, OSError, KeyError) as err:
+            if _debug(ctx):
+                raise
+            _one_line(err)
+            ctx.exit(2)
+        except Exception as err:  # a bug: still one line unless --debug
+            if _debug(ctx):
+                raise
+            _one_line(err, prefix="internal error (please report; --debug shows "
+                          "the traceback)")
+            ctx.exit(1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+def _one_line(err: BaseException, prefix: str = "") -> None:
+    text = str(err) if not isinstance(err, KeyError) else str(err.args[0])
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.strerror or text}: {err.filename}"
+    text = " ".join(text.split()) or type(err).__name__
+    lead = f"{prefix}: " if prefix else ""
+    click.echo(f"Error: {lead}{text}", err=True)
+
+
+@click.group(
+    cls=RefattnGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 88},
+)
+@click.version_option(__version__, "--version", prog_name="refattn")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """refattn: reference forward/backward passes, gradient checks and golden
+    fixtures for CNN attention blocks."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    from refattn.cli import info
+
+    main.add_command(info.info)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
