@@ -1,0 +1,68 @@
+"""Softmax along one axis, max-shifted for stability."""
+
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+from refattn._typing import Array
+from refattn.backend import check_array, check_finite, check_same_dtype, namespace
+
+__all__ = ["SoftmaxCache", "softmax_backward", "softmax_forward"]
+
+
+class SoftmaxCache(NamedTuple):
+    y: Array  # like x: the softmax output
+    axis: int  # the normalised axis, 0 <= axis < x.ndim
+
+
+def softmax_forward(x: Array, *, axis: int = -1) -> tuple[Array, SoftmaxCache]:
+    """Softmax of `x` along `axis`.
+
+    Math:
+        m = max_axis x                    (subtracted so exp never overflows)
+        y = exp(x − m) / Σ_axis exp(x − m)
+    Shapes:
+        x, y  any shape with at least one axis; `axis` may be negative
+    """
+    xp = namespace(x=x)
+    check_array("x", x)
+    axis = _normalise_axis(axis, x.ndim)
+    check_finite("x", x)
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
+    y = e / xp.sum(e, axis=axis, keepdims=True)  # like x
+    return y, SoftmaxCache(y, axis)
+
+
+def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
+    """VJP of softmax, from the saved output.
+
+    Math:
+        dx = y ⊙ (dout − Σ_axis(dout ⊙ y))
+    That is (diag(y) − y yᵀ) dout per slice along `axis`, without building the
+    Jacobian: subtract the y-weighted mean of dout, then scale by y.
+    Shapes:
+        dout, dx  like x
+    """
+    xp = namespace(dout=dout)
+    y, axis = cache
+    check_array("dout", dout, shape=tuple(y.shape))
+    check_same_dtype(dout=dout, forward=y)
+    return y * (dout - xp.sum(dout * y, axis=axis, keepdims=True))
+
+
+def _normalise_axis(axis: int, ndim: int) -> int:
+    if isinstance(axis, bool):
+        raise TypeError(f"axis: expected an int, got {axis!r}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis: expected an int, got {axis!r}") from None
+    if ndim == 0:
+        raise ValueError("x: expected an array with at least one axis, got shape ()")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis: expected an int in [{-ndim}, {ndim - 1}] for a {ndim}-D x, "
+            f"got {axis}"
+        )
+    return axis % ndim
