@@ -4,6 +4,7 @@ hypothesis profiles."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from refattn import backend
+
+# tests/anchors (PyTorch modules in the structure of each anchor implementation)
+# is importable as `anchors` from every test module and from `refattn validate`.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile(
     "ci",

@@ -70,8 +70,8 @@ def relu_forward(x: Array) -> tuple[Array, ReluCache]:
     Shapes:
         x, out  any shape
     """
-    xp = namespace(x=x)
     _check_input("x", x)
+    xp = namespace(x=x)
     out = xp.where(x > 0, x, 0.0)  # like x
     return out, ReluCache(out)
 
@@ -86,9 +86,9 @@ def relu_backward(dout: Array, cache: ReluCache) -> Array:
     Convention:
         relu'(0) = 0: an input exactly at 0 passes no gradient.
     """
-    xp = namespace(dout=dout)
     out = cache.out
     _check_dout(dout, out)
+    xp = namespace(dout=dout)
     return xp.where(out > 0, dout, 0.0)
 
 

@@ -78,6 +78,7 @@ def batch_norm_forward(
         running_mean, running_var  (C,); None allowed in train mode only
                                    (the returned ones are then None too)
     """
+    check_array("x", x, ndim=_NDIM)
     xp = namespace(
         x=x,
         weight=weight,
@@ -85,7 +86,6 @@ def batch_norm_forward(
         running_mean=running_mean,
         running_var=running_var,
     )
-    check_array("x", x, ndim=_NDIM)
     C = x.shape[1]
     _check_affine(weight, bias, C)
     if not isinstance(training, bool):
@@ -172,10 +172,10 @@ def batch_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
-    xp = namespace(dout=dout)
     xhat, inv_std, weight, has_bias, training = cache
     check_array("dout", dout, shape=tuple(xhat.shape))
     check_same_dtype(dout=dout, forward=xhat)
+    xp = namespace(dout=dout)
     C = xhat.shape[1]
     axes = (0,) + tuple(range(2, xhat.ndim))
     bshape = tuple(inv_std.shape)  # (1, C, 1...)
@@ -223,8 +223,8 @@ def group_norm_forward(
         x, y          (N, C, *S) with S = (), (L,), (H, W) or (T, H, W)
         weight, bias  (C,) or None
     """
-    xp = namespace(x=x, weight=weight, bias=bias)
     check_array("x", x, ndim=_NDIM)
+    xp = namespace(x=x, weight=weight, bias=bias)
     N, C = x.shape[0], x.shape[1]
     _check_affine(weight, bias, C)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
@@ -267,10 +267,10 @@ def group_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
-    xp = namespace(dout=dout)
     xhat, inv_std, weight, has_bias = cache
     check_array("dout", dout, shape=tuple(xhat.shape))
     check_same_dtype(dout=dout, forward=xhat)
+    xp = namespace(dout=dout)
     N, C = xhat.shape[0], xhat.shape[1]
     G = inv_std.shape[1]
     K = _prod(xhat.shape) // (N * G)

@@ -25,8 +25,8 @@ def softmax_forward(x: Array, *, axis: int = -1) -> tuple[Array, SoftmaxCache]:
     Shapes:
         x, y  any shape with at least one axis; `axis` may be negative
     """
-    xp = namespace(x=x)
     check_array("x", x)
+    xp = namespace(x=x)
     axis = _normalise_axis(axis, x.ndim)
     check_finite("x", x)
     e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
@@ -44,10 +44,10 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
     Shapes:
         dout, dx  like x
     """
-    xp = namespace(dout=dout)
     y, axis = cache
     check_array("dout", dout, shape=tuple(y.shape))
     check_same_dtype(dout=dout, forward=y)
+    xp = namespace(dout=dout)
     return y * (dout - xp.sum(dout * y, axis=axis, keepdims=True))
 
 

@@ -1,0 +1,480 @@
+"""Convolutions: conv2d (K x K, stride, padding, dilation, groups, bias) and
+pointwise_conv, a 1x1 convolution over any spatial rank.
+
+Both reduce to one grouped channel-mixing product on ``(N, C', L)`` arrays,
+``out[n] = W2 @ cols[n]`` per group, written once in ``_mix_forward`` /
+``_mix_backward``:
+
+* a 1x1 convolution (pointwise_conv, and conv2d's fast path) multiplies the
+  input itself, flattened to ``(N, C, L)`` (for conv2d after zero padding and
+  stride subsampling);
+* a K x K conv2d multiplies the im2col matrix ``(N, C*KH*KW, L)``, gathered
+  from ``KH*KW`` strided slices of the padded input.
+
+Each backward is the exact adjoint of its forward: the transposed products,
+then col2im (scatter-adding the slices back into a zero buffer) and unpadding.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, NamedTuple
+
+from refattn._typing import Array, Shape
+from refattn.backend import (
+    accumulate,
+    as_tuple,
+    check_array,
+    check_finite,
+    check_same_dtype,
+    namespace,
+    pad_spatial,
+    unpad_spatial,
+    window,
+    zeros_like_shape,
+)
+
+__all__ = [
+    "Conv2dCache",
+    "PointwiseConvCache",
+    "conv2d_backward",
+    "conv2d_forward",
+    "pointwise_conv_backward",
+    "pointwise_conv_forward",
+]
+
+Pair = tuple[int, int]
+
+
+class Conv2dCache(NamedTuple):
+    cols: Array  # (N, C*KH*KW, L) im2col of the padded input; (N, C, L) for 1x1
+    weight: Array  # (O, C/G, KH, KW)
+    x_shape: Shape  # (N, C, H, W)
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    groups: int
+    has_bias: bool
+
+
+def conv2d_forward(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> tuple[Array, Conv2dCache]:
+    """2-D cross-correlation (PyTorch's conv2d) with zero padding and groups.
+
+    Math:
+        out[n, o, i, j] = b[o] + Σ_{c ∈ group(o), u, v}
+                          W[o, c', u, v] · xpad[n, c, s_h·i + d_h·u, s_w·j + d_w·v]
+        xpad = x with `padding` zeros on each side of H and W; output channel
+        block g (O/G channels) reads input block g (C/G channels), c' = c mod C/G.
+        Ho = floor((H + 2p_h − d_h(KH − 1) − 1) / s_h) + 1, likewise Wo.
+        Computed as im2col + one grouped matmul; a 1x1 kernel skips im2col
+        (pad, subsample by the stride, multiply).
+    Shapes:
+        x       (N, C, H, W)
+        weight  (O, C/G, KH, KW)
+        bias    (O,) or None
+        out     (N, O, Ho, Wo)
+    stride, padding and dilation are an int or an (h, w) pair.
+    """
+    xp = namespace(x=x, weight=weight, bias=bias)
+    stride_, padding_, dilation_, groups = _check_conv2d_args(
+        x, weight, bias, stride, padding, dilation, groups
+    )
+    N, C, H, W = x.shape
+    O, _, KH, KW = weight.shape
+    ho, wo = _conv2d_out_hw((H, W), (KH, KW), stride_, padding_, dilation_)
+    xpad = pad_spatial(x, padding_)  # (N, C, H + 2p_h, W + 2p_w)
+    if (KH, KW) == (1, 1):
+        xs = xpad[:, :, window(0, stride_[0], ho), window(0, stride_[1], wo)]
+        cols = xp.reshape(xs, (N, C, ho * wo))  # (N, C, L)
+    else:
+        cols = _im2col(xp, xpad, (KH, KW), stride_, dilation_, (ho, wo))
+    w2 = xp.reshape(weight, (O, cols.shape[1] // groups))  # (O, C/G*KH*KW)
+    out = _mix_forward(xp, cols, w2, bias, groups)  # (N, O, L)
+    out = xp.reshape(out, (N, O, ho, wo))  # (N, O, Ho, Wo)
+    cache = Conv2dCache(
+        cols, weight, (N, C, H, W), stride_, padding_, dilation_, groups,
+        bias is not None,
+    )
+    return out, cache
+
+
+def conv2d_backward(
+    dout: Array, cache: Conv2dCache
+) -> tuple[Array, Array, Array | None]:
+    """VJP of conv2d: the transposed correlation and the weight correlation.
+
+    Math:
+        dcols  = W2ᵀ · dout                       per group, W2 = W as (O, C/G·KH·KW)
+        dx     = unpad(col2im(dcols))             col2im scatter-adds each kernel
+                                                  offset's slice back (the adjoint
+                                                  of im2col); positions no window
+                                                  reads (stride gaps) get 0
+        dW     = Σ_n dout[n] · cols[n]ᵀ           per group
+        db[o]  = Σ_{n,i,j} dout[n, o, i, j]       (None when there was no bias)
+    Shapes:
+        dout     (N, O, Ho, Wo)
+        dx       (N, C, H, W)
+        dweight  (O, C/G, KH, KW)
+        dbias    (O,) or None
+    """
+    xp = namespace(dout=dout)
+    c = cache
+    N, C, H, W = c.x_shape
+    O, _, KH, KW = c.weight.shape
+    ho, wo = _conv2d_out_hw((H, W), (KH, KW), c.stride, c.padding, c.dilation)
+    dout3 = _check_dout(xp, dout, c.weight, (N, O, ho, wo))  # (N, O, L)
+    w2 = xp.reshape(c.weight, (O, c.cols.shape[1] // c.groups))  # (O, C/G*KH*KW)
+    dcols, dw2, dbias = _mix_backward(xp, dout3, c.cols, w2, c.groups, c.has_bias)
+    padded = (N, C, H + 2 * c.padding[0], W + 2 * c.padding[1])
+    if (KH, KW) == (1, 1):
+        dxs = xp.reshape(dcols, (N, C, ho, wo))  # (N, C, Ho, Wo)
+        if c.stride == (1, 1):
+            dxpad = dxs  # the subsampling was the identity
+        else:
+            # adjoint of the strided slice: zeros where the stride skipped
+            dxpad = zeros_like_shape(dout, padded)  # (N, C, Hp, Wp)
+            index = (
+                slice(None), slice(None),
+                window(0, c.stride[0], ho), window(0, c.stride[1], wo),
+            )
+            accumulate(dxpad, index, dxs)
+    else:
+        dxpad = _col2im(
+            xp, dcols, padded, (KH, KW), c.stride, c.dilation, (ho, wo)
+        )  # (N, C, Hp, Wp)
+    dx = unpad_spatial(dxpad, c.padding)  # (N, C, H, W)
+    dweight = xp.reshape(dw2, tuple(c.weight.shape))  # (O, C/G, KH, KW)
+    return dx, dweight, dbias
+
+
+class PointwiseConvCache(NamedTuple):
+    x3: Array  # (N, C, L) the input with its spatial axes flattened
+    weight: Array  # (O, C/G) or (O, C/G, 1, ..., 1)
+    x_shape: Shape  # (N, C, *S)
+    groups: int
+    has_bias: bool
+
+
+def pointwise_conv_forward(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    *,
+    groups: int = 1,
+) -> tuple[Array, PointwiseConvCache]:
+    """1x1 convolution (stride 1, no padding) over any spatial rank 0..3.
+
+    Math:
+        out[n, o, s] = b[o] + Σ_{c ∈ group(o)} W[o, c'] · x[n, c, s]
+        for every position s of the spatial shape S; output channel block g
+        (O/G channels) reads input block g (C/G channels), c' = c mod C/G.
+        One (grouped) matmul per sample on x viewed as (N, C, L), L = |S|.
+    Shapes:
+        x       (N, C, *S)      S = (), (L,), (H, W) or (T, H, W)
+        weight  (O, C/G) or (O, C/G, 1, ..., 1) with len(S) trailing ones
+        bias    (O,) or None
+        out     (N, O, *S)
+    """
+    xp = namespace(x=x, weight=weight, bias=bias)
+    groups = _check_pointwise_args(x, weight, bias, groups)
+    N, C = x.shape[0], x.shape[1]
+    O = weight.shape[0]
+    spatial = tuple(x.shape[2:])
+    x3 = xp.reshape(x, (N, C, _prod(spatial)))  # (N, C, L)
+    w2 = xp.reshape(weight, (O, C // groups))  # (O, C/G)
+    out = _mix_forward(xp, x3, w2, bias, groups)  # (N, O, L)
+    out = xp.reshape(out, (N, O) + spatial)  # (N, O, *S)
+    cache = PointwiseConvCache(x3, weight, tuple(x.shape), groups, bias is not None)
+    return out, cache
+
+
+def pointwise_conv_backward(
+    dout: Array, cache: PointwiseConvCache
+) -> tuple[Array, Array, Array | None]:
+    """VJP of pointwise_conv.
+
+    Math:
+        dx[n]  = W2ᵀ · dout[n]                   per group, on (·, L) views
+        dW     = Σ_n dout[n] · x[n]ᵀ             per group, reshaped like weight
+        db[o]  = Σ_{n,s} dout[n, o, s]           (None when there was no bias)
+    Shapes:
+        dout     (N, O, *S)
+        dx       (N, C, *S)
+        dweight  like weight
+        dbias    (O,) or None
+    """
+    xp = namespace(dout=dout)
+    c = cache
+    N, C = c.x_shape[0], c.x_shape[1]
+    O = c.weight.shape[0]
+    want = (N, O) + tuple(c.x_shape[2:])
+    dout3 = _check_dout(xp, dout, c.weight, want)  # (N, O, L)
+    w2 = xp.reshape(c.weight, (O, C // c.groups))  # (O, C/G)
+    dx3, dw2, dbias = _mix_backward(xp, dout3, c.x3, w2, c.groups, c.has_bias)
+    dx = xp.reshape(dx3, c.x_shape)  # (N, C, *S)
+    dweight = xp.reshape(dw2, tuple(c.weight.shape))  # like weight
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# the shared channel-mixing product
+
+
+def _mix_forward(
+    xp: Any, cols: Array, w2: Array, bias: Array | None, groups: int
+) -> Array:
+    """out[n] = W2 · cols[n] per group (+ bias): (N, K, L) -> (N, O, L)."""
+    N, K, L = cols.shape
+    O = w2.shape[0]
+    if groups == 1:
+        out = xp.matmul(w2, cols)  # (N, O, L)
+    else:
+        G = groups
+        wg = xp.reshape(w2, (G, O // G, K // G))  # (G, O/G, K/G)
+        cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
+        out = xp.reshape(xp.matmul(wg, cg), (N, O, L))  # (N, O, L)
+    if bias is not None:
+        out = out + xp.reshape(bias, (O, 1))  # (N, O, L)
+    return out
+
+
+def _mix_backward(
+    xp: Any, dout3: Array, cols: Array, w2: Array, groups: int, has_bias: bool
+) -> tuple[Array, Array, Array | None]:
+    """VJP of _mix_forward: (dcols, dW2, db).
+
+    dW2 is one batched matmul then a sum over N: measured faster in NumPy than
+    a tensordot over (N, L), which has to copy both operands into (O, N·L) and
+    (N·L, K) layouts first.
+    """
+    N, K, L = cols.shape
+    O = w2.shape[0]
+    if groups == 1:
+        dcols = xp.matmul(w2.mT, dout3)  # (N, K, L)
+        dw2 = xp.sum(xp.matmul(dout3, cols.mT), axis=0)  # (O, K)
+    else:
+        G = groups
+        wg = xp.reshape(w2, (G, O // G, K // G))  # (G, O/G, K/G)
+        cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
+        dg = xp.reshape(dout3, (N, G, O // G, L))  # (N, G, O/G, L)
+        dcols = xp.reshape(xp.matmul(wg.mT, dg), (N, K, L))  # (N, K, L)
+        dwg = xp.sum(xp.matmul(dg, cg.mT), axis=0)  # (G, O/G, K/G)
+        dw2 = xp.reshape(dwg, (O, K // G))  # (O, K/G)
+    dbias = xp.sum(dout3, axis=(0, 2)) if has_bias else None  # (O,)
+    return dcols, dw2, dbias
+
+
+# ---------------------------------------------------------------------------
+# im2col and its adjoint
+
+
+def _im2col(
+    xp: Any, xpad: Array, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair
+) -> Array:
+    """Gather the KH*KW strided slices of the padded input: (N, C*KH*KW, L).
+
+    Row c*KH*KW + u*KW + v holds xpad[n, c, s_h·i + d_h·u, s_w·j + d_w·v] over
+    the output positions (i, j), matching weight.reshape(O, C/G*KH*KW) per group.
+    """
+    N, C = xpad.shape[0], xpad.shape[1]
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
+    patches = [
+        xpad[:, :, window(u * dh, sh, ho), window(v * dw, sw, wo)]
+        for u in range(kh)
+        for v in range(kw)
+    ]
+    cols = xp.stack(patches, axis=2)  # (N, C, KH*KW, Ho, Wo)
+    return xp.reshape(cols, (N, C * kh * kw, ho * wo))  # (N, C*KH*KW, L)
+
+
+def _col2im(
+    xp: Any,
+    dcols: Array,
+    padded: Shape,
+    kernel: Pair,
+    stride: Pair,
+    dilation: Pair,
+    out_hw: Pair,
+) -> Array:
+    """Adjoint of _im2col: scatter-add each kernel offset's slice into zeros."""
+    N, C = padded[0], padded[1]
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
+    d5 = xp.reshape(dcols, (N, C, kh * kw, ho, wo))  # (N, C, KH*KW, Ho, Wo)
+    dxpad = zeros_like_shape(dcols, padded)  # (N, C, Hp, Wp)
+    for u in range(kh):
+        for v in range(kw):
+            index = (
+                slice(None), slice(None),
+                window(u * dh, sh, ho), window(v * dw, sw, wo),
+            )
+            accumulate(dxpad, index, d5[:, :, u * kw + v])
+    return dxpad
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def _conv2d_out_hw(
+    hw: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
+) -> Pair:
+    out = []
+    for axis, n, k, s, p, d in zip("HW", hw, kernel, stride, padding, dilation):
+        span = d * (k - 1) + 1  # extent of the dilated kernel
+        if n + 2 * p < span:
+            raise ValueError(
+                f"x: padded input size {axis} + 2*padding = {n} + 2*{p} = "
+                f"{n + 2 * p} is smaller than the dilated kernel extent "
+                f"dilation*(K - 1) + 1 = {span}: no output positions "
+                f"(kernel {kernel}, dilation {dilation}, padding {padding})"
+            )
+        out.append((n + 2 * p - span) // s + 1)
+    return out[0], out[1]
+
+
+def _check_groups(groups: Any) -> int:
+    if isinstance(groups, bool):
+        raise TypeError(f"groups: expected a positive int, got {groups!r}")
+    try:
+        groups = operator.index(groups)
+    except TypeError:
+        raise TypeError(f"groups: expected a positive int, got {groups!r}") from None
+    if groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups}")
+    return groups
+
+
+def _check_channels(x: Array, weight: Array, groups: int, layout: str) -> None:
+    C, O = x.shape[1], weight.shape[0]
+    if C % groups:
+        raise ValueError(
+            f"groups: expected a divisor of the input channels C = x.shape[1] = {C}, "
+            f"got groups={groups}"
+        )
+    if O % groups:
+        raise ValueError(
+            f"groups: expected a divisor of the output channels "
+            f"O = weight.shape[0] = {O}, got groups={groups}"
+        )
+    if weight.shape[1] * groups != C:
+        raise ValueError(
+            f"weight: expected shape {layout} with C/groups = {C}/{groups} = "
+            f"{C // groups} for x with C = {C}, got shape {tuple(weight.shape)}"
+        )
+
+
+def _check_bias(bias: Array | None, weight: Array) -> None:
+    if bias is None:
+        return
+    check_array("bias", bias)
+    O = weight.shape[0]
+    if tuple(bias.shape) != (O,):
+        raise ValueError(
+            f"bias: expected shape (O,) = ({O},) for weight with O = {O}, "
+            f"got shape {tuple(bias.shape)}"
+        )
+
+
+def _check_finite_args(x: Array, weight: Array, bias: Array | None) -> None:
+    check_finite("x", x)
+    check_finite("weight", weight)
+    if bias is not None:
+        check_finite("bias", bias)
+
+
+def _check_conv2d_args(
+    x: Array,
+    weight: Array,
+    bias: Array | None,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: Any,
+) -> tuple[Pair, Pair, Pair, int]:
+    check_array("x", x)
+    check_array("weight", weight)
+    if x.ndim != 4:
+        raise ValueError(
+            f"x: expected a 4-D array (N, C, H, W), got shape {tuple(x.shape)}"
+        )
+    if weight.ndim != 4:
+        raise ValueError(
+            f"weight: expected a 4-D array (O, C/groups, KH, KW), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    _check_bias(bias, weight)
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    stride_ = as_tuple("stride", stride, 2, minimum=1)
+    padding_ = as_tuple("padding", padding, 2, minimum=0)
+    dilation_ = as_tuple("dilation", dilation, 2, minimum=1)
+    groups = _check_groups(groups)
+    _check_channels(x, weight, groups, "(O, C/groups, KH, KW)")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(
+            f"weight: expected a kernel of at least 1x1, got shape "
+            f"{tuple(weight.shape)}"
+        )
+    _check_finite_args(x, weight, bias)
+    return (
+        (stride_[0], stride_[1]),
+        (padding_[0], padding_[1]),
+        (dilation_[0], dilation_[1]),
+        groups,
+    )
+
+
+def _check_pointwise_args(
+    x: Array, weight: Array, bias: Array | None, groups: Any
+) -> int:
+    check_array("x", x)
+    check_array("weight", weight)
+    if not 2 <= x.ndim <= 5:
+        raise ValueError(
+            f"x: expected a 2-D to 5-D array (N, C, *S) with 0 to 3 spatial axes, "
+            f"got shape {tuple(x.shape)}"
+        )
+    rank = x.ndim - 2
+    ones = (1,) * rank
+    layout = "(O, C/groups)" + (
+        f" or (O, C/groups, {', '.join('1' * rank)})" if rank else ""
+    )
+    if weight.ndim not in (2, 2 + rank) or tuple(weight.shape[2:]) not in ((), ones):
+        raise ValueError(
+            f"weight: expected shape {layout} for a {x.ndim}-D x, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    _check_bias(bias, weight)
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    groups = _check_groups(groups)
+    _check_channels(x, weight, groups, layout)
+    _check_finite_args(x, weight, bias)
+    return groups
+
+
+def _check_dout(xp: Any, dout: Array, weight: Array, want: Shape) -> Array:
+    """Validate dout against the forward's output shape; view it as (N, O, L)."""
+    check_array("dout", dout)
+    if tuple(dout.shape) != tuple(want):
+        raise ValueError(
+            f"dout: expected the forward's output shape {tuple(want)}, "
+            f"got {tuple(dout.shape)}"
+        )
+    check_same_dtype(dout=dout, weight=weight)
+    N, O = dout.shape[0], dout.shape[1]
+    return xp.reshape(dout, (N, O, _prod(tuple(dout.shape[2:]))))  # (N, O, L)
+
+
+def _prod(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,215 @@
+"""Dense products: linear (PyTorch's nn.Linear layout) and batched matmul with
+broadcast batch dimensions.
+
+Both backward passes are transposed products.  The parameter-side gradient of
+a product whose other operand is batched (the weight of linear; a 2-D operand
+of matmul) is a sum over the batch, computed as ONE matmul over the flattened
+batch rather than per-sample products summed afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from refattn._typing import Array, Shape
+from refattn.backend import (
+    check_array,
+    check_finite,
+    check_same_dtype,
+    namespace,
+    sum_to_shape,
+)
+
+__all__ = [
+    "LinearCache",
+    "MatmulCache",
+    "linear_backward",
+    "linear_forward",
+    "matmul_backward",
+    "matmul_forward",
+]
+
+
+class LinearCache(NamedTuple):
+    x2: Array  # (M, in) the input with its leading axes flattened, M = prod(...)
+    weight: Array  # (out, in)
+    x_shape: Shape  # (..., in)
+    has_bias: bool
+
+
+def linear_forward(
+    x: Array, weight: Array, bias: Array | None = None
+) -> tuple[Array, LinearCache]:
+    """Affine map of the last axis: out = x Wᵀ + b (PyTorch's F.linear).
+
+    Math:
+        out[..., j] = b[j] + Σ_i x[..., i] · W[j, i]
+    Shapes:
+        x       (..., in)       any number of leading axes, including none
+        weight  (out, in)
+        bias    (out,) or None
+        out     (..., out)
+    """
+    xp = namespace(x=x, weight=weight, bias=bias)
+    check_array("x", x)
+    check_array("weight", weight, ndim=2)
+    if x.ndim < 1:
+        raise ValueError(
+            "x: expected an array (..., in) with at least 1 axis, got shape ()"
+        )
+    n_out, n_in = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(
+            f"x: expected last axis of size in = weight.shape[1] = {n_in}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        check_array("bias", bias)
+        if tuple(bias.shape) != (n_out,):
+            raise ValueError(
+                f"bias: expected shape (out,) = ({n_out},) for weight of shape "
+                f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}"
+            )
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    check_finite("x", x)
+    check_finite("weight", weight)
+    if bias is not None:
+        check_finite("bias", bias)
+    lead = tuple(x.shape[:-1])
+    x2 = xp.reshape(x, (_prod(lead), n_in))  # (M, in)
+    out = xp.matmul(x2, weight.mT)  # (M, out)
+    if bias is not None:
+        out = out + bias  # (M, out)
+    out = xp.reshape(out, lead + (n_out,))  # (..., out)
+    return out, LinearCache(x2, weight, tuple(x.shape), bias is not None)
+
+
+def linear_backward(
+    dout: Array, cache: LinearCache
+) -> tuple[Array, Array, Array | None]:
+    """VJP of linear.
+
+    Math:
+        dx  = dout · W                    (..., out) x (out, in)
+        dW  = Σ_... doutᵀ x               one (out, M) x (M, in) product
+        db  = Σ_... dout                  (None when there was no bias)
+    Shapes:
+        dout     (..., out)
+        dx       (..., in)
+        dweight  (out, in)
+        dbias    (out,) or None
+    """
+    xp = namespace(dout=dout)
+    x2, weight, x_shape, has_bias = cache
+    n_out = weight.shape[0]
+    want = tuple(x_shape[:-1]) + (n_out,)
+    check_array("dout", dout)
+    if tuple(dout.shape) != want:
+        raise ValueError(
+            f"dout: expected the forward's output shape {want}, "
+            f"got {tuple(dout.shape)}"
+        )
+    check_same_dtype(dout=dout, weight=weight)
+    dout2 = xp.reshape(dout, (x2.shape[0], n_out))  # (M, out)
+    dx = xp.reshape(xp.matmul(dout2, weight), x_shape)  # (..., in)
+    dweight = xp.matmul(dout2.mT, x2)  # (out, in)
+    dbias = xp.sum(dout2, axis=0) if has_bias else None  # (out,)
+    return dx, dweight, dbias
+
+
+class MatmulCache(NamedTuple):
+    a: Array  # (*Ba, n, k)
+    b: Array  # (*Bb, k, m)
+
+
+def matmul_forward(a: Array, b: Array) -> tuple[Array, MatmulCache]:
+    """Batched matrix product with broadcast batch axes.
+
+    Math:
+        out[..., i, j] = Σ_k a[..., i, k] · b[..., k, j]
+        the batch axes (all but the last two) broadcast against each other.
+    Shapes:
+        a    (*Ba, n, k)     at least 2-D
+        b    (*Bb, k, m)     at least 2-D
+        out  (*B, n, m)      B = broadcast(Ba, Bb)
+    """
+    xp = namespace(a=a, b=b)
+    check_array("a", a)
+    check_array("b", b)
+    for name, arr in (("a", a), ("b", b)):
+        if arr.ndim < 2:
+            raise ValueError(
+                f"{name}: expected an array with at least 2 axes (..., rows, cols), "
+                f"got shape {tuple(arr.shape)}"
+            )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"b: expected b.shape[-2] = a.shape[-1] = {a.shape[-1]}, got shapes "
+            f"a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
+    check_same_dtype(a=a, b=b)
+    check_finite("a", a)
+    check_finite("b", b)
+    out = xp.matmul(a, b)  # (*B, n, m)
+    return out, MatmulCache(a, b)
+
+
+def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
+    """VJP of matmul; broadcast batch axes are summed back down.
+
+    Math:
+        da = sum_to_shape(dout · bᵀ, a.shape)
+        db = sum_to_shape(aᵀ · dout, b.shape)
+    When b is 2-D and a carries the whole batch, db is one product over the
+    flattened batch, db = A2ᵀ · D2 with A2 = a as (B·n, k) and D2 = dout as
+    (B·n, m), instead of B products and a sum.
+    Shapes:
+        dout  (*B, n, m)
+        da    like a
+        db    like b
+    """
+    xp = namespace(dout=dout)
+    a, b = cache
+    batch = _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
+    want = batch + (a.shape[-2], b.shape[-1])
+    check_array("dout", dout)
+    if tuple(dout.shape) != want:
+        raise ValueError(
+            f"dout: expected the forward's output shape {want}, "
+            f"got {tuple(dout.shape)}"
+        )
+    check_same_dtype(dout=dout, a=a)
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    da = sum_to_shape(xp.matmul(dout, b.mT), tuple(a.shape))  # like a
+    if b.ndim == 2 and tuple(a.shape[:-2]) == batch:
+        # b was shared by the whole batch: one (k, B·n) x (B·n, m) product
+        a2 = xp.reshape(a, (_prod(batch) * n, k))  # (B·n, k)
+        dout2 = xp.reshape(dout, (_prod(batch) * n, m))  # (B·n, m)
+        db = xp.matmul(a2.mT, dout2)  # (k, m)
+    else:
+        db = sum_to_shape(xp.matmul(a.mT, dout), tuple(b.shape))  # like b
+    return da, db
+
+
+def _broadcast_batch(sa: Shape, sb: Shape, a: Array, b: Array) -> Shape:
+    """Broadcast two batch shapes, or raise naming both operands."""
+    n = max(len(sa), len(sb))
+    pa = (1,) * (n - len(sa)) + sa
+    pb = (1,) * (n - len(sb)) + sb
+    out = []
+    for x, y in zip(pa, pb):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(
+                f"b: expected batch axes broadcastable with a's, got shapes "
+                f"a {tuple(a.shape)} and b {tuple(b.shape)} (batch {sa} vs {sb})"
+            )
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
+def _prod(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
