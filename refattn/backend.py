@@ -206,8 +206,16 @@ def check_same_dtype(**arrays: Any) -> str:
 
 
 def check_finite(name: str, a: Array) -> None:
-    """Refuse NaN and +-Inf, reporting how many elements are bad."""
+    """Refuse NaN and +-Inf, reporting how many elements are bad.
+
+    The sum is checked first (one cheap pass: any NaN or Inf makes it
+    non-finite); only then, or if the sum overflowed, is every element looked
+    at, so valid inputs cost a single reduction.
+    """
     xp = namespace(a)
+    with np.errstate(all="ignore"):  # NaN/Inf in the sum are the signal, not a problem
+        if bool(xp.isfinite(xp.sum(a))):
+            return
     ok = xp.isfinite(a)
     if not bool(xp.all(ok)):
         bad = int(xp.sum(xp.astype(xp.logical_not(ok), xp.int64)))
@@ -312,8 +320,9 @@ def window(start: int, step: int, count: int) -> slice:
 def accumulate(dst: Array, index: tuple[slice, ...], src: Array) -> None:
     """``dst[index] += src`` on an array the caller allocated itself.
 
-    The one in-place operation refattn allows: scatter-adding into a fresh
-    gradient buffer through a strided slice (no index repeats within one
-    slice, so it is exact).  Used by the adjoints of im2col and pooling.
+    Scatter-adding into a fresh gradient buffer through a strided slice (no
+    index repeats within one slice, so it is exact); the adjoints of im2col
+    and pooling use it.  In-place updates are only ever made on arrays the
+    function itself allocated, never on arguments or caches.
     """
     dst[index] = dst[index] + src

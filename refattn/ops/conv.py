@@ -89,7 +89,7 @@ def conv2d_forward(
         x, weight, bias, stride, padding, dilation, groups
     )
     N, C, H, W = x.shape
-    O, _, KH, KW = weight.shape
+    Cout, _, KH, KW = weight.shape
     ho, wo = _conv2d_out_hw((H, W), (KH, KW), stride_, padding_, dilation_)
     xpad = pad_spatial(x, padding_)  # (N, C, H + 2p_h, W + 2p_w)
     if (KH, KW) == (1, 1):
@@ -97,12 +97,18 @@ def conv2d_forward(
         cols = xp.reshape(xs, (N, C, ho * wo))  # (N, C, L)
     else:
         cols = _im2col(xp, xpad, (KH, KW), stride_, dilation_, (ho, wo))
-    w2 = xp.reshape(weight, (O, cols.shape[1] // groups))  # (O, C/G*KH*KW)
+    w2 = xp.reshape(weight, (Cout, cols.shape[1] // groups))  # (O, C/G*KH*KW)
     out = _mix_forward(xp, cols, w2, bias, groups)  # (N, O, L)
-    out = xp.reshape(out, (N, O, ho, wo))  # (N, O, Ho, Wo)
+    out = xp.reshape(out, (N, Cout, ho, wo))  # (N, O, Ho, Wo)
     cache = Conv2dCache(
-        cols, weight, (N, C, H, W), stride_, padding_, dilation_, groups,
-        bias is not None,
+        cols=cols,
+        weight=weight,
+        x_shape=(N, C, H, W),
+        stride=stride_,
+        padding=padding_,
+        dilation=dilation_,
+        groups=groups,
+        has_bias=bias is not None,
     )
     return out, cache
 
@@ -113,13 +119,14 @@ def conv2d_backward(
     """VJP of conv2d: the transposed correlation and the weight correlation.
 
     Math:
-        dcols  = W2ᵀ · dout                       per group, W2 = W as (O, C/G·KH·KW)
-        dx     = unpad(col2im(dcols))             col2im scatter-adds each kernel
-                                                  offset's slice back (the adjoint
-                                                  of im2col); positions no window
-                                                  reads (stride gaps) get 0
-        dW     = Σ_n dout[n] · cols[n]ᵀ           per group
-        db[o]  = Σ_{n,i,j} dout[n, o, i, j]       (None when there was no bias)
+        W2     = W as (O, C/G·KH·KW)
+        dcols  = W2ᵀ · dout                     per group
+        dx     = unpad(col2im(dcols))           col2im scatter-adds each kernel
+                                                offset's slice back (the adjoint
+                                                of im2col); positions no window
+                                                reads (stride gaps) get 0
+        dW     = Σ_n dout[n] · cols[n]ᵀ         per group
+        db[o]  = Σ_{n,i,j} dout[n, o, i, j]     (None when there was no bias)
     Shapes:
         dout     (N, O, Ho, Wo)
         dx       (N, C, H, W)
@@ -129,12 +136,12 @@ def conv2d_backward(
     xp = namespace(dout=dout)
     c = cache
     N, C, H, W = c.x_shape
-    O, _, KH, KW = c.weight.shape
+    Cout, _, KH, KW = c.weight.shape
     ho, wo = _conv2d_out_hw((H, W), (KH, KW), c.stride, c.padding, c.dilation)
-    dout3 = _check_dout(xp, dout, c.weight, (N, O, ho, wo))  # (N, O, L)
-    w2 = xp.reshape(c.weight, (O, c.cols.shape[1] // c.groups))  # (O, C/G*KH*KW)
+    dout3 = _check_dout(xp, dout, c.weight, (N, Cout, ho, wo))  # (N, O, L)
+    w2 = xp.reshape(c.weight, (Cout, c.cols.shape[1] // c.groups))  # (O, C/G*KH*KW)
     dcols, dw2, dbias = _mix_backward(xp, dout3, c.cols, w2, c.groups, c.has_bias)
-    padded = (N, C, H + 2 * c.padding[0], W + 2 * c.padding[1])
+    padded = (N, C, H + 2 * c.padding[0], W + 2 * c.padding[1])  # (N, C, Hp, Wp)
     if (KH, KW) == (1, 1):
         dxs = xp.reshape(dcols, (N, C, ho, wo))  # (N, C, Ho, Wo)
         if c.stride == (1, 1):
@@ -143,8 +150,10 @@ def conv2d_backward(
             # adjoint of the strided slice: zeros where the stride skipped
             dxpad = zeros_like_shape(dout, padded)  # (N, C, Hp, Wp)
             index = (
-                slice(None), slice(None),
-                window(0, c.stride[0], ho), window(0, c.stride[1], wo),
+                slice(None),
+                slice(None),
+                window(0, c.stride[0], ho),
+                window(0, c.stride[1], wo),
             )
             accumulate(dxpad, index, dxs)
     else:
@@ -187,12 +196,12 @@ def pointwise_conv_forward(
     xp = namespace(x=x, weight=weight, bias=bias)
     groups = _check_pointwise_args(x, weight, bias, groups)
     N, C = x.shape[0], x.shape[1]
-    O = weight.shape[0]
+    Cout = weight.shape[0]
     spatial = tuple(x.shape[2:])
     x3 = xp.reshape(x, (N, C, _prod(spatial)))  # (N, C, L)
-    w2 = xp.reshape(weight, (O, C // groups))  # (O, C/G)
+    w2 = xp.reshape(weight, (Cout, C // groups))  # (O, C/G)
     out = _mix_forward(xp, x3, w2, bias, groups)  # (N, O, L)
-    out = xp.reshape(out, (N, O) + spatial)  # (N, O, *S)
+    out = xp.reshape(out, (N, Cout) + spatial)  # (N, O, *S)
     cache = PointwiseConvCache(x3, weight, tuple(x.shape), groups, bias is not None)
     return out, cache
 
@@ -215,10 +224,10 @@ def pointwise_conv_backward(
     xp = namespace(dout=dout)
     c = cache
     N, C = c.x_shape[0], c.x_shape[1]
-    O = c.weight.shape[0]
-    want = (N, O) + tuple(c.x_shape[2:])
+    Cout = c.weight.shape[0]
+    want = (N, Cout) + tuple(c.x_shape[2:])
     dout3 = _check_dout(xp, dout, c.weight, want)  # (N, O, L)
-    w2 = xp.reshape(c.weight, (O, C // c.groups))  # (O, C/G)
+    w2 = xp.reshape(c.weight, (Cout, C // c.groups))  # (O, C/G)
     dx3, dw2, dbias = _mix_backward(xp, dout3, c.x3, w2, c.groups, c.has_bias)
     dx = xp.reshape(dx3, c.x_shape)  # (N, C, *S)
     dweight = xp.reshape(dw2, tuple(c.weight.shape))  # like weight
@@ -234,16 +243,16 @@ def _mix_forward(
 ) -> Array:
     """out[n] = W2 · cols[n] per group (+ bias): (N, K, L) -> (N, O, L)."""
     N, K, L = cols.shape
-    O = w2.shape[0]
+    Cout = w2.shape[0]
     if groups == 1:
         out = xp.matmul(w2, cols)  # (N, O, L)
     else:
         G = groups
-        wg = xp.reshape(w2, (G, O // G, K // G))  # (G, O/G, K/G)
+        wg = xp.reshape(w2, (G, Cout // G, K // G))  # (G, O/G, K/G)
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
-        out = xp.reshape(xp.matmul(wg, cg), (N, O, L))  # (N, O, L)
+        out = xp.reshape(xp.matmul(wg, cg), (N, Cout, L))  # (N, O, L)
     if bias is not None:
-        out = out + xp.reshape(bias, (O, 1))  # (N, O, L)
+        out = out + xp.reshape(bias, (Cout, 1))  # (N, O, L)
     return out
 
 
@@ -257,18 +266,18 @@ def _mix_backward(
     (N·L, K) layouts first.
     """
     N, K, L = cols.shape
-    O = w2.shape[0]
+    Cout = w2.shape[0]
     if groups == 1:
         dcols = xp.matmul(w2.mT, dout3)  # (N, K, L)
         dw2 = xp.sum(xp.matmul(dout3, cols.mT), axis=0)  # (O, K)
     else:
         G = groups
-        wg = xp.reshape(w2, (G, O // G, K // G))  # (G, O/G, K/G)
+        wg = xp.reshape(w2, (G, Cout // G, K // G))  # (G, O/G, K/G)
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
-        dg = xp.reshape(dout3, (N, G, O // G, L))  # (N, G, O/G, L)
+        dg = xp.reshape(dout3, (N, G, Cout // G, L))  # (N, G, O/G, L)
         dcols = xp.reshape(xp.matmul(wg.mT, dg), (N, K, L))  # (N, K, L)
         dwg = xp.sum(xp.matmul(dg, cg.mT), axis=0)  # (G, O/G, K/G)
-        dw2 = xp.reshape(dwg, (O, K // G))  # (O, K/G)
+        dw2 = xp.reshape(dwg, (Cout, K // G))  # (O, K/G)
     dbias = xp.sum(dout3, axis=(0, 2)) if has_bias else None  # (O,)
     return dcols, dw2, dbias
 
@@ -313,10 +322,12 @@ def _col2im(
     for u in range(kh):
         for v in range(kw):
             index = (
-                slice(None), slice(None),
-                window(u * dh, sh, ho), window(v * dw, sw, wo),
+                slice(None),
+                slice(None),
+                window(u * dh, sh, ho),
+                window(v * dw, sw, wo),
             )
-            accumulate(dxpad, index, d5[:, :, u * kw + v])
+            accumulate(dxpad, index, d5[:, :, u * kw + v, :, :])
     return dxpad
 
 
@@ -354,16 +365,16 @@ def _check_groups(groups: Any) -> int:
 
 
 def _check_channels(x: Array, weight: Array, groups: int, layout: str) -> None:
-    C, O = x.shape[1], weight.shape[0]
+    C, Cout = x.shape[1], weight.shape[0]
     if C % groups:
         raise ValueError(
             f"groups: expected a divisor of the input channels C = x.shape[1] = {C}, "
             f"got groups={groups}"
         )
-    if O % groups:
+    if Cout % groups:
         raise ValueError(
             f"groups: expected a divisor of the output channels "
-            f"O = weight.shape[0] = {O}, got groups={groups}"
+            f"O = weight.shape[0] = {Cout}, got groups={groups}"
         )
     if weight.shape[1] * groups != C:
         raise ValueError(
@@ -376,10 +387,10 @@ def _check_bias(bias: Array | None, weight: Array) -> None:
     if bias is None:
         return
     check_array("bias", bias)
-    O = weight.shape[0]
-    if tuple(bias.shape) != (O,):
+    Cout = weight.shape[0]
+    if tuple(bias.shape) != (Cout,):
         raise ValueError(
-            f"bias: expected shape (O,) = ({O},) for weight with O = {O}, "
+            f"bias: expected shape (O,) = ({Cout},) for weight with O = {Cout}, "
             f"got shape {tuple(bias.shape)}"
         )
 
@@ -469,8 +480,8 @@ def _check_dout(xp: Any, dout: Array, weight: Array, want: Shape) -> Array:
             f"got {tuple(dout.shape)}"
         )
     check_same_dtype(dout=dout, weight=weight)
-    N, O = dout.shape[0], dout.shape[1]
-    return xp.reshape(dout, (N, O, _prod(tuple(dout.shape[2:]))))  # (N, O, L)
+    N, Cout = dout.shape[0], dout.shape[1]
+    return xp.reshape(dout, (N, Cout, _prod(tuple(dout.shape[2:]))))  # (N, O, L)
 
 
 def _prod(shape: Shape) -> int:

@@ -106,8 +106,7 @@ def linear_backward(
     check_array("dout", dout)
     if tuple(dout.shape) != want:
         raise ValueError(
-            f"dout: expected the forward's output shape {want}, "
-            f"got {tuple(dout.shape)}"
+            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
         )
     check_same_dtype(dout=dout, weight=weight)
     dout2 = xp.reshape(dout, (x2.shape[0], n_out))  # (M, out)
@@ -176,8 +175,7 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     check_array("dout", dout)
     if tuple(dout.shape) != want:
         raise ValueError(
-            f"dout: expected the forward's output shape {want}, "
-            f"got {tuple(dout.shape)}"
+            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
         )
     check_same_dtype(dout=dout, a=a)
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]

@@ -18,6 +18,7 @@ from refattn.backend import (
     check_array,
     check_finite,
     check_same_dtype,
+    dtype_name,
     namespace,
 )
 
@@ -46,7 +47,7 @@ class BatchNormOut(NamedTuple):
 
 class BatchNormCache(NamedTuple):
     xhat: Array  # (N, C, *S) normalised input
-    inv_std: Array  # (1, C, 1...) 1/sqrt(var + eps), batch or running var
+    inv_std: Array  # (C,) 1/sqrt(var + eps), batch or running variance
     weight: Array | None  # (C,) γ, or None
     has_bias: bool  # whether β was given (dbias is None otherwise)
     training: bool  # batch statistics (True) or running statistics (False)
@@ -115,42 +116,45 @@ def batch_norm_forward(
         running_var=running_var,
     )
     _check_nonempty(x)
-    check_finite("x", x)
 
-    axes = (0,) + tuple(range(2, x.ndim))  # every axis but C
-    bshape = (1, C) + (1,) * (x.ndim - 2)  # (C,) broadcast against x
-    M = _prod(x.shape) // C  # values per channel
+    N = x.shape[0]
+    L = _prod(x.shape[2:])  # positions per sample
+    M = N * L  # values per channel
+    x3 = xp.reshape(x, (N, C, L))  # (N, C, L)
     if training:
         if M == 1:
             raise ValueError(
                 "batch_norm: training needs more than one value per channel, "
                 f"got input shape {tuple(x.shape)}"
             )
-        mean = xp.mean(x, axis=axes, keepdims=True)  # (1, C, 1...)
-        xc = x - mean  # (N, C, *S)
-        var = xp.mean(xc * xc, axis=axes, keepdims=True)  # (1, C, 1...) biased
-        inv_std = 1.0 / xp.sqrt(var + eps)  # (1, C, 1...)
-        xhat = xc * inv_std  # (N, C, *S)
+        mean = xp.mean(x3, axis=(0, 2))  # (C,)
+        _check_statistic(xp, x, mean, "per-channel mean")
+        xc = x3 - xp.reshape(mean, (1, C, 1))  # (N, C, L)
+        var = xp.sum(_rowdot(xp, xc, xc), axis=0) / M  # (C,) biased
+        _check_statistic(xp, x, var, "per-channel variance")
+        inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
+        xc *= xp.reshape(inv_std, (1, C, 1))  # x̂, in place on the fresh xc
         if running_mean is None:
             new_mean = new_var = None
         else:
-            # buffers: fresh arrays, the unbiased variance goes into the average
-            new_mean = (1.0 - momentum) * running_mean + momentum * xp.reshape(
-                mean, (C,)
-            )  # (C,)
-            new_var = (1.0 - momentum) * running_var + momentum * (M / (M - 1)) * (
-                xp.reshape(var, (C,))
-            )  # (C,)
+            # buffers: fresh arrays; the unbiased variance enters the average
+            unbiased_var = var * (M / (M - 1))  # (C,)
+            new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
+            new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
     else:
+        if not bool(xp.isfinite(xp.sum(x))):  # NaN/Inf screen; the full check counts
+            check_finite("x", x)
         if not bool(xp.all(running_var >= 0)):
             raise ValueError(
                 "running_var: expected non-negative values, got a minimum of "
                 f"{float(xp.min(running_var))}"
             )
-        inv_std = xp.reshape(1.0 / xp.sqrt(running_var + eps), bshape)  # (1, C, 1...)
-        xhat = (x - xp.reshape(running_mean, bshape)) * inv_std  # (N, C, *S)
+        inv_std = 1.0 / xp.sqrt(running_var + eps)  # (C,)
+        xc = x3 - xp.reshape(running_mean, (1, C, 1))  # (N, C, L)
+        xc *= xp.reshape(inv_std, (1, C, 1))  # x̂, in place on the fresh xc
         new_mean, new_var = running_mean, running_var
-    y = _affine(xp, xhat, weight, bias, bshape)  # (N, C, *S)
+    xhat = xp.reshape(xc, tuple(x.shape))  # (N, C, *S)
+    y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
     out = BatchNormOut(y, new_mean, new_var)
     return out, BatchNormCache(xhat, inv_std, weight, bias is not None, training)
 
@@ -176,21 +180,21 @@ def batch_norm_backward(
     check_array("dout", dout, shape=tuple(xhat.shape))
     check_same_dtype(dout=dout, forward=xhat)
     xp = namespace(dout=dout)
-    C = xhat.shape[1]
-    axes = (0,) + tuple(range(2, xhat.ndim))
-    bshape = tuple(inv_std.shape)  # (1, C, 1...)
-    scale = inv_std if weight is None else xp.reshape(weight, bshape) * inv_std
-    dbias_b = xp.sum(dout, axis=axes, keepdims=True)  # (1, C, 1...)
-    dweight_b = xp.sum(dout * xhat, axis=axes, keepdims=True)  # (1, C, 1...)
+    N, C = xhat.shape[0], xhat.shape[1]
+    L = _prod(xhat.shape[2:])
+    M = N * L
+    dout3 = xp.reshape(dout, (N, C, L))  # (N, C, L)
+    xhat3 = xp.reshape(xhat, (N, C, L))  # (N, C, L)
+    dbias = xp.sum(dout3, axis=(0, 2))  # (C,)
+    dweight = xp.sum(_rowdot(xp, dout3, xhat3), axis=0)  # (C,)
+    scale = inv_std if weight is None else weight * inv_std  # (C,) γ/sqrt(σ² + eps)
+    dx = dout3 * xp.reshape(scale, (1, C, 1))  # (N, C, L)
     if training:
-        M = _prod(xhat.shape) // C
-        # the two means of the formula are γ·dbias/M and γ·dweight/M
-        dx = scale * (dout - dbias_b / M - xhat * (dweight_b / M))  # (N, C, *S)
-    else:
-        dx = dout * scale  # (N, C, *S)
-    dweight = None if weight is None else xp.reshape(dweight_b, (C,))  # (C,)
-    dbias = xp.reshape(dbias_b, (C,)) if has_bias else None  # (C,)
-    return dx, dweight, dbias
+        # the two batch means of the formula are γ·dweight/M and γ·dbias/M
+        dx -= xhat3 * xp.reshape(scale * (dweight / M), (1, C, 1))
+        dx -= xp.reshape(scale * (dbias / M), (1, C, 1))
+    dx = xp.reshape(dx, tuple(xhat.shape))  # (N, C, *S)
+    return dx, (None if weight is None else dweight), (dbias if has_bias else None)
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def batch_norm_backward(
 
 class GroupNormCache(NamedTuple):
     xhat: Array  # (N, C, *S) normalised input
-    inv_std: Array  # (N, G, 1) 1/sqrt(var + eps) per sample and group
+    inv_std: Array  # (N, G) 1/sqrt(var + eps) per sample and group
     weight: Array | None  # (C,) γ, or None
     has_bias: bool  # whether β was given (dbias is None otherwise)
 
@@ -238,17 +242,18 @@ def group_norm_forward(
     eps = _check_real("eps", eps, low=0.0, low_open=True)
     check_same_dtype(x=x, weight=weight, bias=bias)
     _check_nonempty(x)
-    check_finite("x", x)
 
     K = _prod(x.shape) // (N * G)  # values per (n, group)
     xg = xp.reshape(x, (N, G, K))  # (N, G, K)
-    mean = xp.mean(xg, axis=-1, keepdims=True)  # (N, G, 1)
-    xc = xg - mean  # (N, G, K)
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)  # (N, G, 1) biased
-    inv_std = 1.0 / xp.sqrt(var + eps)  # (N, G, 1)
-    xhat = xp.reshape(xc * inv_std, tuple(x.shape))  # (N, C, *S)
-    bshape = (1, C) + (1,) * (x.ndim - 2)
-    y = _affine(xp, xhat, weight, bias, bshape)  # (N, C, *S)
+    mean = xp.mean(xg, axis=-1)  # (N, G)
+    _check_statistic(xp, x, mean, "per-group mean")
+    xc = xg - xp.reshape(mean, (N, G, 1))  # (N, G, K)
+    var = _rowdot(xp, xc, xc) / K  # (N, G) biased
+    _check_statistic(xp, x, var, "per-group variance")
+    inv_std = 1.0 / xp.sqrt(var + eps)  # (N, G)
+    xc *= xp.reshape(inv_std, (N, G, 1))  # x̂, in place on the fresh xc
+    xhat = xp.reshape(xc, tuple(x.shape))  # (N, C, *S)
+    y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
     return y, GroupNormCache(xhat, inv_std, weight, bias is not None)
 
 
@@ -262,7 +267,9 @@ def group_norm_backward(
         dweight = Σ_{N,S} dout ⊙ x̂
         dx̂     = γ ⊙ dout                                  (γ = 1 without weight)
         dx      = (dx̂ − mean_g dx̂ − x̂ ⊙ mean_g(dx̂ ⊙ x̂)) / sqrt(σ² + eps)
-    where mean_g averages over the K values of each (n, group).
+    where mean_g averages over the K values of each (n, group).  Both group
+    means come from per-(n, c) sums: mean_g dx̂ = Σ_{c∈g} γ_c Σ_S dout / K and
+    mean_g(dx̂ ⊙ x̂) = Σ_{c∈g} γ_c Σ_S (dout ⊙ x̂) / K.
     Shapes:
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
@@ -273,25 +280,30 @@ def group_norm_backward(
     xp = namespace(dout=dout)
     N, C = xhat.shape[0], xhat.shape[1]
     G = inv_std.shape[1]
-    K = _prod(xhat.shape) // (N * G)
-    axes = (0,) + tuple(range(2, xhat.ndim))
-    bshape = (1, C) + (1,) * (xhat.ndim - 2)
-    dout_xhat = dout * xhat  # (N, C, *S)
-    if weight is None:
-        dxhat, dxhat_xhat = dout, dout_xhat  # (N, C, *S)
+    L = _prod(xhat.shape[2:])
+    K = (C // G) * L
+    dout3 = xp.reshape(dout, (N, C, L))  # (N, C, L)
+    xhat3 = xp.reshape(xhat, (N, C, L))  # (N, C, L)
+    db_nc = xp.sum(dout3, axis=-1)  # (N, C)  Σ_S dout
+    dw_nc = _rowdot(xp, dout3, xhat3)  # (N, C)  Σ_S dout ⊙ x̂
+    if weight is not None:
+        gdb_nc, gdw_nc = db_nc * weight, dw_nc * weight  # (N, C)
     else:
-        g = xp.reshape(weight, bshape)  # (1, C, 1...)
-        dxhat, dxhat_xhat = dout * g, dout_xhat * g  # (N, C, *S)
-    dxhat = xp.reshape(dxhat, (N, G, K))  # (N, G, K)
-    dx = inv_std * (
-        dxhat
-        - xp.mean(dxhat, axis=-1, keepdims=True)
-        - xp.reshape(xhat, (N, G, K))
-        * xp.mean(xp.reshape(dxhat_xhat, (N, G, K)), axis=-1, keepdims=True)
-    )  # (N, G, K)
+        gdb_nc, gdw_nc = db_nc, dw_nc  # (N, C)
+    mean_dxhat = xp.sum(xp.reshape(gdb_nc, (N, G, C // G)), axis=-1) / K  # (N, G)
+    mean_dxhat_xhat = xp.sum(xp.reshape(gdw_nc, (N, G, C // G)), axis=-1) / K
+    # dx = dout·(γ·inv) − x̂·(inv·mean_g(dx̂ ⊙ x̂)) − inv·mean_g dx̂, with the
+    # three coefficients per (n, c): the per-group ones repeated over the group
+    inv_c = _per_channel(xp, inv_std, C)  # (N, C)
+    scale = inv_c if weight is None else inv_c * weight  # (N, C)
+    q = _per_channel(xp, inv_std * mean_dxhat_xhat, C)  # (N, C)
+    r = _per_channel(xp, inv_std * mean_dxhat, C)  # (N, C)
+    dx = dout3 * xp.reshape(scale, (N, C, 1))  # (N, C, L)
+    dx -= xhat3 * xp.reshape(q, (N, C, 1))
+    dx -= xp.reshape(r, (N, C, 1))
     dx = xp.reshape(dx, tuple(xhat.shape))  # (N, C, *S)
-    dweight = None if weight is None else xp.sum(dout_xhat, axis=axes)  # (C,)
-    dbias = xp.sum(dout, axis=axes) if has_bias else None  # (C,)
+    dweight = None if weight is None else xp.sum(dw_nc, axis=0)  # (C,)
+    dbias = xp.sum(db_nc, axis=0) if has_bias else None  # (C,)
     return dx, dweight, dbias
 
 
@@ -299,16 +311,43 @@ def group_norm_backward(
 # helpers
 
 
-def _affine(
-    xp: Any, xhat: Array, weight: Array | None, bias: Array | None, bshape: Shape
-) -> Array:
-    """γ ⊙ x̂ + β with per-channel γ, β (either may be None)."""
-    y = xhat
-    if weight is not None:
-        y = y * xp.reshape(weight, bshape)
+def _affine(xp: Any, xhat: Array, weight: Array | None, bias: Array | None) -> Array:
+    """γ ⊙ x̂ + β with per-channel γ, β (either may be None; with neither, the
+    result is x̂ itself)."""
+    bshape = (1, xhat.shape[1]) + (1,) * (xhat.ndim - 2)  # (C,) against (N, C, *S)
+    if weight is None:
+        return xhat if bias is None else xhat + xp.reshape(bias, bshape)
+    y = xhat * xp.reshape(weight, bshape)  # (N, C, *S)
     if bias is not None:
-        y = y + xp.reshape(bias, bshape)
+        y += xp.reshape(bias, bshape)  # in place on the fresh product
     return y
+
+
+def _rowdot(xp: Any, a: Array, b: Array) -> Array:
+    """Σ over the last axis of a ⊙ b, (..., L) -> (...), without a temporary
+    product when L > 1."""
+    if a.shape[-1] == 1:
+        return (a * b)[..., 0]
+    return xp.vecdot(a, b, axis=-1)
+
+
+def _per_channel(xp: Any, a: Array, C: int) -> Array:
+    """(N, G) per-group values repeated over each group's C/G channels: (N, C)."""
+    N, G = a.shape
+    rep = xp.broadcast_to(xp.reshape(a, (N, G, 1)), (N, G, C // G))  # (N, G, C/G)
+    return xp.reshape(rep, (N, C))
+
+
+def _check_statistic(xp: Any, x: Array, stat: Array, what: str) -> None:
+    """A NaN/Inf in x makes its statistics non-finite: screen them (cheap), and
+    only then check x itself, which names and counts the bad values."""
+    if bool(xp.all(xp.isfinite(stat))):
+        return
+    check_finite("x", x)
+    raise ValueError(
+        f"x: the {what} overflows {dtype_name(x)}, "
+        f"got values up to {float(xp.max(xp.abs(x))):g} in magnitude"
+    )
 
 
 def _check_affine(weight: Array | None, bias: Array | None, C: int) -> None:

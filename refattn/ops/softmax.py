@@ -28,9 +28,12 @@ def softmax_forward(x: Array, *, axis: int = -1) -> tuple[Array, SoftmaxCache]:
     check_array("x", x)
     xp = namespace(x=x)
     axis = _normalise_axis(axis, x.ndim)
-    check_finite("x", x)
-    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
-    y = e / xp.sum(e, axis=axis, keepdims=True)  # like x
+    # NaN/Inf make the sum non-finite: one reduction screens for them, and the
+    # full check (which counts them) runs only then
+    if not bool(xp.isfinite(xp.sum(x))):
+        check_finite("x", x)
+    y = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
+    y /= xp.sum(y, axis=axis, keepdims=True)  # in place on the fresh exp
     return y, SoftmaxCache(y, axis)
 
 
@@ -48,7 +51,14 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
     check_array("dout", dout, shape=tuple(y.shape))
     check_same_dtype(dout=dout, forward=y)
     xp = namespace(dout=dout)
-    return y * (dout - xp.sum(dout * y, axis=axis, keepdims=True))
+    if axis == y.ndim - 1:
+        # rows along the last axis: Σ(dout ⊙ y) as a dot product, no temporary
+        dot = xp.expand_dims(xp.vecdot(dout, y, axis=-1), axis=-1)  # (..., 1)
+    else:
+        dot = xp.sum(dout * y, axis=axis, keepdims=True)  # x's shape, 1 at axis
+    dx = dout - dot  # like x
+    dx *= y  # in place on the fresh difference
+    return dx
 
 
 def _normalise_axis(axis: int, ndim: int) -> int:

@@ -73,7 +73,9 @@ def draw(rng: np.random.Generator, *shapes: tuple[int, ...]) -> list[np.ndarray]
 # gradient checks
 
 
-@pytest.mark.parametrize("mode, shape", [("full", (2, 3, 3, 2)), ("fast", (4, 32, 14, 14))])
+@pytest.mark.parametrize(
+    "mode, shape", [("full", (2, 3, 3, 2)), ("fast", (4, 32, 14, 14))]
+)
 def test_relu_gradcheck(mode: str, shape: tuple[int, ...]) -> None:
     x = away_from_zero(np.random.default_rng(1).standard_normal(shape))
     r = gradcheck_op(relu_forward, relu_backward, {"x": x}, mode=mode)
@@ -81,7 +83,9 @@ def test_relu_gradcheck(mode: str, shape: tuple[int, ...]) -> None:
     assert all(t.status == "pass" for t in r.tensors), r.to_text()
 
 
-@pytest.mark.parametrize("mode, shape", [("full", (2, 3, 3, 2)), ("fast", (4, 32, 14, 14))])
+@pytest.mark.parametrize(
+    "mode, shape", [("full", (2, 3, 3, 2)), ("fast", (4, 32, 14, 14))]
+)
 def test_sigmoid_gradcheck(mode: str, shape: tuple[int, ...]) -> None:
     z = 3.0 * np.random.default_rng(2).standard_normal(shape)
     r = gradcheck_op(sigmoid_forward, sigmoid_backward, {"z": z}, mode=mode)
@@ -108,7 +112,9 @@ def test_gate_mul_gradcheck(mode: str, pattern: tuple) -> None:
     ids=lambda v: v if isinstance(v, str) else v[0],
 )
 def test_binary_gradcheck(op: str, mode: str, pattern: tuple) -> None:
-    fwd, bwd = (mul_forward, mul_backward) if op == "mul" else (add_forward, add_backward)
+    fwd, bwd = (
+        (mul_forward, mul_backward) if op == "mul" else (add_forward, add_backward)
+    )
     _, sa, sb = pattern
     a, b = draw(np.random.default_rng(4), sa, sb)
     r = gradcheck_op(fwd, bwd, {"a": a, "b": b}, mode=mode)
@@ -163,11 +169,12 @@ def test_ops_on_backend(xb) -> None:
 
 @st.composite
 def broadcast_pair(draw_: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A full shape, a shape broadcasting to it, a random order, and a cotangent."""
+    """A full shape, a shape broadcasting to it (both at least 1-D), in a random
+    order, and a cotangent of the broadcast shape."""
     full = tuple(draw_(st.lists(st.integers(1, 4), min_size=1, max_size=4)))
     keep = draw_(st.lists(st.booleans(), min_size=len(full), max_size=len(full)))
     small = tuple(n if k else 1 for n, k in zip(full, keep))
-    small = small[draw_(st.integers(0, len(small))) :]  # drop leading axes
+    small = small[draw_(st.integers(0, len(small) - 1)) :]  # drop leading axes
     rng = np.random.default_rng(draw_(st.integers(0, 2**32 - 1)))
     a, b = np.asarray(rng.standard_normal(full)), np.asarray(rng.standard_normal(small))
     if draw_(st.booleans()):
@@ -230,7 +237,9 @@ def test_backward_is_linear_in_dout(case, alpha: float, beta: float) -> None:
         g1, g2 = _as_tuple(bwd(d1, cache)), _as_tuple(bwd(d2, cache))
         for x, g, h1, h2 in zip(inputs, g12, g1, g2):
             assert g.shape == x.shape, name
-            np.testing.assert_allclose(g, alpha * h1 + beta * h2, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(
+                g, alpha * h1 + beta * h2, rtol=1e-12, atol=1e-12
+            )
 
 
 @given(broadcast_pair())
@@ -272,7 +281,9 @@ def test_gate_never_enlarges(case) -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sigmoid_is_stable_at_large_inputs(dtype) -> None:
     z = np.array([-1000.0, -100.0, -30.0, -1.0, 0.0, 1.0, 30.0, 100.0, 1000.0], dtype)
-    with np.errstate(all="raise"):  # any overflow would raise here
+    with np.errstate(
+        over="raise", invalid="raise", divide="raise"
+    ):  # underflow is fine
         s = sigmoid(z)
         out, cache = sigmoid_forward(z)
         dz = sigmoid_backward(np.ones_like(z), cache)
@@ -282,6 +293,22 @@ def test_sigmoid_is_stable_at_large_inputs(dtype) -> None:
     assert s[0] == 0.0 and s[-1] == 1.0 and s[4] == 0.5
     # symmetric: σ(−z) = 1 − σ(z), exactly where 1 − σ(z) is representable
     np.testing.assert_allclose(s[::-1], 1 - s, atol=np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_is_the_stable_select_bit_for_bit(dtype) -> None:
+    """sigmoid evaluates where(z >= 0, 1/(1+e), e/(1+e)), e = exp(−|z|), exactly."""
+    rng = np.random.default_rng(7)
+    z = np.concatenate(
+        [rng.standard_normal(500) * s for s in (1.0, 10.0, 100.0)]
+        + [np.array([0.0, -0.0, 88.0, -88.0, 750.0, -750.0, 1e30, -1e30])]
+    ).astype(dtype)
+    with np.errstate(under="ignore"):
+        e = np.exp(-np.abs(z))
+        want = np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+        got = sigmoid(z)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
 
 
 @given(
@@ -302,8 +329,35 @@ def test_sigmoid_range_property(values: list[float], dtype) -> None:
     assert np.all(np.diff(s[order]) >= 0)
 
 
+def test_finite_screen_has_no_false_positives() -> None:
+    """Huge finite float32 inputs whose sum overflows are still accepted."""
+    x = np.full((4, 1000), 3e38, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        out, _ = relu_forward(x)
+        s, _ = sigmoid_forward(-x)
+    np.testing.assert_array_equal(out, x)
+    assert np.all(s == 0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_counted(bad: float) -> None:
+    x = np.ones((3, 4))
+    x[1, 2] = bad
+    x[2, 0] = -bad
+    with np.errstate(invalid="ignore"):  # inf − inf in the screening sum
+        _check_raises(x)
+
+
+def _check_raises(x: np.ndarray) -> None:
+    for fwd in (relu_forward, sigmoid_forward):
+        with pytest.raises(ValueError, match="expected finite values, got 2 NaN/Inf"):
+            fwd(x)
+    with pytest.raises(ValueError, match="^b: expected finite values, got 2"):
+        add_forward(np.ones(4), x)
+
+
 def test_relu_kink_convention() -> None:
-    """relu'(0) = 0, and relu(x) = 0 (not −0) there."""
+    """relu'(0) = 0: inputs at ±0 pass no gradient."""
     x = np.array([-1.0, -0.0, 0.0, 2.0])
     out, cache = relu_forward(x)
     np.testing.assert_array_equal(out, [0.0, 0.0, 0.0, 2.0])
@@ -329,11 +383,16 @@ def _torch_case(torch, fwd, bwd, tfn, inputs, dtype):
     return max(errs)
 
 
-@pytest.mark.parametrize("dtype, rtol", [(np.float64, F64_RTOL), (np.float32, F32_RTOL)])
+@pytest.mark.parametrize(
+    "dtype, rtol", [(np.float64, F64_RTOL), (np.float32, F32_RTOL)]
+)
 def test_torch_parity(torch, dtype, rtol) -> None:
     rng = np.random.default_rng(10)
     x = away_from_zero(3 * rng.standard_normal((4, 8, 6, 5)))
-    zc, zs = 3 * rng.standard_normal((4, 8, 1, 1)), 3 * rng.standard_normal((4, 1, 6, 5))
+    zc, zs = (
+        3 * rng.standard_normal((4, 8, 1, 1)),
+        3 * rng.standard_normal((4, 1, 6, 5)),
+    )
     big = np.concatenate([x.ravel()[:100], [-1000.0, -80.0, 80.0, 1000.0]])
     F = torch.nn.functional
     cases = {
@@ -341,10 +400,16 @@ def test_torch_parity(torch, dtype, rtol) -> None:
         "sigmoid": (sigmoid_forward, sigmoid_backward, torch.sigmoid, [x]),
         "sigmoid_large": (sigmoid_forward, sigmoid_backward, torch.sigmoid, [big]),
         "gate_channel": (
-            gate_mul_forward, gate_mul_backward, lambda a, b: a * torch.sigmoid(b), [x, zc]
+            gate_mul_forward,
+            gate_mul_backward,
+            lambda a, b: a * torch.sigmoid(b),
+            [x, zc],
         ),
         "gate_spatial": (
-            gate_mul_forward, gate_mul_backward, lambda a, b: a * torch.sigmoid(b), [x, zs]
+            gate_mul_forward,
+            gate_mul_backward,
+            lambda a, b: a * torch.sigmoid(b),
+            [x, zs],
         ),
         "mul": (mul_forward, mul_backward, torch.mul, [zs, x]),
         "add": (add_forward, add_backward, torch.add, [x, zs[0, 0, 0]]),
@@ -364,9 +429,17 @@ X = np.zeros((2, 3, 4, 5))
 @pytest.mark.parametrize(
     "call, exc, words",
     [
-        (lambda: relu_forward(X.astype(np.int64)), TypeError, ["x", "float32", "int64"]),
+        (
+            lambda: relu_forward(X.astype(np.int64)),
+            TypeError,
+            ["x", "float32", "int64"],
+        ),
         (lambda: relu_forward([1.0, 2.0]), TypeError, ["x", "array", "list"]),
-        (lambda: relu_forward(np.array([1.0, np.nan])), ValueError, ["x", "finite", "1"]),
+        (
+            lambda: relu_forward(np.array([1.0, np.nan])),
+            ValueError,
+            ["x", "finite", "1"],
+        ),
         (lambda: sigmoid_forward(np.array([np.inf])), ValueError, ["z", "finite"]),
         (lambda: sigmoid_forward(X.astype(np.float16)), TypeError, ["z", "float16"]),
         (
@@ -395,7 +468,11 @@ X = np.zeros((2, 3, 4, 5))
             ["a, b", "broadcast", "(2, 3, 4, 5)", "(3, 3)"],
         ),
         (lambda: add_forward(X, np.zeros(4)), ValueError, ["a, b", "(4,)"]),
-        (lambda: add_forward(X, np.zeros(5, np.float32)), TypeError, ["a=float64", "b=float32"]),
+        (
+            lambda: add_forward(X, np.zeros(5, np.float32)),
+            TypeError,
+            ["a=float64", "b=float32"],
+        ),
         (lambda: add_forward(X, 1.0), TypeError, ["b", "array", "float"]),
         (
             lambda: relu_backward(np.zeros((2, 3)), relu_forward(X)[1]),

@@ -1,0 +1,74 @@
+"""``refattn verify DIR``: re-check fixture cases (schema, files, digests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from refattn.golden.format import MANIFEST_NAME, FixtureError, find_cases, verify_case
+
+_SHOWN = 3
+"""Problems printed per failed case in text mode."""
+
+
+class BadInput(click.ClickException):
+    """Bad usage or input: one line ``Error: ...`` on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+def case_dirs(path_arg: str, what: str) -> list[Path]:
+    """The case directories under a DIR argument (a case, a tree of cases, or
+    a manifest.json file); ``BadInput`` when there is none."""
+    path = Path(path_arg)
+    if path.is_file() and path.name == MANIFEST_NAME:
+        path = path.parent
+    if not path.exists():
+        raise BadInput(f"{what}: no such file or directory: {path_arg}")
+    if not path.is_dir():
+        raise BadInput(f"{what}: not a directory: {path_arg}")
+    try:
+        cases = find_cases(path)
+    except FixtureError as err:
+        raise BadInput(f"{what}: {err}") from None
+    if not cases:
+        raise BadInput(
+            f"{what}: no fixture case (a directory holding {MANIFEST_NAME}) "
+            f"under {path_arg}"
+        )
+    return cases
+
+
+@click.command("verify")
+@click.argument("directory", metavar="DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead.")
+@click.pass_context
+def verify(ctx: click.Context, directory: str, as_json: bool) -> None:
+    """Re-check every fixture case in DIR (a case or any tree of cases).
+
+    For each case: the manifest's schema, fields and digest, and every tensor
+    file it lists (header, shapes, dtypes, each tensor's sha256).  Prints one
+    line per case, OK or FAILED with the problems.
+
+    Exit status: 0 all cases OK, 1 any case failed, 2 DIR does not exist or
+    holds no case.
+    """
+    results = [verify_case(case) for case in case_dirs(directory, "DIR")]
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        report = {"ok": not failed, "cases": [r.to_dict() for r in results]}
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for r in results:
+            if r.ok:
+                click.echo(f"OK      {r.path}  digest {str(r.digest)[:16]}")
+            else:
+                shown = "; ".join(r.problems[:_SHOWN])
+                more = len(r.problems) - _SHOWN
+                tail = f" (+{more} more; --json lists all)" if more > 0 else ""
+                click.echo(f"FAILED  {r.path}: {shown}{tail}")
+        click.echo(f"{len(results)} case(s) verified, {len(failed)} failed")
+    if failed:
+        ctx.exit(1)
