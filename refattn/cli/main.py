@@ -65,9 +65,15 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from refattn.cli import info
+    from refattn.cli import golden, gradcheck, info, list_cmd, show, validate, verify
 
     main.add_command(info.info)
+    main.add_command(list_cmd.list_cmd)
+    main.add_command(golden.golden)
+    main.add_command(gradcheck.gradcheck_cmd)
+    main.add_command(verify.verify)
+    main.add_command(show.show)
+    main.add_command(validate.validate)
 
 
 _register()

@@ -1,0 +1,1 @@
+"""Adapters that run other frameworks' implementations against golden cases."""

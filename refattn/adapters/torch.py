@@ -1,0 +1,201 @@
+"""Run a ``torch.nn.Module`` against a golden case.
+
+``run_torch_case(case, factory)`` builds the module with ``factory(config)``,
+loads the fixture's parameters and running statistics into it by name, sets
+train or eval mode from the case, runs the forward on the fixture's inputs
+(positionally, in manifest order), backpropagates the fixture's cotangent and
+returns the module's outputs, updated running statistics, input gradients and
+parameter gradients under the fixture's key names, ready for
+``refattn.validate.validate_results``.
+
+torch is imported lazily, and only the module the user names is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refattn.validate import ValidationInputError
+
+__all__ = ["build_name_map", "factory_config", "load_factory", "run_torch_case"]
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise ValidationInputError(
+            "PyTorch is not installed: pip install 'refattn[torch]'"
+        ) from None
+    return torch
+
+
+def load_factory(spec: str) -> Callable[[dict[str, Any]], Any]:
+    """``pkg.module:factory`` -> the callable (imports exactly that module)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr or not attr.isidentifier():
+        raise ValidationInputError(
+            f"--torch: expected MODULE:FACTORY (e.g. mypkg.cbam:make_cbam), got {spec!r}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValidationInputError(f"--torch: cannot import {module_name!r}: {err}") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValidationInputError(f"--torch: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def build_name_map(case: Any, names: str | Mapping[str, str]) -> dict[str, str]:
+    """canonical fixture name -> module state_dict name.
+
+    `names`: ``"canonical"`` (identical names), ``"anchor"`` (the manifest's
+    anchor map) or a mapping / path of a JSON file with the user's map.
+    """
+    canonical = [k.split(".", 1)[1] for k in case.tensors if k.startswith(("param.", "state."))]
+    if names == "canonical":
+        return {k: k for k in canonical}
+    if names == "anchor":
+        anchor = case.manifest.get("anchor_names") or {}
+        if not anchor:
+            raise ValidationInputError(
+                f"--names anchor: the case's preset ({case.manifest.get('preset')}) has no "
+                "anchor name map; use --names canonical or a JSON map"
+            )
+        return {k: anchor.get(k, k) for k in canonical}
+    if isinstance(names, str):
+        path = Path(names)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValidationInputError(f"--names: cannot read JSON map {path}: {err}") from err
+    else:
+        user = dict(names)
+    if not isinstance(user, dict) or not all(isinstance(v, str) for v in user.values()):
+        raise ValidationInputError("--names: the map must be a JSON object of strings")
+    return {k: user.get(k, k) for k in canonical}
+
+
+def factory_config(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What a factory is called with: the case's resolved config dict, plus
+    ``input_shapes`` ({input name: shape}) and ``in_channels`` (the channels
+    of the first input), which module constructors need."""
+    config = dict(manifest["config"])
+    shapes = {k: list(v) for k, v in manifest.get("input_shapes", {}).items()}
+    config["input_shapes"] = shapes
+    first = manifest["inputs"][0] if manifest.get("inputs") else None
+    if first is not None and first in shapes and len(shapes[first]) > 1:
+        config["in_channels"] = shapes[first][1]
+    return config
+
+
+def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
+                   names: str | Mapping[str, str] = "canonical", device: str = "cpu"
+                   ) -> dict[str, np.ndarray]:
+    """Forward and backward of ``factory(config)`` on the case; fixture-keyed results."""
+    torch = _torch()
+    manifest = case.manifest
+    dtype = {"float32": torch.float32, "float64": torch.float64}[manifest["dtype"]]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValidationInputError("--device cuda: torch sees no CUDA device")
+    config = factory_config(manifest)
+    try:
+        module = factory(config)
+    except Exception as err:
+        raise ValidationInputError(
+            f"the factory raised {type(err).__name__}: {' '.join(str(err).split())}"
+        ) from err
+    if not isinstance(module, torch.nn.Module):
+        raise ValidationInputError(
+            f"the factory returned {type(module).__name__}, expected a torch.nn.Module"
+        )
+    module = module.to(device=device, dtype=dtype)
+
+    # 1. load parameters and buffers by name
+    name_map = build_name_map(case, names)
+    state_dict = module.state_dict()
+    theirs = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
+    wanted = set(name_map.values())
+    if theirs != wanted:
+        raise ValidationInputError(
+            "parameter names do not match: fixture (mapped) has "
+            f"[{', '.join(sorted(wanted - theirs)) or '-'}] the module lacks; the module has "
+            f"[{', '.join(sorted(theirs - wanted)) or '-'}] the fixture lacks"
+        )
+    loaded = {}
+    for canon, theirs_name in name_map.items():
+        key = f"param.{canon}" if f"param.{canon}" in case.tensors else f"state.{canon}"
+        value = case.tensors[key]
+        target = state_dict[theirs_name]
+        if tuple(target.shape) != tuple(value.shape):
+            if target.numel() != value.size:
+                raise ValidationInputError(
+                    f"{theirs_name}: the module's shape is {tuple(target.shape)}, the "
+                    f"fixture's {canon} is {tuple(value.shape)}"
+                )
+            value = value.reshape(tuple(target.shape))  # e.g. (O, C) vs (O, C, 1, 1)
+        loaded[theirs_name] = torch.as_tensor(np.ascontiguousarray(value), dtype=dtype,
+                                              device=device)
+    with torch.no_grad():
+        for name, tensor in _named_tensors(module):
+            if name in loaded:
+                tensor.copy_(loaded[name])
+
+    # 2. mode, inputs, forward
+    module.train(manifest.get("mode") == "train")
+    inputs = []
+    for name in manifest["inputs"]:
+        t = torch.as_tensor(np.ascontiguousarray(case.tensors[f"input.{name}"]), dtype=dtype,
+                            device=device).requires_grad_(True)
+        inputs.append(t)
+    out = module(*inputs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    expected_shape = tuple(case.tensors["output.out"].shape)
+    if tuple(out.shape) != expected_shape:
+        raise ValidationInputError(
+            f"the module's output has shape {tuple(out.shape)}, the fixture's output.out "
+            f"is {expected_shape}"
+        )
+
+    # 3. backward with the fixture's cotangent
+    cot = torch.as_tensor(np.ascontiguousarray(case.tensors["cotangent.out"]), dtype=dtype,
+                          device=device)
+    out.backward(cot)
+
+    # 4. collect under fixture keys
+    results: dict[str, np.ndarray] = {"output.out": _np(out)}
+    for name, t in zip(manifest["inputs"], inputs):
+        if t.grad is not None:
+            results[f"grad.input.{name}"] = _np(t.grad)
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    for canon, theirs_name in name_map.items():
+        if f"param.{canon}" in case.tensors:
+            p = params.get(theirs_name)
+            if p is None:
+                continue  # loaded into a buffer: the module does not train it
+            shape = case.tensors[f"param.{canon}"].shape
+            # a parameter the forward never used has no .grad: its gradient is zero
+            grad = np.zeros(shape) if p.grad is None else _np(p.grad).reshape(shape)
+            results[f"grad.param.{canon}"] = grad
+        elif f"output.state.{canon}" in case.tensors and theirs_name in buffers:
+            results[f"output.state.{canon}"] = _np(buffers[theirs_name])
+    return results
+
+
+def _named_tensors(module: Any) -> list[tuple[str, Any]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy()

@@ -1,0 +1,387 @@
+"""The 1x1 convolution: a linear layer applied at every position.
+
+Lin, Chen and Yan, "Network In Network", ICLR 2014 (arXiv:1312.4400), where
+the cross-channel parametric pooling ("cccp") layer is a 1x1 convolution;
+used for dimensionality reduction by Szegedy et al., "Going Deeper with
+Convolutions", CVPR 2015.
+
+Math (blocks.md section 1), groups G, stride s, zero padding p:
+
+    y[n, o, p] = b[o] + sum_{c in group(o)} W[o, c', 0, 0] · x_pad[n, c, s·p]
+
+Output channel block k (O/G channels) reads input block k (C/G channels), c'
+is c's index inside its block; Ho = floor((H + 2p - 1) / s) + 1.  With s = 1,
+p = 0, G = 1 this is ``y[n, :, p] = W x[n, :, p] + b``: one (O, C) matrix
+applied to every position.  Positions the stride skips get no gradient;
+padded border positions output the bias alone.
+
+| paper / blocks.md | code |
+|---|---|
+| W (O, C/G, 1, 1) | ``weight`` |
+| b (O,) | ``bias`` (present iff ``cfg.bias``) |
+| x, y | ``inputs["x"]``, ``outputs["out"]`` |
+| s, p, G | ``cfg.stride``, ``cfg.padding``, ``cfg.groups`` |
+
+This module also holds the array validation every block of this family
+(conv1x1, gap, mlpconv, nin_head) runs on its inputs and parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from refattn import backend
+from refattn._typing import Array, Shape
+from refattn.blocks.spec import BlockSpec, draw_bias, draw_weight
+from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
+
+if TYPE_CHECKING:  # host-side draws only; blocks compute through xp
+    import numpy as np
+
+__all__ = [
+    "PRESETS",
+    "SPECS",
+    "Conv1x1Cache",
+    "Conv1x1Config",
+    "accumulation",
+    "anchor_names",
+    "backward",
+    "check_bool",
+    "check_douts",
+    "check_inputs",
+    "check_int",
+    "check_pair",
+    "check_params",
+    "fixture_shapes",
+    "forward",
+    "init_params",
+    "kink_margin",
+    "param_shapes",
+    "torch_default_init",
+    "with_bn_mode",
+]
+
+
+# ---------------------------------------------------------------------------
+# config
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_pair(obj: Any, name: str, minimum: int) -> None:
+    """Validate an int-or-pair field; a list is stored as a tuple (hashable)."""
+    value = getattr(obj, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(obj, name, value)
+    backend.as_tuple(name, value, 2, minimum=minimum)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Conv1x1Config:
+    """Canonical keys of ``conv1x1`` (blocks.md 9.2).
+
+    No anchor presets: the defaults are a small generic case (6 output
+    channels, stride 1, no padding, one group, with bias).
+    """
+
+    out_channels: int = 6
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    groups: int = 1
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("out_channels", self.out_channels, 1)
+        check_pair(self, "stride", 1)
+        check_pair(self, "padding", 0)
+        check_int("groups", self.groups, 1)
+        check_bool("bias", self.bias)
+        if self.out_channels % self.groups:
+            raise ValueError(
+                f"out_channels ({self.out_channels}) must be divisible by "
+                f"groups ({self.groups})"
+            )
+
+    def resolved(self, input_shapes: Mapping[str, Shape]) -> Conv1x1Config:
+        """Nothing defaults from the input: the config itself."""
+        return self
+
+
+PRESETS: dict[str, Conv1x1Config] = {}
+
+
+# ---------------------------------------------------------------------------
+# shapes and parameters
+
+
+def fixture_shapes(cfg: Conv1x1Config) -> dict[str, Shape]:
+    """x (2, C, 5, 7): C = the smallest multiple of groups >= 4; odd H and W,
+    so a stride of 2 keeps both border rows and columns (5 -> 3, 7 -> 4) and
+    skips every odd position."""
+    c = cfg.groups * max(1, -(-4 // cfg.groups))
+    return {"x": (2, c, 5, 7)}
+
+
+def _x_shape(block: str, input_shapes: Mapping[str, Shape]) -> Shape:
+    if "x" not in input_shapes:
+        raise ValueError(f"input_shapes: {block} needs 'x', got {sorted(input_shapes)}")
+    shape = tuple(int(s) for s in input_shapes["x"])
+    if len(shape) != 4:
+        raise ValueError(f"x: expected shape (N, C, H, W) for {block}, got {shape}")
+    return shape
+
+
+def param_shapes(
+    cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]
+) -> dict[str, Shape]:
+    """``weight (O, C/G, 1, 1)`` and, with ``bias``, ``bias (O,)``."""
+    _, c, _, _ = _x_shape("conv1x1", input_shapes)
+    if c % cfg.groups:
+        raise ValueError(
+            f"input channels C = x.shape[1] ({c}) must be divisible by "
+            f"groups ({cfg.groups})"
+        )
+    o = cfg.out_channels
+    shapes: dict[str, Shape] = {"weight": (o, c // cfg.groups, 1, 1)}
+    if cfg.bias:
+        shapes["bias"] = (o,)
+    return shapes
+
+
+def torch_default_init(
+    rng: np.random.Generator, weight_shape: Shape, bias: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """PyTorch's ``nn.Conv2d.reset_parameters``: weight and bias both
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C/G·KH·KW (the Kaiming-uniform
+    rule with a = sqrt(5) works out to exactly this bound)."""
+    fan_in = math.prod(weight_shape[1:])
+    bound = 1.0 / math.sqrt(fan_in)
+    w = rng.uniform(-bound, bound, weight_shape)
+    b = rng.uniform(-bound, bound, weight_shape[:1]) if bias else None
+    return w, b
+
+
+def init_params(
+    cfg: Conv1x1Config,
+    input_shapes: Mapping[str, Shape],
+    *,
+    seed: int,
+    anchor_init: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Random N(0, 1/fan_in) weight and N(0, 0.1²) bias; ``anchor_init``:
+    nn.Conv2d's default uniform init.  No buffers."""
+    shapes = param_shapes(cfg, input_shapes)
+    rng = backend.host_rng(seed)
+    if anchor_init:
+        w, b = torch_default_init(rng, shapes["weight"], cfg.bias)
+    else:
+        w = draw_weight(rng, shapes["weight"])
+        b = draw_bias(rng, shapes["bias"]) if cfg.bias else None
+    params = {"weight": w}
+    if b is not None:
+        params["bias"] = b
+    return params, {}
+
+
+# ---------------------------------------------------------------------------
+# validation shared by conv1x1, gap, mlpconv and nin_head
+
+
+def check_inputs(
+    block: str, inputs: Mapping[str, Any], ndims: Mapping[str, Any]
+) -> None:
+    """Exactly the input names of `ndims`, each a finite float array of an
+    allowed rank."""
+    if set(inputs) != set(ndims):
+        raise ValueError(f"inputs: {block} takes {sorted(ndims)}, got {sorted(inputs)}")
+    for name, ndim in ndims.items():
+        backend.check_array(name, inputs[name], ndim=ndim)
+        backend.check_finite(name, inputs[name])
+
+
+def check_params(
+    block: str,
+    params: Mapping[str, Any],
+    state: Mapping[str, Any],
+    shapes: Mapping[str, Shape],
+    x: Array,
+    rule: str = "",
+) -> None:
+    """`params` has exactly the keys of `shapes` with those shapes, x's dtype
+    and finite values; `state` is empty (these blocks have no buffers).
+
+    `rule` says which config flag decides the keys, for the error message.
+    """
+    listing = ", ".join(f"{k} {tuple(s)}" for k, s in shapes.items()) or "none"
+    missing = [k for k in shapes if k not in params]
+    unexpected = sorted(set(params) - set(shapes))
+    if missing or unexpected:
+        what = []
+        if missing:
+            what.append(f"missing {', '.join(missing)}")
+        if unexpected:
+            what.append(f"unexpected {', '.join(unexpected)}")
+        raise ValueError(
+            f"params: {'; '.join(what)} for {block}{rule} (expected keys: {listing})"
+        )
+    if state:
+        raise ValueError(
+            f"state: {block} has no buffers, got {', '.join(sorted(state))}"
+        )
+    for k, s in shapes.items():
+        backend.check_array(f"params[{k!r}]", params[k], shape=tuple(s))
+    backend.check_same_dtype(x=x, **{f"params[{k!r}]": v for k, v in params.items()})
+    for k in shapes:
+        backend.check_finite(f"params[{k!r}]", params[k])
+
+
+def check_douts(block: str, douts: Mapping[str, Any]) -> Array:
+    """The cotangent of ``out`` (the only differentiable output)."""
+    if "out" not in douts:
+        raise ValueError(
+            f"douts: {block} backward needs the cotangent 'out', got {sorted(douts)}"
+        )
+    extra = sorted(set(douts) - {"out"})
+    if extra:
+        raise ValueError(
+            f"douts: {block} differentiates only 'out', got also {', '.join(extra)}"
+        )
+    return douts["out"]
+
+
+# ---------------------------------------------------------------------------
+# forward and backward
+
+
+class Conv1x1Cache(NamedTuple):
+    conv: Conv2dCache  # x as (N, C, Ho*Wo) after padding and striding, and W
+    has_bias: bool
+
+
+def forward(
+    inputs: Mapping[str, Array],
+    params: Mapping[str, Array],
+    state: Mapping[str, Array],
+    cfg: Conv1x1Config,
+) -> tuple[dict[str, Array], Conv1x1Cache]:
+    """1x1 convolution with stride, zero padding and groups.
+
+    Math:
+        y[n, o, i, j] = b[o] + Σ_{c ∈ group(o)} W[o, c'] · xpad[n, c, s_h i, s_w j]
+        (W[o, c'] = weight[o, c', 0, 0]; c' = c's index in its block of C/G)
+    Shapes:
+        x       (N, C, H, W)
+        weight  (O, C/G, 1, 1)
+        bias    (O,)
+        out     (N, O, Ho, Wo)    Ho = floor((H + 2p_h − 1)/s_h) + 1, likewise Wo
+    """
+    check_inputs("conv1x1", inputs, {"x": 4})
+    x = inputs["x"]
+    shapes = param_shapes(cfg, {"x": tuple(x.shape)})
+    check_params("conv1x1", params, state, shapes, x, f" with bias={cfg.bias}")
+    # 1. pad, subsample by the stride, mix channels: one (grouped) matmul
+    out, conv = conv2d_forward(
+        x,
+        params["weight"],
+        params.get("bias"),
+        stride=cfg.stride,
+        padding=cfg.padding,
+        groups=cfg.groups,
+    )  # (N, O, Ho, Wo)
+    return {"out": out}, Conv1x1Cache(conv, cfg.bias)
+
+
+def backward(
+    douts: Mapping[str, Array], cache: Conv1x1Cache
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    """VJP of the 1x1 convolution.
+
+    Math:
+        db[o]        = Σ_{n,i,j} dy[n, o, i, j]
+        dW[o, c']    = Σ_{n,i,j} dy[n, o, i, j] · xpad[n, c, s_h·i, s_w·j]
+        dxpad[n, c, s_h·i, s_w·j] = Σ_{o ∈ block(c)} W[o, c'] · dy[n, o, i, j],
+        0 at the positions the stride skips; dx = dxpad without its border
+    Shapes:
+        dout (N, O, Ho, Wo); dx (N, C, H, W); dweight (O, C/G, 1, 1); dbias (O,)
+    """
+    dout = check_douts("conv1x1", douts)
+    # 1. channel mixing, striding and padding, reversed
+    dx, dweight, dbias = conv2d_backward(dout, cache.conv)  # (N, C, H, W)
+    dparams = {"weight": dweight}
+    if cache.has_bias:
+        dparams["bias"] = dbias
+    return {"x": dx}, dparams
+
+
+# ---------------------------------------------------------------------------
+# the rest of the block contract
+
+
+def kink_margin(cache: Conv1x1Cache) -> float:
+    """A linear map: no kinks, no ties."""
+    return float("inf")
+
+
+def _out_hw(cfg: Conv1x1Config, h: int, w: int) -> tuple[int, int]:
+    sh, sw = backend.as_tuple("stride", cfg.stride, 2, minimum=1)
+    ph, pw = backend.as_tuple("padding", cfg.padding, 2)
+    return (h + 2 * ph - 1) // sh + 1, (w + 2 * pw - 1) // sw + 1
+
+
+def accumulation(
+    cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]
+) -> dict[str, int]:
+    """out: C/G products (+ the bias); dx: O/G products; dW, db: N·Ho·Wo."""
+    n, c, h, w = _x_shape("conv1x1", input_shapes)
+    ho, wo = _out_hw(cfg, h, w)
+    return {
+        "out": c // cfg.groups + int(cfg.bias),
+        "grad.input": cfg.out_channels // cfg.groups,
+        "grad.param": n * ho * wo,
+    }
+
+
+def anchor_names(
+    preset: str | None, cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]
+) -> dict[str, str]:
+    """``nn.Conv2d(C, O, 1, ...)`` uses the same names: weight, bias."""
+    return {k: k for k in param_shapes(cfg, input_shapes)}
+
+
+def with_bn_mode(cfg: Conv1x1Config, mode: str) -> None:
+    """No batch norm: None."""
+
+
+SPECS: dict[str, BlockSpec] = {
+    "conv1x1": BlockSpec(
+        name="conv1x1",
+        summary="1x1 convolution (per-position linear layer) with stride, "
+        "padding and groups",
+        config_cls=Conv1x1Config,
+        presets=PRESETS,
+        default_preset=None,
+        fixture_shapes=fixture_shapes,
+        param_shapes=param_shapes,
+        init_params=init_params,
+        forward=forward,
+        backward=backward,
+        kink_margin=kink_margin,
+        accumulation=accumulation,
+        anchor_names=anchor_names,
+        with_bn_mode=with_bn_mode,
+    ),
+}

@@ -1,0 +1,317 @@
+"""Case generation: one block, preset, config, shapes, dtype and seed -> every
+tensor a third party needs to validate a forward and a backward.
+
+The recipe (DESIGN sections 5 and 7):
+
+1. Draw inputs ~ N(0, 1), parameters and running statistics (the block's
+   ``init_params``: random and non-degenerate) and the cotangent ~ N(0, 1) on
+   the host with ``numpy.random.default_rng``, in float64.  A float32 case
+   rounds every drawn tensor to float32 first, so a float32 consumer gets
+   bit-identical inputs.
+2. Run the forward in float64 and measure the margin from every ReLU kink and
+   max tie (``kink_margin``); below ``MIN_MARGIN`` the draw is repeated with
+   the next sub-seed, and the number of redraws is recorded.
+3. Run the backward in float64 and collect every tensor under the keys of the
+   fixture format (``input.*``, ``param.*``, ``state.*``, ``cotangent.out``,
+   ``output.*``, ``output.state.*``, ``grad.input.*``, ``grad.param.*``,
+   ``aux.*``), stored in the case's dtype.
+4. Give each tensor a tolerance for a consumer computing in that dtype
+   (``refattn.golden.format.tolerance_for``, from the tensor's accumulation
+   length); a gradient that is analytically zero (pure round-off in the
+   float64 reference) is compared with an absolute tolerance on the scale of
+   its tensor family instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from refattn import __version__, backend
+from refattn.blocks.registry import BLOCKS
+from refattn.blocks.spec import MIN_MARGIN, BlockSpec, config_to_dict, to_namespace
+from refattn.golden.format import tolerance_for
+
+__all__ = ["CaseRequest", "GeneratedCase", "MAX_REDRAWS", "expand_requests", "generate_case"]
+
+MAX_REDRAWS = 100
+MIN_MARGIN_FLOAT32 = 1e-4
+"""float32 fixtures keep a wider margin: a correct float32 implementation's
+round-off in a K-term pre-activation is about 6e-8*sqrt(K) relative, and it
+must not flip a ReLU or a max the float64 reference did not flip."""
+ROUNDOFF_ZERO = 1e-9
+"""A float64 reference tensor whose max is below this fraction of its family's
+scale is analytically zero: only round-off remains in it."""
+
+RNG_NAME = "numpy.random.default_rng(PCG64) via SeedSequence([seed, draw, stream])"
+
+
+@dataclass(frozen=True)
+class CaseRequest:
+    """What to generate: the CLI's options, validated."""
+
+    block: str
+    preset: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    dtype: str = "float64"
+    seed: int = 0
+
+    def case_id(self, cfg_mode: str | None) -> str:
+        """``<preset|default>[-<bn mode>]-<dtype>[-s<seed>][-<hash of overrides/shapes>]``."""
+        parts = [self.preset or "default"]
+        if cfg_mode:
+            parts.append(cfg_mode)
+        parts.append(self.dtype)
+        if self.seed != 0:
+            parts.append(f"s{self.seed}")
+        if self.overrides or self.shapes:
+            blob = json.dumps(
+                {"set": _jsonable(dict(self.overrides)),
+                 "shape": {k: list(v) for k, v in (self.shapes or {}).items()}},
+                sort_keys=True,
+            )
+            parts.append(hashlib.sha256(blob.encode()).hexdigest()[:8])
+        return "-".join(parts)
+
+
+@dataclass
+class GeneratedCase:
+    """Tensors, manifest fields and tolerances of one case, ready to write."""
+
+    block: str
+    case_id: str
+    tensors: dict[str, np.ndarray]
+    manifest: dict[str, Any]
+    tolerances: dict[str, tuple[float, float]]
+    accumulation: dict[str, int]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _seed(seed: int, draw: int, stream: int) -> int:
+    """An independent 63-bit seed per (case seed, redraw, stream)."""
+    return int(np.random.SeedSequence([seed, draw, stream]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def bn_mode_of(spec: BlockSpec, cfg: Any) -> str | None:
+    """'train' / 'eval' when the config has a live batch norm, else None."""
+    train = spec.with_bn_mode(cfg, "train")
+    if train is None:
+        return None
+    return "train" if train == cfg else "eval"
+
+
+def expand_requests(block: str, preset: str | None, overrides: Mapping[str, Any],
+                    **kwargs: Any) -> list[tuple[CaseRequest, Any]]:
+    """A request becomes one case, or two (train and eval) for a batch-norm
+    preset whose BN mode the user did not set explicitly."""
+    spec = BLOCKS[block]
+    cfg = spec.config(preset, **overrides)
+    req = CaseRequest(block, preset, dict(overrides), **kwargs)
+    mode = bn_mode_of(spec, cfg)
+    if mode is None or _sets_bn(spec, cfg, overrides):
+        return [(req, cfg)]
+    return [(req, spec.with_bn_mode(cfg, m)) for m in ("train", "eval")]
+
+
+def _sets_bn(spec: BlockSpec, cfg: Any, overrides: Mapping[str, Any]) -> bool:
+    """Did the overrides set a key that switches the BN mode?"""
+    train = config_to_dict(spec.with_bn_mode(cfg, "train"))
+    evals = config_to_dict(spec.with_bn_mode(cfg, "eval"))
+    bn_keys = {k for k in train if train[k] != evals[k]}
+    return bool(bn_keys & set(overrides))
+
+
+def merge_shapes(defaults: Mapping[str, Sequence[int]],
+                 given: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    """The block's default input shapes, with the user's replacing them by name.
+
+    A given name replaces every default sharing its base name (the part before
+    the first dot), so ``x_kv.0=...`` and ``x_kv.1=...`` replace a default
+    ``x_kv``: the inputs say how many key/value layers there are.
+    """
+    if not given:
+        return {k: tuple(v) for k, v in defaults.items()}
+    bases = {k.split(".")[0] for k in given}
+    known = {k.split(".")[0] for k in defaults}
+    unknown = sorted(bases - known)
+    if unknown:
+        raise ValueError(
+            f"shape: no input named {', '.join(unknown)} (inputs: {', '.join(defaults)})"
+        )
+    kept = {k: tuple(v) for k, v in defaults.items() if k.split(".")[0] not in bases}
+    return kept | {k: tuple(v) for k, v in given.items()}
+
+
+def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = None
+                  ) -> GeneratedCase:
+    """Draw, run forward and backward in float64, and collect one case."""
+    if req.dtype not in backend.FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected float32 or float64, got {req.dtype!r}")
+    spec = BLOCKS[req.block]
+    if xp is None:
+        import array_api_compat.numpy as xp  # the default backend
+    shapes = merge_shapes(spec.fixture_shapes(cfg), req.shapes)
+    resolved = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
+    spec.param_shapes(resolved, shapes)  # validates channels, groups, sizes
+    rounding = np.float32 if req.dtype == "float32" else np.float64
+    min_margin = MIN_MARGIN_FLOAT32 if req.dtype == "float32" else MIN_MARGIN
+
+    for draw in range(MAX_REDRAWS):
+        rng = np.random.default_rng(_seed(req.seed, draw, 0))
+        inputs = {k: _round(rng.standard_normal(s), rounding) for k, s in shapes.items()}
+        params, state = spec.init_params(resolved, shapes, seed=_seed(req.seed, draw, 1))
+        params = {k: _round(v, rounding) for k, v in params.items()}
+        state = {k: _round(v, rounding) for k, v in state.items()}
+        dev = {
+            "inputs": to_namespace(inputs, xp, device=device),
+            "params": to_namespace(params, xp, device=device),
+            "state": to_namespace(state, xp, device=device),
+        }
+        outputs, cache = spec.forward(dev["inputs"], dev["params"], dev["state"], resolved)
+        margin = float(spec.kink_margin(cache))
+        if margin >= min_margin:
+            break
+    else:
+        raise ValueError(
+            f"could not draw {req.block} inputs with a kink/tie margin >= {min_margin} "
+            f"in {MAX_REDRAWS} draws (shapes {shapes}); try smaller shapes or another seed"
+        )
+
+    out_host = backend.to_host(outputs["out"])
+    crng = np.random.default_rng(_seed(req.seed, draw, 2))
+    cot = _round(crng.standard_normal(out_host.shape), rounding)
+    dout = to_namespace({"out": cot}, xp, device=device)["out"]
+    dinputs, dparams = spec.backward({"out": dout}, cache)
+
+    ref: dict[str, np.ndarray] = {}
+    ref |= {f"input.{k}": v for k, v in inputs.items()}
+    ref |= {f"param.{k}": v for k, v in params.items()}
+    ref |= {f"state.{k}": v for k, v in state.items()}
+    ref["cotangent.out"] = cot
+    for k, v in outputs.items():
+        if k == "out":
+            ref["output.out"] = backend.to_host(v)
+        elif k.startswith("state."):
+            ref[f"output.{k}"] = backend.to_host(v)
+        elif k.startswith("aux."):
+            ref[k] = backend.to_host(v)
+        else:
+            ref[f"output.{k}"] = backend.to_host(v)
+    ref |= {f"grad.input.{k}": backend.to_host(v) for k, v in dinputs.items()}
+    ref |= {f"grad.param.{k}": backend.to_host(v) for k, v in dparams.items()}
+
+    accumulation = _accumulation(spec.accumulation(resolved, shapes), ref)
+    tolerances = _tolerances(req.dtype, ref, accumulation)
+    tensors = {k: np.asarray(v, dtype=rounding, order="C") for k, v in ref.items()}
+    mode = bn_mode_of(spec, resolved)
+    manifest = {
+        "block": req.block,
+        "preset": req.preset,
+        "case_id": req.case_id(mode),
+        "config": config_to_dict(resolved),
+        "dtype": req.dtype,
+        "mode": mode,
+        "seed": req.seed,
+        "rng": RNG_NAME,
+        "input_constraints": {
+            "inputs": "standard normal, rounded to the case dtype",
+            "cotangent": "standard normal, rounded to the case dtype",
+            "params": "block init_params (random, non-degenerate), rounded to the case dtype",
+            "min_kink_margin": min_margin,
+            "kink_margin": margin if np.isfinite(margin) else None,  # None: no kinks
+        },
+        "redraws": draw,
+        "inputs": list(shapes),
+        "input_shapes": {k: list(s) for k, s in shapes.items()},
+        "outputs": ["out"],
+        "anchor_names": spec.anchor_names(req.preset, resolved, shapes),
+        "provenance": {
+            "refattn": __version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "backend": _backend_name(xp),
+            "reference_dtype": "float64",
+        },
+    }
+    return GeneratedCase(req.block, manifest["case_id"], tensors, manifest, tolerances,
+                         accumulation)
+
+
+def _round(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """Round to the case dtype and back: float32-representable float64 values."""
+    return np.asarray(a, dtype=dtype).astype(np.float64)
+
+
+def _backend_name(xp: Any) -> str:
+    name = getattr(xp, "__name__", str(xp))
+    return name.replace("array_api_compat.", "")
+
+
+def _accumulation(lengths: Mapping[str, int], ref: Mapping[str, np.ndarray]
+                  ) -> dict[str, int]:
+    """Per tensor key: the longest matching prefix's length (1 for data)."""
+    out = {}
+    for key in ref:
+        best, length = "", 1
+        for prefix, n in lengths.items():
+            p = "output." + prefix if prefix in ("out", "state") else prefix
+            if (key == p or key.startswith(p + ".")) and len(p) > len(best):
+                best, length = p, int(n)
+        out[key] = max(length, 1)
+    return out
+
+
+_FAMILIES = ("grad.input.", "grad.param.", "output.state.", "output.", "aux.")
+
+
+def _tolerances(dtype: str, ref: Mapping[str, np.ndarray],
+                accumulation: Mapping[str, int]) -> dict[str, tuple[float, float]]:
+    """(rtol, atol) per computed tensor; inputs and parameters are exact data."""
+    scale: dict[str, float] = {}
+    for key, v in ref.items():
+        fam = _family(key)
+        if fam and v.size:
+            scale[fam] = max(scale.get(fam, 0.0), float(np.max(np.abs(v))))
+    tol: dict[str, tuple[float, float]] = {}
+    for key, v in ref.items():
+        fam = _family(key)
+        if fam is None:
+            tol[key] = (0.0, 0.0)
+            continue
+        rtol, atol_rel = tolerance_for(dtype, accumulation[key])
+        own = float(np.max(np.abs(v))) if v.size else 0.0
+        if own <= ROUNDOFF_ZERO * scale.get(fam, 0.0):
+            own = scale[fam]  # analytically zero: compare on the family's scale
+        tol[key] = (rtol, atol_rel * own)
+    return tol
+
+
+def _family(key: str) -> str | None:
+    for fam in _FAMILIES:
+        if key.startswith(fam):
+            return fam
+    return None
+
+
+def split_case(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], ...]:
+    """(inputs, params, state) of a case's tensors, keyed by their block names."""
+    def strip(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    return strip("input."), strip("param."), strip("state.")
