@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out: {out} exists and is not a directory")
     rows = []
-    with click.progressbar(requests, label="generating", file=click.get_text_stream("stderr"),
+    with click.progressbar(requests, label="generating", file=sys.stderr,
                            show_pos=True) as bar:
         for req, cfg in bar:
             case = generate_case(req, cfg, xp=xp, device=device)

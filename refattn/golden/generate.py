@@ -120,6 +120,7 @@ def expand_requests(block: str, preset: str | None, overrides: Mapping[str, Any]
     """A request becomes one case, or two (train and eval) for a batch-norm
     preset whose BN mode the user did not set explicitly."""
     spec = BLOCKS[block]
+    preset = spec.default_preset if preset is None else preset
     cfg = spec.config(preset, **overrides)
     req = CaseRequest(block, preset, dict(overrides), **kwargs)
     mode = bn_mode_of(spec, cfg)
