@@ -1,0 +1,145 @@
+// refattn_common.h -- helpers shared by every refattn kernel file.
+//
+// Compiled by NVRTC (through cupy.RawModule) and, in the tests, by a C++20
+// host compiler through tests/cuda/shim/cuda_host_shim.h.  It must therefore
+// lean on nothing but the CUDA built-ins that NVRTC provides without any
+// include: no <cfloat>, no <cmath>, no std::, no CuPy headers.
+//
+// Conventions of all kernels:
+//   * every index and size is a 64-bit `long long`, and products with
+//     blockIdx/blockDim are formed in 64 bits, so tensors with more than
+//     2^31 elements work;
+//   * element-wise kernels use grid-stride loops, row kernels put one block
+//     on a row and stride over rows by gridDim.x, so any grid size is correct;
+//   * sums are accumulated in double (refattn_acc) for float and double data;
+//   * a max routes to the FIRST arg-max in scan order; NaN counts as larger
+//     than every number (as numpy.argmax does);
+//   * row reductions need blockDim.x <= REFATTN_MAX_THREADS (any value, not
+//     only powers of two).
+
+#ifndef REFATTN_COMMON_H
+#define REFATTN_COMMON_H
+
+#define REFATTN_MAX_THREADS 256
+#define REFATTN_CGNL_MAX_ORDER 8
+
+typedef double refattn_acc;
+
+__device__ __forceinline__ float refattn_exp(float v) {
+    return expf(v);
+}
+__device__ __forceinline__ double refattn_exp(double v) {
+    return exp(v);
+}
+__device__ __forceinline__ float refattn_log(float v) {
+    return logf(v);
+}
+__device__ __forceinline__ double refattn_log(double v) {
+    return log(v);
+}
+__device__ __forceinline__ float refattn_sqrt(float v) {
+    return sqrtf(v);
+}
+__device__ __forceinline__ double refattn_sqrt(double v) {
+    return sqrt(v);
+}
+
+// first index of a grid-stride loop, and its stride, in 64 bits
+__device__ __forceinline__ long long refattn_gid() {
+    return (long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x;
+}
+
+__device__ __forceinline__ long long refattn_gstride() {
+    return (long long)blockDim.x * (long long)gridDim.x;
+}
+
+// stable logistic sigmoid: exp(-|z|) never overflows
+template <typename T>
+__device__ __forceinline__ T refattn_sigmoid(T z) {
+    const T e = refattn_exp(z >= T(0) ? -z : z);
+    return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+// Should candidate (bv, bi) replace the current best (av, ai) of an arg-max?
+// An index < 0 marks "no element yet".  NaN beats numbers; among equal
+// values (or among NaNs) the smaller index wins.
+template <typename T>
+__device__ __forceinline__ bool refattn_takes(T bv, long long bi, T av, long long ai) {
+    if (bi < 0) return false;
+    if (ai < 0) return true;
+    const bool bnan = bv != bv;
+    const bool anan = av != av;
+    if (bnan || anan) return bnan && (!anan || bi < ai);
+    return bv > av || (bv == av && bi < ai);
+}
+
+// NaN-propagating max of two values
+template <typename T>
+__device__ __forceinline__ T refattn_max2(T a, T b) {
+    return (b > a || b != b) ? b : a;
+}
+
+// smallest power of two >= n (n >= 1)
+__device__ __forceinline__ unsigned refattn_pow2_ceil(unsigned n) {
+    unsigned p = 1;
+    while (p < n) p <<= 1;
+    return p;
+}
+
+// Sum of `v` over the threads of the block.  `buf` is a __shared__ array of
+// at least blockDim.x entries; every thread of the block must call this.
+template <typename A>
+__device__ A refattn_block_sum(A v, A* buf) {
+    const unsigned tid = threadIdx.x;
+    const unsigned n = blockDim.x;
+    buf[tid] = v;
+    __syncthreads();
+    for (unsigned s = refattn_pow2_ceil(n) / 2; s > 0; s >>= 1) {
+        if (tid < s && tid + s < n) buf[tid] += buf[tid + s];
+        __syncthreads();
+    }
+    const A total = buf[0];
+    __syncthreads();  // buf may be reused right after
+    return total;
+}
+
+// NaN-propagating max of `v` over the threads of the block (see block_sum).
+template <typename T>
+__device__ T refattn_block_max(T v, T* buf) {
+    const unsigned tid = threadIdx.x;
+    const unsigned n = blockDim.x;
+    buf[tid] = v;
+    __syncthreads();
+    for (unsigned s = refattn_pow2_ceil(n) / 2; s > 0; s >>= 1) {
+        if (tid < s && tid + s < n) buf[tid] = refattn_max2(buf[tid], buf[tid + s]);
+        __syncthreads();
+    }
+    const T best = buf[0];
+    __syncthreads();
+    return best;
+}
+
+// First arg-max over the threads of the block: each thread brings its own
+// best (v, i) (i < 0 when it saw no element); on return *v, *i hold the
+// block's best in every thread.
+template <typename T>
+__device__ void refattn_block_argmax(T* v, long long* i, T* vbuf, long long* ibuf) {
+    const unsigned tid = threadIdx.x;
+    const unsigned n = blockDim.x;
+    vbuf[tid] = *v;
+    ibuf[tid] = *i;
+    __syncthreads();
+    for (unsigned s = refattn_pow2_ceil(n) / 2; s > 0; s >>= 1) {
+        if (tid < s && tid + s < n &&
+            refattn_takes(vbuf[tid + s], ibuf[tid + s], vbuf[tid], ibuf[tid])) {
+            vbuf[tid] = vbuf[tid + s];
+            ibuf[tid] = ibuf[tid + s];
+        }
+        __syncthreads();
+    }
+    *v = vbuf[0];
+    *i = ibuf[0];
+    __syncthreads();
+}
+
+#endif  // REFATTN_COMMON_H
