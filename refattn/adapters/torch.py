@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,12 +41,18 @@ def _torch() -> Any:
 
 
 def load_factory(spec: str) -> Callable[[dict[str, Any]], Any]:
-    """``pkg.module:factory`` -> the callable (imports exactly that module)."""
+    """``pkg.module:factory`` -> the callable (imports exactly that module).
+
+    The current directory is searched first, as ``python -m`` does, so a
+    module beside the user's shell needs no PYTHONPATH.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr or not attr.isidentifier():
         raise ValidationInputError(
             f"--torch: expected MODULE:FACTORY (e.g. mypkg.cbam:make_cbam), got {spec!r}"
         )
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

@@ -24,6 +24,9 @@ class RefattnGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # `refattn ... | head`: the reader left, not an error
+            _silence_stdout()
+            ctx.exit(0)
         except (ValueError, TypeError, OSError, KeyError) as err:
             if _debug(ctx):
                 raise
@@ -35,6 +38,18 @@ class RefattnGroup(click.Group):
             _one_line(err, prefix="internal error (please report; --debug shows "
                           "the traceback)")
             ctx.exit(1)
+
+
+def _silence_stdout() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (CliRunner): nothing to redirect
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _debug(ctx: click.Context) -> bool:
