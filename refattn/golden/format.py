@@ -1224,7 +1224,7 @@ def write_case(
 
     Steps: validate; write every file into ``<root>/<block>/.tmp-<case_id>-*``
     and fsync it; read it back and check every digest; then, under an
-    advisory lock on ``<root>/<block>/.lock``, rename it into place (with
+    advisory lock on the ``<root>/<block>`` directory itself, rename it into place (with
     ``force``, atomically exchanged with the old case, which is then
     removed).  The temporary directory is removed on any error, and nothing
     else under ``root`` is touched.
@@ -1280,7 +1280,8 @@ def write_case(
                 f"{result.problems[0]}",
                 result.problems,
             )
-        lock = os.open(block_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        # lock the block directory itself: no lock file is left behind
+        lock = os.open(block_dir, os.O_RDONLY)
         try:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)

@@ -431,7 +431,7 @@ def test_force_replaces(
     new = read_case(case)
     assert new.manifest["digest"] != old
     assert np.array_equal(new.tensors["input.x"], make_tensors(seed=3)["input.x"])
-    assert sorted(os.listdir(tmp_path / "cgnl")) == [".lock", "case-a"]
+    assert sorted(os.listdir(tmp_path / "cgnl")) == ["case-a"]
 
 
 def test_force_refuses_to_replace_foreign_files(tmp_path: Path) -> None:
@@ -510,7 +510,7 @@ def test_concurrent_writers_one_wins(tmp_path: Path) -> None:
     assert len(winners) == 1, outcomes
     assert all(isinstance(o, CaseExistsError) for o in losers), outcomes
     assert verify_case(winners[0]).ok
-    assert sorted(os.listdir(tmp_path / "cgnl")) == [".lock", "case-a"]
+    assert sorted(os.listdir(tmp_path / "cgnl")) == ["case-a"]
 
 
 def test_concurrent_forced_writers_leave_one_complete_case(tmp_path: Path) -> None:
@@ -532,7 +532,7 @@ def test_concurrent_forced_writers_leave_one_complete_case(tmp_path: Path) -> No
         t.join()
     assert not errors
     assert verify_case(tmp_path / "cgnl" / "case-a").ok
-    assert sorted(os.listdir(tmp_path / "cgnl")) == [".lock", "case-a"]
+    assert sorted(os.listdir(tmp_path / "cgnl")) == ["case-a"]
 
 
 @pytest.mark.parametrize(
