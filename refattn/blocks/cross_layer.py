@@ -820,7 +820,7 @@ def fixture_shapes(cfg: CrossLayerConfig) -> dict[str, Shape]:
     the query has P channels when ``planes`` is set (P = Cq is required).
     """
     if cfg.out_proj:
-        return {"x_q": (2, 8, 3, 4), "x_kv.0": (2, 6, 5, 4), "x_kv.1": (2, 10, 4, 6)}
+        return {"x_q": (2, 4, 3, 4), "x_kv.0": (2, 3, 5, 4), "x_kv.1": (2, 5, 4, 6)}
     cq = 6 if cfg.planes is None else int(cfg.planes)
     return {"x_q": (2, cq, 3, 4), "x_kv": (2, 5, 5, 4)}
 

@@ -41,15 +41,20 @@ from refattn.golden.format import tolerance_for
 __all__ = ["CaseRequest", "GeneratedCase", "MAX_REDRAWS", "expand_requests", "generate_case"]
 
 MAX_REDRAWS = 100
-MIN_MARGIN_FLOAT32 = 1e-4
+MIN_MARGIN_FLOAT32 = 2e-5
 """float32 fixtures keep a wider margin: a correct float32 implementation's
-round-off in a K-term pre-activation is about 6e-8*sqrt(K) relative, and it
-must not flip a ReLU or a max the float64 reference did not flip."""
+round-off in a K-term pre-activation is about 6e-8*sqrt(K) of its rms (2.7e-6
+for K = 2000), and it must not flip a ReLU or a max that the float64
+reference did not flip.  A wider margin would make large presets (NIN's 57k
+pre-activations) need too many redraws."""
 ROUNDOFF_ZERO = 1e-9
 """A float64 reference tensor whose max is below this fraction of its family's
 scale is analytically zero: only round-off remains in it."""
 
-RNG_NAME = "numpy.random.default_rng(PCG64) via SeedSequence([seed, draw, stream])"
+RNG_NAME = (
+    "numpy.random.default_rng(PCG64) seeded by SeedSequence([seed, draw, stream, "
+    "*utf8(input name)]): stream 0 inputs, 1 parameters, 2 the cotangent"
+)
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _seed(seed: int, draw: int, stream: int) -> int:
-    """An independent 63-bit seed per (case seed, redraw, stream)."""
-    return int(np.random.SeedSequence([seed, draw, stream]).generate_state(2, np.uint64)[0]
+def _seed(seed: int, draw: int, stream: int, name: str = "") -> int:
+    """An independent 63-bit seed per (case seed, redraw, stream, tensor name).
+
+    Inputs are drawn from a generator of their own, keyed by their name, so a
+    draw does not depend on the order the inputs are listed in.
+    """
+    entropy = [seed, draw, stream, *name.encode()]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0]
                >> np.uint64(1))
 
 
@@ -173,8 +183,11 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
     min_margin = MIN_MARGIN_FLOAT32 if req.dtype == "float32" else MIN_MARGIN
 
     for draw in range(MAX_REDRAWS):
-        rng = np.random.default_rng(_seed(req.seed, draw, 0))
-        inputs = {k: _round(rng.standard_normal(s), rounding) for k, s in shapes.items()}
+        inputs = {
+            k: _round(np.random.default_rng(_seed(req.seed, draw, 0, k)).standard_normal(s),
+                      rounding)
+            for k, s in shapes.items()
+        }
         params, state = spec.init_params(resolved, shapes, seed=_seed(req.seed, draw, 1))
         params = {k: _round(v, rounding) for k, v in params.items()}
         state = {k: _round(v, rounding) for k, v in state.items()}
