@@ -8,14 +8,9 @@ from typing import Any
 
 import click
 
-from refattn.cli.verify import BadInput
-from refattn.golden.format import (
-    MANIFEST_NAME,
-    FixtureError,
-    GoldenCase,
-    read_case,
-    summarize_case,
-)
+from refattn.cli.plot_options import plot_option, require_plot, wrote
+from refattn.cli.verify import BadInput, read_verified
+from refattn.golden.format import MANIFEST_NAME, GoldenCase, summarize_case
 
 _COLUMNS = (
     "tensor",
@@ -71,13 +66,17 @@ def show_text(case: GoldenCase, rows: list[dict[str, Any]]) -> list[str]:
 @click.command("show")
 @click.argument("case", metavar="CASE")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def show(case: str, as_json: bool) -> None:
+@plot_option("Also draw the case's attention maps and gates (cbam, non_local, "
+             "cross_layer, cgnl, nin_head) to this PNG.")
+def show(case: str, as_json: bool, plot_path: Path | None) -> None:
     """Summarize one fixture case: block, preset, config, dtype, mode, seed,
     digest, and per tensor its role, shape, dtype, min, max, mean |x| and
     tolerances.  The case is fully verified first (``refattn verify``).
 
-    Exit status: 0 shown, 2 CASE does not exist or is not a valid case.
+    Exit status: 0 shown, 2 CASE does not exist or is not a valid case (or
+    --plot was given for a block without maps, or without matplotlib).
     """
+    plot = None if plot_path is None else require_plot(plot_path)
     path = Path(case)
     if path.is_file() and path.name == MANIFEST_NAME:
         path = path.parent
@@ -85,10 +84,12 @@ def show(case: str, as_json: bool) -> None:
         raise BadInput(f"CASE: no such file or directory: {case}")
     if not (path / MANIFEST_NAME).is_file():
         raise BadInput(f"CASE: not a fixture case (no {MANIFEST_NAME}): {case}")
-    try:
-        golden = read_case(path)
-    except FixtureError as err:
-        raise BadInput(f"CASE: {err}") from None
+    golden = read_verified(path, "CASE")
+    if plot is not None:
+        try:
+            plot.check_plottable(golden)
+        except plot.NothingToPlot as err:
+            raise BadInput(str(err)) from None
     rows = summarize_case(golden)
     if as_json:
         m = golden.manifest
@@ -110,6 +111,8 @@ def show(case: str, as_json: bool) -> None:
             "tensors": [{**r, "shape": list(r["shape"])} for r in rows],
         }
         click.echo(json.dumps(data, indent=2))
-        return
-    for line in show_text(golden, rows):
-        click.echo(line)
+    else:
+        for line in show_text(golden, rows):
+            click.echo(line)
+    if plot is not None:
+        wrote(plot.write_case_plot(plot_path, golden), err=as_json)

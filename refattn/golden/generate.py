@@ -164,8 +164,21 @@ def merge_shapes(defaults: Mapping[str, Sequence[int]],
         raise ValueError(
             f"shape: no input named {', '.join(unknown)} (inputs: {', '.join(defaults)})"
         )
-    kept = {k: tuple(v) for k, v in defaults.items() if k.split(".")[0] not in bases}
-    return kept | {k: tuple(v) for k, v in given.items()}
+    merged: dict[str, tuple[int, ...]] = {}
+    for k, v in defaults.items():  # keep the block's input order
+        base = k.split(".")[0]
+        if base not in bases:
+            merged[k] = tuple(v)
+        else:
+            same = sorted((g for g in given if g.split(".")[0] == base), key=_index)
+            merged |= {g: tuple(given[g]) for g in same}
+    return merged
+
+
+def _index(name: str) -> tuple[int, str]:
+    """Sort key of ``x_kv.0``, ``x_kv.1``, ...: by the number after the dot."""
+    suffix = name.partition(".")[2]
+    return (int(suffix), name) if suffix.isdigit() else (-1, name)
 
 
 def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = None
