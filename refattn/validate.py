@@ -102,9 +102,11 @@ class ValidationReport:
         return bool(self.checked) and not self.failed
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: a non-finite number (NaN or Inf in their tensors) becomes
+        the string "nan", "inf" or "-inf", so the JSON stays strict."""
         rows = []
         for r in self.rows:
-            d = asdict(r)
+            d = _finite_json(asdict(r))
             d["mismatch_pct"] = r.mismatch_pct
             rows.append(d)
         return {
@@ -122,37 +124,43 @@ class ValidationReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def to_text(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
+        if self.not_checked:
+            verdict += (f" ({len(self.checked)} tensors checked, "
+                        f"{len(self.not_checked)} not checked)")
+        width = max([34] + [len(r.name) for r in self.rows])
         lines = [
             f"validate {self.case} ({self.block}, preset {self.preset}, {self.dtype}"
             + (f", {self.mode} mode" if self.mode else "")
             + f"): {verdict}",
             f"  expected = {self.reference}",
             f"  actual   = {self.subject}",
-            f"  {'tensor':<34} {'status':<11} {'max abs':>10} {'max rel':>10} "
+            f"  {'tensor':<{width}} {'status':<11} {'max abs':>10} {'max rel':>10} "
             f"{'rel L2':>10} {'rtol':>8} {'atol':>9} {'mismatch':>16}",
         ]
         for r in self.rows:
             if r.status == "NOT CHECKED":
-                lines.append(f"  {r.name:<34} {r.status:<11} (not provided)")
+                lines.append(f"  {r.name:<{width}} {r.status:<11} (not provided)")
                 continue
             mm = f"{r.mismatches}/{r.size} ({r.mismatch_pct:.1f}%)"
             nan = f"  NaN {r.nan_actual}" if r.nan_actual else ""
             inf = f"  Inf {r.inf_actual}" if r.inf_actual else ""
             lines.append(
-                f"  {r.name:<34} {r.status:<11} {r.max_abs_err:>10.3e} "
+                f"  {r.name:<{width}} {r.status:<11} {r.max_abs_err:>10.3e} "
                 f"{r.max_rel_err:>10.3e} {r.rel_l2_err:>10.3e} {r.rtol:>8.1e} "
                 f"{r.atol:>9.2e} {mm:>16}{nan}{inf}"
             )
         for r in self.rows:
             if r.status != "FAIL":
                 continue
+            e, a = r.expected_at_worst, r.actual_at_worst
+            allowed = r.atol + r.rtol * abs(e)
             lines.append(
-                f"  {r.name}: worst at index {r.worst_index}: expected "
-                f"{r.expected_at_worst:.10g}, actual {r.actual_at_worst:.10g}"
+                f"  {r.name}: worst at index {r.worst_index}: expected {e:.10g}, "
+                f"actual {a:.10g} (|diff| {abs(a - e):.3e}, allowed {allowed:.3e})"
             )
             firsts = ", ".join(
                 f"{tuple(m['index'])}: {m['expected']:.6g} vs {m['actual']:.6g}"
@@ -166,6 +174,16 @@ class ValidationReport:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _finite_json(obj: Any) -> Any:
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return "nan" if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def compare_tensor(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float,

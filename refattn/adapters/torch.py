@@ -51,12 +51,16 @@ def load_factory(spec: str) -> Callable[[dict[str, Any]], Any]:
         raise ValidationInputError(
             f"--torch: expected MODULE:FACTORY (e.g. mypkg.cbam:make_cbam), got {spec!r}"
         )
+    _torch()  # a missing torch is said as such, not as their module failing to import
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValidationInputError(f"--torch: cannot import {module_name!r}: {err}") from err
+    except Exception as err:  # ImportError, or their module raising while it loads
+        raise ValidationInputError(
+            f"--torch: cannot import {module_name!r}: {type(err).__name__}: "
+            f"{' '.join(str(err).split())}"
+        ) from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValidationInputError(f"--torch: {module_name} has no callable {attr!r}")
@@ -74,7 +78,7 @@ def build_name_map(case: Any, names: str | Mapping[str, str]) -> dict[str, str]:
         return {k: k for k in canonical}
     if names == "anchor":
         anchor = case.manifest.get("anchor_names") or {}
-        if not anchor:
+        if not anchor and canonical:
             raise ValidationInputError(
                 f"--names anchor: the case's preset ({case.manifest.get('preset')}) has no "
                 "anchor name map; use --names canonical or a JSON map"
@@ -90,6 +94,12 @@ def build_name_map(case: Any, names: str | Mapping[str, str]) -> dict[str, str]:
         user = dict(names)
     if not isinstance(user, dict) or not all(isinstance(v, str) for v in user.values()):
         raise ValidationInputError("--names: the map must be a JSON object of strings")
+    unknown = sorted(set(user) - set(canonical))
+    if unknown:
+        raise ValidationInputError(
+            f"--names: the map's keys must be the fixture's parameter names; unknown: "
+            f"{', '.join(unknown)} (known: {', '.join(sorted(canonical)) or 'none'})"
+        )
     return {k: user.get(k, k) for k in canonical}
 
 
@@ -119,9 +129,7 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
     try:
         module = factory(config)
     except Exception as err:
-        raise ValidationInputError(
-            f"the factory raised {type(err).__name__}: {' '.join(str(err).split())}"
-        ) from err
+        raise ValidationInputError(_raised("the factory", err)) from err
     if not isinstance(module, torch.nn.Module):
         raise ValidationInputError(
             f"the factory returned {type(module).__name__}, expected a torch.nn.Module"
@@ -165,7 +173,10 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
         t = torch.as_tensor(np.ascontiguousarray(case.tensors[f"input.{name}"]), dtype=dtype,
                             device=device).requires_grad_(True)
         inputs.append(t)
-    out = module(*inputs)
+    try:
+        out = module(*inputs)
+    except Exception as err:
+        raise ValidationInputError(_raised("the module's forward", err)) from err
     if isinstance(out, (tuple, list)):
         out = out[0]
     expected_shape = tuple(case.tensors["output.out"].shape)
@@ -178,7 +189,11 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
     # 3. backward with the fixture's cotangent
     cot = torch.as_tensor(np.ascontiguousarray(case.tensors["cotangent.out"]), dtype=dtype,
                           device=device)
-    out.backward(cot)
+    try:
+        out.backward(cot)
+    except Exception as err:
+        raise ValidationInputError(_raised("the backward of the module's output", err)
+                                   ) from err
 
     # 4. collect under fixture keys
     results: dict[str, np.ndarray] = {"output.out": _np(out)}
@@ -199,6 +214,10 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
         elif f"output.state.{canon}" in case.tensors and theirs_name in buffers:
             results[f"output.state.{canon}"] = _np(buffers[theirs_name])
     return results
+
+
+def _raised(what: str, err: Exception) -> str:
+    return f"{what} raised {type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _named_tensors(module: Any) -> list[tuple[str, Any]]:
