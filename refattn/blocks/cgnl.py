@@ -88,6 +88,8 @@ from refattn.blocks.spec import (
     draw_norm_affine,
     draw_weight,
 )
+from refattn.cuda import kernel_ops as _kernels
+from refattn.cuda.dispatch import use_kernel
 from refattn.ops.conv import (
     PointwiseConvCache,
     pointwise_conv_backward,
@@ -106,6 +108,7 @@ from refattn.params import is_buffer
 __all__ = [
     "BETAS",
     "KERNELS",
+    "MAX_ORDER",
     "NORMS",
     "PRESETS",
     "SPECS",
@@ -131,6 +134,9 @@ Norm = Literal["gn", "bn_train", "bn_eval"]
 KERNELS: tuple[str, ...] = ("dot", "gaussian")
 BETAS: tuple[str, ...] = ("const", "per_element")
 NORMS: tuple[str | None, ...] = (None, "gn", "bn_train", "bn_eval")
+MAX_ORDER = 170
+"""The largest Taylor ``order``: q! of the weights (2γ)^q / q! overflows float64
+from q = 171 on."""
 
 _RANK_NAMES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}
 
@@ -180,6 +186,11 @@ class CGNLConfig:
                 f"kernel: expected 'dot' or 'gaussian', got {self.kernel!r}"
             )
         _check_int("order", self.order, minimum=0)
+        if self.order > MAX_ORDER:
+            raise ValueError(
+                f"order: expected an int <= {MAX_ORDER} (the Taylor weight "
+                f"(2γ)^q / q! needs q! finite in float64), got {self.order}"
+            )
         gamma = self.gamma
         if not _is_real(gamma) or not math.isfinite(gamma):
             raise ValueError(f"gamma: expected a finite float, got {gamma!r}")
@@ -192,6 +203,14 @@ class CGNLConfig:
             raise ValueError(
                 f"beta: expected 'const' or 'per_element', got {self.beta!r}"
             )
+        if self.kernel == "gaussian":
+            try:
+                (2.0 * gamma) ** self.order  # the largest power in the weights
+            except OverflowError:
+                raise ValueError(
+                    f"gamma ({gamma!r}) with order {self.order}: the Taylor "
+                    f"weights (2γ)^q / q! overflow float64"
+                ) from None
         if self.norm not in NORMS:
             raise ValueError(
                 f"norm: expected None, 'gn', 'bn_train' or 'bn_eval', got {self.norm!r}"
@@ -477,7 +496,7 @@ class TaylorKernelCache(NamedTuple):
     t: Array  # (N, G, M) θ
     p: Array  # (N, G, M) φ
     t_pow: Array  # (N, G, Q+1, M) θ^0 .. θ^Q
-    p_pow: Array  # (N, G, Q+1, M) φ^0 .. φ^Q
+    p_pow: Array | None  # (N, G, Q+1, M) φ^0 .. φ^Q; None: moments by raw kernel
     w: Array  # (N, G, M) g, or exp(−γ φ²) g (per_element)
     env_t: Array | None  # (N, G, M) exp(−γ θ²) (per_element), else None
     y: Array | None  # (N, G, M) the output (per_element), else None
@@ -521,8 +540,13 @@ def _taylor_kernel_forward(
     if per_element:
         w = xp.exp(-gamma * (p * p)) * g  # (N, G, M)
         env_t = xp.exp(-gamma * (t * t))  # (N, G, M)
-    p_pow = _powers(xp, p, order)  # (N, G, Q+1, M)
-    s = xp.matmul(p_pow, xp.reshape(w, w.shape + (1,)))[..., 0]  # (N, G, Q+1)
+    if use_kernel(p, w) and order <= _kernels.CGNL_MAX_ORDER:
+        # CuPy: the moments (and in the backward their VJP) by raw kernel
+        p_pow = None  # (refattn.cuda.dispatch)
+        s = _kernels.cgnl_moments_forward(p, w, order)  # (N, G, Q+1)
+    else:
+        p_pow = _powers(xp, p, order)  # (N, G, Q+1, M)
+        s = xp.matmul(p_pow, xp.reshape(w, w.shape + (1,)))[..., 0]  # (N, G, Q+1)
     if scale != 1.0:
         s = s * scale  # (N, G, Q+1)
     a = s * alpha  # (N, G, Q+1)
@@ -569,12 +593,15 @@ def _taylor_kernel_backward(
     dmom = da * c.alpha  # (N, G, Q+1) d(raw moment) before the scale
     if c.scale != 1.0:
         dmom = dmom * c.scale  # (N, G, Q+1)
-    dw = xp.matmul(xp.reshape(dmom, (N, G, 1, order + 1)), c.p_pow)[..., 0, :]
-    if order > 0:
-        qm = xp.reshape((dmom * q)[..., 1:], (N, G, 1, order))  # (N, G, 1, Q)
-        dp = c.w * xp.matmul(qm, c.p_pow[..., :order, :])[..., 0, :]  # (N, G, M)
+    if c.p_pow is None:  # the forward's moments came from the raw kernel
+        dp, dw = _kernels.cgnl_moments_backward(dmom, c.p, c.w)  # (N, G, M) each
     else:
-        dp = xp.zeros_like(du)  # (N, G, M)
+        dw = xp.matmul(xp.reshape(dmom, (N, G, 1, order + 1)), c.p_pow)[..., 0, :]
+        if order > 0:
+            qm = xp.reshape((dmom * q)[..., 1:], (N, G, 1, order))  # (N, G, 1, Q)
+            dp = c.w * xp.matmul(qm, c.p_pow[..., :order, :])[..., 0, :]  # (N, G, M)
+        else:
+            dp = xp.zeros_like(du)  # (N, G, M)
     if c.env_t is not None:
         dp = dp - (2.0 * c.gamma) * (c.p * c.w * dw)  # envelope exp(−γ φ²)
         dg = xp.exp(-c.gamma * (c.p * c.p)) * dw  # (N, G, M)

@@ -12,9 +12,12 @@ with ``cupy.RawModule`` on first use, once per device, with ``COMPILE_OPTIONS``
 (the same tuple the NVRTC compile test of ``tests/cuda`` uses).  The launch
 wrappers in ``refattn.cuda.launch`` take and return CuPy arrays.
 
-Kernels are used only where ``kernels_enabled()`` is true: the environment
-variable ``REFATTN_KERNELS=generic`` switches them off (the generic Array API
-path runs instead, so the two can be compared), and so do
+The ops of ``refattn.ops`` (and CGNL's moments) use the kernels on CuPy
+arrays through ``refattn.cuda.dispatch`` and the kernel variants of
+``refattn.cuda.kernel_ops``.  Kernels are used only where
+``kernels_enabled()`` is true: the environment variable
+``REFATTN_KERNELS=generic`` switches them off (the generic Array API path
+runs instead, so the two can be compared), and so do
 ``set_kernels_enabled(False)`` and ``with use_kernels(False): ...``.
 
 Testing tiers (docs/gpu.md): (1) NVRTC compiles every kernel on a machine

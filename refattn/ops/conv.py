@@ -33,6 +33,8 @@ from refattn.backend import (
     window,
     zeros_like_shape,
 )
+from refattn.cuda import kernel_ops as _kernels
+from refattn.cuda.dispatch import use_kernel
 
 __all__ = [
     "Conv2dCache",
@@ -91,6 +93,10 @@ def conv2d_forward(
     N, C, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     ho, wo = _conv2d_out_hw((H, W), (KH, KW), stride_, padding_, dilation_)
+    if use_kernel(x, weight, bias) and _kernels.is_small_conv(
+        weight.shape, stride_, padding_, dilation_, groups
+    ):  # CuPy, few channels (CBAM's spatial conv): the raw kernel (cuda.dispatch)
+        return _kernels.conv2d_forward(x, weight, bias)
     xpad = pad_spatial(x, padding_)  # (N, C, H + 2p_h, W + 2p_w)
     if (KH, KW) == (1, 1):
         xs = xpad[:, :, window(0, stride_[0], ho), window(0, stride_[1], wo)]
@@ -133,6 +139,8 @@ def conv2d_backward(
         dweight  (O, C/G, KH, KW)
         dbias    (O,) or None
     """
+    if isinstance(cache, _kernels.Conv2dKernelCache):  # from the raw-kernel forward
+        return _kernels.conv2d_backward(dout, cache)
     xp = namespace(dout=dout)
     c = cache
     N, C, H, W = c.x_shape

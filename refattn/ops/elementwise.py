@@ -17,6 +17,8 @@ from refattn.backend import (
     namespace,
     sum_to_shape,
 )
+from refattn.cuda import kernel_ops as _kernels
+from refattn.cuda.dispatch import use_kernel
 
 __all__ = [
     "AddCache",
@@ -160,6 +162,8 @@ def gate_mul_forward(x: Array, z: Array) -> tuple[Array, GateMulCache]:
             f"z: expected a shape that broadcasts to x's shape {tuple(x.shape)}, "
             f"got {tuple(z.shape)}"
         )
+    if use_kernel(x, z) and x.ndim <= 5 and _kernels.gate_kind(x.shape, z.shape):
+        return _kernels.gate_mul_forward(x, z)  # CuPy: the raw kernel (cuda.dispatch)
     s = sigmoid(z)  # like z
     out = x * s  # like x
     return out, GateMulCache(x, s)
@@ -175,6 +179,8 @@ def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
         dout, dx  like x
         dz        like z
     """
+    if isinstance(cache, _kernels.GateMulKernelCache):  # from the raw-kernel forward
+        return _kernels.gate_mul_backward(dout, cache)
     x, s = cache
     _check_dout(dout, x)
     dx = dout * s  # like x

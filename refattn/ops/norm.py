@@ -15,12 +15,15 @@ from typing import Any, NamedTuple
 
 from refattn._typing import Array, Shape
 from refattn.backend import (
+    NonFiniteError,
     check_array,
     check_finite,
     check_same_dtype,
     dtype_name,
     namespace,
 )
+from refattn.cuda import kernel_ops as _kernels
+from refattn.cuda.dispatch import use_kernel
 
 __all__ = [
     "BatchNormCache",
@@ -116,6 +119,12 @@ def batch_norm_forward(
         running_var=running_var,
     )
     _check_nonempty(x)
+    if use_kernel(x, weight, bias, running_mean, running_var):
+        # CuPy: statistics and backward sums by raw kernels (refattn.cuda.dispatch)
+        return _kernels.batch_norm_forward(
+            x, weight, bias, running_mean, running_var,
+            training=training, momentum=momentum, eps=eps,
+        )
 
     N = x.shape[0]
     L = _prod(x.shape[2:])  # positions per sample
@@ -176,6 +185,8 @@ def batch_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
+    if isinstance(cache, _kernels.BatchNormKernelCache):  # from the raw-kernel forward
+        return _kernels.batch_norm_backward(dout, cache)
     xhat, inv_std, weight, has_bias, training = cache
     check_array("dout", dout, shape=tuple(xhat.shape))
     check_same_dtype(dout=dout, forward=xhat)
@@ -242,6 +253,8 @@ def group_norm_forward(
     eps = _check_real("eps", eps, low=0.0, low_open=True)
     check_same_dtype(x=x, weight=weight, bias=bias)
     _check_nonempty(x)
+    if use_kernel(x, weight, bias):  # CuPy: raw kernels (refattn.cuda.dispatch)
+        return _kernels.group_norm_forward(x, weight, bias, num_groups=G, eps=eps)
 
     K = _prod(x.shape) // (N * G)  # values per (n, group)
     xg = xp.reshape(x, (N, G, K))  # (N, G, K)
@@ -274,6 +287,8 @@ def group_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
+    if isinstance(cache, _kernels.GroupNormKernelCache):  # from the raw-kernel forward
+        return _kernels.group_norm_backward(dout, cache)
     xhat, inv_std, weight, has_bias = cache
     check_array("dout", dout, shape=tuple(xhat.shape))
     check_same_dtype(dout=dout, forward=xhat)
@@ -344,7 +359,7 @@ def _check_statistic(xp: Any, x: Array, stat: Array, what: str) -> None:
     if bool(xp.all(xp.isfinite(stat))):
         return
     check_finite("x", x)
-    raise ValueError(
+    raise NonFiniteError(
         f"x: the {what} overflows {dtype_name(x)}, "
         f"got values up to {float(xp.max(xp.abs(x))):g} in magnitude"
     )

@@ -46,6 +46,8 @@ from refattn.backend import (
     namespace,
     window,
 )
+from refattn.cuda import kernel_ops as _kernels
+from refattn.cuda.dispatch import use_kernel
 
 __all__ = [
     "CHANNEL_POOL_KINDS",
@@ -102,6 +104,8 @@ def max_pool_forward(
     xp = namespace(x=x)
     _check_input(x, "max_pool", ndims=(3, 4, 5))
     k, s, so = _geometry(x.shape, kernel_size, stride)
+    if use_kernel(x):  # CuPy: the raw kernel (refattn.cuda.dispatch)
+        return _kernels.max_pool_forward(x, kernel_size=k, stride=s)
     it = _index_dtype(xp, _prod(k))
     out, idx = _window_max(xp, x, k, s, so, it)  # (N, C, *So) twice
     return out, MaxPoolCache(idx, tuple(x.shape), k, s)
@@ -120,6 +124,8 @@ def max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
         row-major window order, never split; this matches PyTorch's CPU
         max_pool1d/2d/3d.
     """
+    if isinstance(cache, _kernels.MaxPoolKernelCache):  # from the raw-kernel forward
+        return _kernels.max_pool_backward(dout, cache)
     xp = namespace(dout=dout)
     idx, x_shape, k, s = cache
     _check_dout(dout, tuple(idx.shape))
@@ -215,6 +221,8 @@ def global_pool_forward(
     _check_kind(kind, GLOBAL_POOL_KINDS)
     if not isinstance(keepdim, bool):
         raise TypeError(f"keepdim: expected a bool, got {keepdim!r}")
+    if use_kernel(x) and x.ndim <= 5:  # CuPy: the raw kernel (refattn.cuda.dispatch)
+        return _kernels.global_pool_forward(x, kind=kind, keepdim=keepdim)
     n, c = x.shape[:2]
     xf = xp.reshape(x, (n, c, _prod(x.shape[2:])))  # (N, C, L)
     cache = GlobalPoolCache(kind, tuple(x.shape), keepdim)
@@ -256,6 +264,8 @@ def global_pool_backward(dout: Array, cache: GlobalPoolCache) -> Array:
         map, where the norm has no derivative) the gradient is defined as 0, the
         minimum-norm subgradient.
     """
+    if isinstance(cache, _kernels.GlobalPoolKernelCache):  # from the raw-kernel forward
+        return _kernels.global_pool_backward(dout, cache)
     xp = namespace(dout=dout)
     c = cache
     n, ch = c.x_shape[:2]
@@ -307,6 +317,8 @@ def channel_pool_forward(
     xp = namespace(x=x)
     _check_input(x, "channel_pool", ndims=None)
     _check_kind(kind, CHANNEL_POOL_KINDS)
+    if use_kernel(x) and x.ndim <= 5:  # CuPy: the raw kernel (refattn.cuda.dispatch)
+        return _kernels.channel_pool_forward(x, kind=kind)
     if kind == "mean":
         out = xp.mean(x, axis=1, keepdims=True)  # (N, 1, *S)
         return out, ChannelPoolCache(kind, tuple(x.shape))
@@ -328,6 +340,8 @@ def channel_pool_backward(dout: Array, cache: ChannelPoolCache) -> Array:
         max: on a tie the whole gradient goes to the FIRST arg-max channel, as
         torch.max(x, dim=1) does.
     """
+    if isinstance(cache, _kernels.ChannelPoolKernelCache):  # from the kernel forward
+        return _kernels.channel_pool_backward(dout, cache)
     xp = namespace(dout=dout)
     kind, x_shape, idx = cache
     n, c = x_shape[:2]

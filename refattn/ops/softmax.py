@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 from refattn._typing import Array
 from refattn.backend import check_array, check_finite, check_same_dtype, namespace
+from refattn.cuda import kernel_ops as _kernels
+from refattn.cuda.dispatch import use_kernel
 
 __all__ = ["SoftmaxCache", "softmax_backward", "softmax_forward"]
 
@@ -32,6 +34,8 @@ def softmax_forward(x: Array, *, axis: int = -1) -> tuple[Array, SoftmaxCache]:
     # full check (which counts them) runs only then
     if not bool(xp.isfinite(xp.sum(x))):
         check_finite("x", x)
+    if use_kernel(x) and axis == x.ndim - 1:  # CuPy: the raw kernel (cuda.dispatch)
+        return _kernels.softmax_forward(x)
     y = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
     y /= xp.sum(y, axis=axis, keepdims=True)  # in place on the fresh exp
     return y, SoftmaxCache(y, axis)
@@ -47,6 +51,8 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
     Shapes:
         dout, dx  like x
     """
+    if isinstance(cache, _kernels.SoftmaxKernelCache):  # from the raw-kernel forward
+        return _kernels.softmax_backward(dout, cache)
     y, axis = cache
     check_array("dout", dout, shape=tuple(y.shape))
     check_same_dtype(dout=dout, forward=y)

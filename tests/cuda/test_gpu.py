@@ -1,4 +1,4 @@
-"""Tier 3: the launch wrappers on a real GPU through CuPy (``pytest -m gpu``).
+"""Tier 3: the kernels, the ops and the blocks on a real GPU (``pytest -m gpu``).
 
 Runs the very checks of kernel_checks.py that tier 2 runs on the host shim,
 with the kernels compiled by cupy.RawModule (refattn.cuda.get_module()) and
@@ -7,12 +7,28 @@ once with small blocks and grids, so reduction tails and grid-stride loops
 are exercised on the device too.  Beyond that: realistic shapes, tensors with
 more than 2^31 elements (64-bit indexing), and the per-device module cache.
 
+The op- and block-level checks of dispatch_checks.py run here too (tier 2
+runs them on the CuPy stand-in): every wired op takes its kernel and matches
+NumPy, kernels on and off; every block preset on CuPy matches NumPy in
+float32 and float64, kernels on and off; golden cases generated with the
+CuPy backend match the NumPy ones within their manifest tolerances.  With
+``REFATTN_GPU_NO_POOL=1`` CuPy's memory pool is off, so that
+compute-sanitizer's memcheck sees every array's exact bounds (see
+``test_kernels_under_compute_sanitizer`` and docs/gpu.md).
+
 The whole module is skipped when CuPy has no CUDA device.  Only this tier
 certifies GPU behaviour (warps, the memory model, launch limits, atomics
 under real concurrency); tiers 1 and 2 cannot.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +46,15 @@ import cupy  # noqa: E402 - only importable usefully past the skip
 from refattn.cuda import launch as K  # noqa: E402
 from refattn.cuda._runner import CupyRunner  # noqa: E402
 
+from dispatch_checks import *  # noqa: E402,F403 - the shared dispatch checks
+from dispatch_checks import Gpu, recording  # noqa: E402
 from kernel_checks import *  # noqa: E402,F403 - the shared kernel checks
 from kernel_checks import Bound, close, distinct, f64, normal  # noqa: E402
 
 pytestmark = pytest.mark.gpu
+
+if os.environ.get("REFATTN_GPU_NO_POOL") == "1":
+    cupy.cuda.set_allocator(None)  # exact allocations for compute-sanitizer
 
 
 def _runner(block: int | None, max_grid: int | None) -> CupyRunner:
@@ -51,6 +72,16 @@ def _runner(block: int | None, max_grid: int | None) -> CupyRunner:
 def k(request: pytest.FixtureRequest) -> Bound:
     """The launch wrappers on the GPU, NumPy arrays at the edges."""
     return Bound(_runner(*request.param), to_device=cupy.asarray, to_host=cupy.asnumpy)
+
+
+@pytest.fixture
+def gpu() -> Iterator[Gpu]:
+    """The ops and blocks on CuPy, every kernel launch recorded."""
+    import array_api_compat.cupy as xp
+
+    launched: list[str] = []
+    with recording(launched):
+        yield Gpu("cupy", xp, launched)
 
 
 def test_module_is_compiled_once_per_device() -> None:
@@ -115,3 +146,30 @@ def test_more_than_2_31_elements() -> None:
     dx = K.global_pool_backward(mx, "max", x.shape, arg=arg)
     assert float(dx[0, 1, -1]) == 4.0 and float(dx[0, 1, -2]) == 0.0
     assert dx.size == n
+
+
+SANITIZED = "block32 or wired_op or cbam_launches"
+"""The tests run under compute-sanitizer: every kernel with small blocks
+(tails, grid-stride loops), every wired op, and the CBAM block."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_kernels_under_compute_sanitizer(tool: str) -> None:
+    """The command of docs/gpu.md: no memory error and no shared-memory race."""
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        pytest.skip("compute-sanitizer is not on PATH (it comes with the CUDA toolkit)")
+    if os.environ.get("REFATTN_GPU_NO_POOL") == "1":
+        pytest.skip("already running under compute-sanitizer")
+    cmd = [
+        exe, f"--tool={tool}", "--error-exitcode=99", sys.executable, "-m", "pytest",
+        "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", "-k", SANITIZED,
+        str(Path(__file__)),
+    ]
+    env = dict(os.environ, REFATTN_GPU_NO_POOL="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
+                          cwd=Path(__file__).parents[2], timeout=3600)
+    report = proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout, report

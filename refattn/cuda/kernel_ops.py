@@ -1,0 +1,541 @@
+"""The raw-kernel variants of the ops, for CuPy arrays (see refattn.cuda.dispatch).
+
+Each ``<op>_forward`` here computes what the op of the same name in
+``refattn.ops`` computes, with the memory-bound steps done by the kernels of
+``refattn.cuda.launch``, and returns the op's outputs with a cache of its own
+type (``<Op>KernelCache``), holding what the kernel backward needs.  The
+forwards take arguments the generic op has already validated; the
+backwards validate ``dout`` as the generic backwards do, so both paths
+raise the same errors.  Fields a block reads from an op's cache (``kind``
+of a global pool, ``x`` and ``s`` of a gate) keep their generic names.
+
+Math, shapes and conventions are those of the generic ops (their docstrings
+are the specification); only what differs is noted here.  Sums are
+accumulated in double inside the kernels, for float32 data too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from refattn._typing import Array, Shape
+from refattn.backend import (
+    check_array,
+    check_finite,
+    check_same_dtype,
+    device,
+    dtype_name,
+    namespace,
+)
+from refattn.cuda import launch as K
+
+__all__ = [
+    "CGNL_MAX_ORDER",
+    "SMALL_CONV_MAX_CHANNELS",
+    "BatchNormKernelCache",
+    "ChannelPoolKernelCache",
+    "Conv2dKernelCache",
+    "GateMulKernelCache",
+    "GlobalPoolKernelCache",
+    "GroupNormKernelCache",
+    "MaxPoolKernelCache",
+    "SoftmaxKernelCache",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "cgnl_moments_backward",
+    "cgnl_moments_forward",
+    "channel_pool_backward",
+    "channel_pool_forward",
+    "conv2d_backward",
+    "conv2d_forward",
+    "gate_kind",
+    "gate_mul_backward",
+    "gate_mul_forward",
+    "global_pool_backward",
+    "global_pool_forward",
+    "group_norm_backward",
+    "group_norm_forward",
+    "is_small_conv",
+    "max_pool_backward",
+    "max_pool_forward",
+    "softmax_backward",
+    "softmax_forward",
+]
+
+gate_kind = K.gate_kind  # 'channel', 'spatial' or None (then: generic)
+
+SMALL_CONV_MAX_CHANNELS = 4
+"""Up to this many input and output channels the direct k x k kernel runs;
+wider convolutions go through im2col and cuBLAS (the generic path)."""
+
+
+# ---------------------------------------------------------------------------
+# channel pool
+
+
+class ChannelPoolKernelCache(NamedTuple):
+    kind: str  # 'max' or 'mean'
+    x_shape: Shape  # (N, C, *S)
+    arg: Array  # (N, *S) int64 first arg-max channel (written for either kind)
+
+
+def channel_pool_forward(
+    x: Array, *, kind: str
+) -> tuple[Array, ChannelPoolKernelCache]:
+    """channel_pool by one kernel pass that writes the max and the mean planes.
+
+    Shapes:
+        x (N, C, *S) -> out (N, 1, *S), a view of the (N, 2, *S) kernel output
+    """
+    m, arg = K.channel_pool_forward(x)  # (N, 2, *S) [max, mean]; (N, *S)
+    plane = 0 if kind == "max" else 1
+    out = m[:, plane : plane + 1, ...]  # (N, 1, *S)
+    return out, ChannelPoolKernelCache(kind, tuple(x.shape), arg)
+
+
+def channel_pool_backward(dout: Array, cache: ChannelPoolKernelCache) -> Array:
+    """VJP of channel_pool by the kernel dx = [c = arg] dmax + dmean / C, with
+    dout as the plane of its kind and zeros as the other (so for 'mean' the
+    arg-max selects nothing)."""
+    kind, x_shape, arg = cache
+    n, c, spatial = x_shape[0], x_shape[1], tuple(x_shape[2:])
+    _check_dout(dout, (n, 1) + spatial)
+    xp = namespace(dout=dout)
+    dm = xp.zeros((n, 2) + spatial, dtype=dout.dtype, device=device(dout))  # (N, 2, *S)
+    plane = 0 if kind == "max" else 1
+    dm[:, plane : plane + 1, ...] = dout
+    return K.channel_pool_backward(dm, arg, c)  # (N, C, *S)
+
+
+# ---------------------------------------------------------------------------
+# global pools
+
+
+class GlobalPoolKernelCache(NamedTuple):
+    kind: str  # 'avg', 'max', 'lp' or 'lse'
+    x_shape: Shape  # (N, C, *S)
+    keepdim: bool
+    arg: Array | None = None  # (N, C) int64 flat arg-max position ('max')
+    x: Array | None = None  # (N, C, *S) the input ('lp', 'lse')
+    out: Array | None = None  # (N, C) the pooled values ('lp', 'lse')
+
+
+def global_pool_forward(
+    x: Array, *, kind: str, keepdim: bool
+) -> tuple[Array, GlobalPoolKernelCache]:
+    """global_pool with one block of threads per (n, c) map.
+
+    For float64 'lp' whose sum of squares leaves the normal range (where the
+    double accumulator overflows or loses precision), the norm is recomputed
+    with the rescaling of the generic path.
+    """
+    xp = namespace(x=x)
+    n, c = x.shape[0], x.shape[1]
+    out, arg = K.global_pool_forward(x, kind)  # (N, C), (N, C) int64 | None
+    if kind == "lp" and dtype_name(x) == "float64":
+        out = _l2_in_range(xp, x, out)  # (N, C)
+    saved = kind in ("lp", "lse")
+    cache = GlobalPoolKernelCache(
+        kind,
+        tuple(x.shape),
+        keepdim,
+        arg,
+        x if saved else None,
+        out if saved else None,
+    )
+    if keepdim:
+        out = xp.reshape(out, (n, c) + (1,) * (x.ndim - 2))  # (N, C, 1, ..., 1)
+    return out, cache
+
+
+def global_pool_backward(dout: Array, cache: GlobalPoolKernelCache) -> Array:
+    """VJP of global_pool (avg: dout/L, max: to the arg-max, lp: dout·x/‖x‖,
+    lse: dout·softmax(x)); dx is a fresh array for every kind."""
+    c = cache
+    n, ch = c.x_shape[0], c.x_shape[1]
+    keep = (n, ch) + (1,) * (len(c.x_shape) - 2)
+    _check_dout(dout, keep if c.keepdim else (n, ch))
+    if c.x is not None:
+        check_same_dtype(dout=dout, x=c.x)
+    xp = namespace(dout=dout)
+    g = xp.reshape(dout, (n, ch))  # (N, C)
+    return K.global_pool_backward(g, c.kind, c.x_shape, x=c.x, out=c.out, arg=c.arg)
+
+
+def _l2_in_range(xp: Any, x: Array, out: Array) -> Array:
+    """The kernel's sqrt(Σ x²), or, where Σ x² is not a finite normal number,
+    max|x| · sqrt(Σ (x / max|x|)²) as in the generic path."""
+    ss = out * out  # (N, C)
+    tiny = xp.finfo(x.dtype).smallest_normal
+    if bool(xp.all(xp.logical_and(xp.isfinite(ss), ss >= tiny))):
+        return out
+    xf = xp.reshape(x, (x.shape[0], x.shape[1], -1))  # (N, C, L)
+    amax = xp.max(xp.abs(xf), axis=-1, keepdims=True)  # (N, C, 1)
+    r = xf / xp.where(amax > 0, amax, 1.0)  # (N, C, L)
+    return amax[..., 0] * xp.sqrt(xp.vecdot(r, r))  # (N, C)
+
+
+# ---------------------------------------------------------------------------
+# sigmoid gate
+
+
+class GateMulKernelCache(NamedTuple):
+    x: Array  # (N, C, *S) the features being gated
+    s: Array  # like z: σ(z), written by the forward kernel
+
+
+def gate_mul_forward(x: Array, z: Array) -> tuple[Array, GateMulKernelCache]:
+    """gate_mul for a channel gate z (N, C, 1, ...) or a spatial gate z (N, 1, *S):
+    one element-wise kernel writes out = x ⊙ σ(z) and s = σ(z)."""
+    out, s = K.gate_mul_forward(x, z)  # like x, like z
+    return out, GateMulKernelCache(x, s)
+
+
+def gate_mul_backward(dout: Array, cache: GateMulKernelCache) -> tuple[Array, Array]:
+    """VJP of gate_mul: dx = dout ⊙ s and dz = s(1 − s) Σ_broadcast dout ⊙ x,
+    the sum fused into the same kernel."""
+    x, s = cache
+    check_array("dout", dout, shape=tuple(x.shape))
+    if dout.dtype != x.dtype:
+        check_same_dtype(dout=dout, forward=x)
+    return K.gate_mul_backward(dout, x, s)  # like x, like z
+
+
+# ---------------------------------------------------------------------------
+# softmax
+
+
+class SoftmaxKernelCache(NamedTuple):
+    y: Array  # like x: the softmax output
+    axis: int  # always x.ndim - 1: the kernel normalises rows
+
+
+def softmax_forward(x: Array) -> tuple[Array, SoftmaxKernelCache]:
+    """softmax over the last axis, one block of threads per row."""
+    y = K.softmax_forward(x, axis=-1)  # like x
+    return y, SoftmaxKernelCache(y, x.ndim - 1)
+
+
+def softmax_backward(dout: Array, cache: SoftmaxKernelCache) -> Array:
+    """VJP of softmax: dx = y ⊙ (dout − Σ_row dout ⊙ y), one block per row."""
+    y = cache.y
+    check_array("dout", dout, shape=tuple(y.shape))
+    check_same_dtype(dout=dout, forward=y)
+    return K.softmax_backward(dout, y, axis=-1)  # like x
+
+
+# ---------------------------------------------------------------------------
+# max pooling
+
+
+class MaxPoolKernelCache(NamedTuple):
+    arg: Array  # (N, C, *So) int64: flat index of the first arg-max in its
+    #             (N, C) input plane, d·H·W + h·W + w (as PyTorch's indices)
+    x_shape: Shape  # (N, C, *S)
+
+
+def max_pool_forward(
+    x: Array, *, kernel_size: tuple[int, ...], stride: tuple[int, ...]
+) -> tuple[Array, MaxPoolKernelCache]:
+    """max_pool with one thread per output; kernel_size and stride validated."""
+    out, arg = K.max_pool_forward(x, kernel_size, stride)  # (N, C, *So) twice
+    return out, MaxPoolKernelCache(arg, tuple(x.shape))
+
+
+def max_pool_backward(dout: Array, cache: MaxPoolKernelCache) -> Array:
+    """VJP of max_pool: dx[n, c, arg] += dout (atomicAdd, so where windows
+    overlap the float sums may differ between runs in the last bit)."""
+    arg, x_shape = cache
+    _check_dout(dout, tuple(arg.shape))
+    return K.max_pool_backward(dout, arg, x_shape)  # (N, C, *S)
+
+
+# ---------------------------------------------------------------------------
+# small k x k convolution
+
+
+def is_small_conv(
+    weight_shape: Shape,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> bool:
+    """Whether conv2d is the direct kernel's case: few channels, odd square
+    k >= 3, 'same' zero padding (k − 1)/2, stride 1, dilation 1, one group."""
+    cout, cin, kh, kw = (int(v) for v in weight_shape)
+    return (
+        groups == 1
+        and stride == (1, 1)
+        and dilation == (1, 1)
+        and kh == kw
+        and kh % 2 == 1
+        and kh >= 3
+        and padding == ((kh - 1) // 2, (kh - 1) // 2)
+        and cin <= SMALL_CONV_MAX_CHANNELS
+        and cout <= SMALL_CONV_MAX_CHANNELS
+    )
+
+
+class Conv2dKernelCache(NamedTuple):
+    x: Array  # (N, C, H, W) the input (the dW kernel reads it)
+    weight: Array  # (O, C, k, k)
+    has_bias: bool
+
+
+def conv2d_forward(
+    x: Array, weight: Array, bias: Array | None
+) -> tuple[Array, Conv2dKernelCache]:
+    """conv2d in the is_small_conv case: one thread per output element."""
+    out = K.small_conv_forward(x, weight, bias)  # (N, O, H, W)
+    return out, Conv2dKernelCache(x, weight, bias is not None)
+
+
+def conv2d_backward(
+    dout: Array, cache: Conv2dKernelCache
+) -> tuple[Array, Array, Array | None]:
+    """VJP of conv2d: dx as a gather (one thread per input element, no
+    atomics), dW with one block of threads per weight, db = Σ dout."""
+    x, weight, has_bias = cache
+    want = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    check_array("dout", dout)
+    if tuple(dout.shape) != want:
+        raise ValueError(
+            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
+        )
+    check_same_dtype(dout=dout, weight=weight)
+    return K.small_conv_backward(dout, x, weight, with_bias=has_bias)
+
+
+# ---------------------------------------------------------------------------
+# batch norm
+
+
+class BatchNormKernelCache(NamedTuple):
+    xhat: Array  # (N, C, *S) normalised input
+    inv_std: Array  # (C,) 1/sqrt(var + eps), batch or running variance
+    weight: Array | None  # (C,) γ, or None
+    has_bias: bool
+    training: bool
+
+
+def batch_norm_forward(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Any, BatchNormKernelCache]:
+    """batch_norm with the per-channel mean and biased variance (train) from
+    one kernel launch (two passes over each channel, summed in double);
+    normalisation, affine map and running averages as array expressions.
+    The checks the generic op makes inside its math (one value per channel
+    in train mode; finite x and non-negative running_var in eval mode) are
+    made here too, with the same messages.
+
+    Returns ``(BatchNormOut(y, running_mean', running_var'), cache)``.
+    """
+    from refattn.ops.norm import BatchNormOut  # the op's output type (no cycle)
+
+    xp = namespace(x=x)
+    N, C = x.shape[0], x.shape[1]
+    M = N * _prod(x.shape[2:])  # values per channel
+    col = (1, C) + (1,) * (x.ndim - 2)  # (C,) against (N, C, *S)
+    if training:
+        if M == 1:
+            raise ValueError(
+                "batch_norm: training needs more than one value per channel, "
+                f"got input shape {tuple(x.shape)}"
+            )
+        mean, var = K.batch_norm_stats(x)  # (C,), (C,) biased
+        _check_statistics(xp, x, mean, var, "per-channel")
+        inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
+        if running_mean is None:
+            new_mean = new_var = None
+        else:
+            unbiased_var = var * (M / (M - 1))  # (C,)
+            new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
+            new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
+    else:
+        if not bool(xp.isfinite(xp.sum(x))):  # NaN/Inf screen; the full check counts
+            check_finite("x", x)
+        if not bool(xp.all(running_var >= 0)):
+            raise ValueError(
+                "running_var: expected non-negative values, got a minimum of "
+                f"{float(xp.min(running_var))}"
+            )
+        mean = running_mean
+        inv_std = 1.0 / xp.sqrt(running_var + eps)  # (C,)
+        new_mean, new_var = running_mean, running_var
+    xhat = x - xp.reshape(mean, col)  # (N, C, *S)
+    xhat *= xp.reshape(inv_std, col)  # in place on the fresh difference
+    y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
+    cache = BatchNormKernelCache(xhat, inv_std, weight, bias is not None, training)
+    return BatchNormOut(y, new_mean, new_var), cache
+
+
+def batch_norm_backward(
+    dout: Array, cache: BatchNormKernelCache
+) -> tuple[Array, Array | None, Array | None]:
+    """VJP of batch_norm; Σ dout and Σ dout ⊙ x̂ per channel from one kernel
+    launch, dx from them as an array expression."""
+    xhat, inv_std, weight, has_bias, training = cache
+    check_array("dout", dout, shape=tuple(xhat.shape))
+    check_same_dtype(dout=dout, forward=xhat)
+    xp = namespace(dout=dout)
+    N, C = xhat.shape[0], xhat.shape[1]
+    M = N * _prod(xhat.shape[2:])
+    col = (1, C) + (1,) * (xhat.ndim - 2)
+    dbias, dweight = K.batch_norm_sums(dout, xhat)  # (C,), (C,)
+    scale = inv_std if weight is None else weight * inv_std  # (C,)
+    dx = dout * xp.reshape(scale, col)  # (N, C, *S)
+    if training:
+        dx -= xhat * xp.reshape(scale * (dweight / M), col)
+        dx -= xp.reshape(scale * (dbias / M), col)
+    return dx, (None if weight is None else dweight), (dbias if has_bias else None)
+
+
+# ---------------------------------------------------------------------------
+# group norm
+
+
+class GroupNormKernelCache(NamedTuple):
+    xhat: Array  # (N, C, *S) normalised input
+    inv_std: Array  # (N, G) 1/sqrt(var + eps)
+    weight: Array | None  # (C,) γ, or None
+    has_bias: bool
+
+
+def group_norm_forward(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    num_groups: int,
+    eps: float,
+) -> tuple[Array, GroupNormKernelCache]:
+    """group_norm with the mean and biased variance of every (n, group) from
+    one kernel launch; the rest as array expressions."""
+    xp = namespace(x=x)
+    N, C, G = x.shape[0], x.shape[1], num_groups
+    mean, var = K.group_norm_stats(x, G)  # (N, G), (N, G)
+    _check_statistics(xp, x, mean, var, "per-group")
+    inv_std = 1.0 / xp.sqrt(var + eps)  # (N, G)
+    xg = xp.reshape(x, (N, G, -1))  # (N, G, K)
+    xhat = xg - xp.reshape(mean, (N, G, 1))  # (N, G, K)
+    xhat *= xp.reshape(inv_std, (N, G, 1))  # in place on the fresh difference
+    xhat = xp.reshape(xhat, tuple(x.shape))  # (N, C, *S)
+    y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
+    return y, GroupNormKernelCache(xhat, inv_std, weight, bias is not None)
+
+
+def group_norm_backward(
+    dout: Array, cache: GroupNormKernelCache
+) -> tuple[Array, Array | None, Array | None]:
+    """VJP of group_norm; the group sums Σ γ dout and Σ γ dout ⊙ x̂ per (n, g)
+    from one kernel launch, dγ and dβ (per-channel sums) from a second."""
+    xhat, inv_std, weight, has_bias = cache
+    check_array("dout", dout, shape=tuple(xhat.shape))
+    check_same_dtype(dout=dout, forward=xhat)
+    xp = namespace(dout=dout)
+    N, C, G = xhat.shape[0], xhat.shape[1], inv_std.shape[1]
+    K_ = (C // G) * _prod(xhat.shape[2:])  # values per (n, group)
+    s_dy, s_dy_xhat = K.group_norm_sums(dout, xhat, G, weight)  # (N, G), (N, G)
+    # dx = γ·inv·dout − x̂·inv·mean_g(dx̂ ⊙ x̂) − inv·mean_g(dx̂), per group
+    col = (1, C) + (1,) * (xhat.ndim - 2)
+    gdout = dout if weight is None else dout * xp.reshape(weight, col)  # (N, C, *S)
+    dx = xp.reshape(gdout, (N, G, K_))  # (N, G, K): γ ⊙ dout
+    xhat_g = xp.reshape(xhat, (N, G, K_))  # (N, G, K)
+    dx = dx - xhat_g * xp.reshape(s_dy_xhat / K_, (N, G, 1))  # fresh (N, G, K)
+    dx -= xp.reshape(s_dy / K_, (N, G, 1))
+    dx *= xp.reshape(inv_std, (N, G, 1))
+    dx = xp.reshape(dx, tuple(xhat.shape))  # (N, C, *S)
+    dweight = dbias = None
+    if weight is not None or has_bias:
+        dbias, dweight = K.batch_norm_sums(dout, xhat)  # (C,), (C,)
+    return dx, (dweight if weight is not None else None), (dbias if has_bias else None)
+
+
+# ---------------------------------------------------------------------------
+# CGNL's Taylor moments (a step of refattn.blocks.cgnl, not an op)
+
+CGNL_MAX_ORDER = K.CGNL_MAX_ORDER
+"""Highest Taylor order the moment kernels take; higher orders: generic."""
+
+
+def cgnl_moments_forward(p: Array, w: Array, order: int) -> Array:
+    """The raw moments of one CGNL group, one block of threads per (n, group).
+
+    Math:
+        s[n, g, q] = Σ_M p^q w,   q = 0..order
+    Shapes:
+        p, w (N, G, M) -> s (N, G, order + 1)
+    """
+    xp = namespace(p=p)
+    N, G, M = (int(v) for v in p.shape)
+    s = K.cgnl_moments_forward(
+        xp.reshape(p, (N * G, M)), xp.reshape(w, (N * G, M)), order
+    )  # (N·G, Q+1)
+    return xp.reshape(s, (N, G, order + 1))  # (N, G, Q+1)
+
+
+def cgnl_moments_backward(ds: Array, p: Array, w: Array) -> tuple[Array, Array]:
+    """VJP of cgnl_moments_forward, one thread per element.
+
+    Math:
+        dp = w ⊙ Σ_q ds_q q p^(q−1),   dw = Σ_q ds_q p^q
+    Shapes:
+        ds (N, G, Q+1), p, w (N, G, M) -> dp, dw (N, G, M)
+    """
+    xp = namespace(ds=ds)
+    N, G, M = (int(v) for v in p.shape)
+    dp, dw = K.cgnl_moments_backward(
+        xp.reshape(ds, (N * G, ds.shape[-1])),
+        xp.reshape(p, (N * G, M)),
+        xp.reshape(w, (N * G, M)),
+    )  # (N·G, M) each
+    return xp.reshape(dp, (N, G, M)), xp.reshape(dw, (N, G, M))
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _check_dout(dout: Array, shape: Shape) -> None:
+    check_array("dout", dout, shape=shape)
+    check_finite("dout", dout)
+
+
+def _affine(xp: Any, xhat: Array, weight: Array | None, bias: Array | None) -> Array:
+    """γ ⊙ x̂ + β with per-channel γ, β (either may be None)."""
+    col = (1, xhat.shape[1]) + (1,) * (xhat.ndim - 2)
+    if weight is None:
+        return xhat if bias is None else xhat + xp.reshape(bias, col)
+    y = xhat * xp.reshape(weight, col)  # (N, C, *S)
+    if bias is not None:
+        y += xp.reshape(bias, col)
+    return y
+
+
+def _check_statistics(xp: Any, x: Array, mean: Array, var: Array, what: str) -> None:
+    """As the generic norms: a non-finite statistic is a NaN/Inf in x (named
+    and counted by check_finite) or an overflow of x's dtype."""
+    if bool(xp.all(xp.isfinite(mean))) and bool(xp.all(xp.isfinite(var))):
+        return
+    check_finite("x", x)
+    which = "mean" if not bool(xp.all(xp.isfinite(mean))) else "variance"
+    raise ValueError(
+        f"x: the {what} {which} overflows {dtype_name(x)}, "
+        f"got values up to {float(xp.max(xp.abs(x))):g} in magnitude"
+    )
+
+
+def _prod(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
