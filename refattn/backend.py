@@ -34,6 +34,7 @@ from refattn._typing import Array, Shape
 
 __all__ = [
     "FLOAT_DTYPES",
+    "NonFiniteError",
     "accumulate",
     "as_tuple",
     "check_array",
@@ -83,7 +84,8 @@ def namespace(*arrays: Any, **named: Any) -> Any:
             )
         found.append((name, a))
     if not found:
-        raise TypeError("no array arguments were given")
+        given = ", ".join(f"{n}: {type(a).__name__}" for n, a in items) or "nothing"
+        raise TypeError(f"expected at least one array argument, got {given}")
     try:
         return array_api_compat.array_namespace(*(a for _, a in found))
     except TypeError as err:
@@ -205,6 +207,15 @@ def check_same_dtype(**arrays: Any) -> str:
     return dts.pop()
 
 
+class NonFiniteError(ValueError):
+    """An array holds NaN or +-Inf (raised by ``check_finite``).
+
+    A subclass of ValueError, so callers need not know it; the block contract
+    (``refattn.blocks.spec.BlockSpec``) uses it to tell a non-finite argument
+    from a finite one that overflowed inside the computation.
+    """
+
+
 def check_finite(name: str, a: Array) -> None:
     """Refuse NaN and +-Inf, reporting how many elements are bad.
 
@@ -219,7 +230,7 @@ def check_finite(name: str, a: Array) -> None:
     ok = xp.isfinite(a)
     if not bool(xp.all(ok)):
         bad = int(xp.sum(xp.astype(xp.logical_not(ok), xp.int64)))
-        raise ValueError(
+        raise NonFiniteError(
             f"{name}: expected finite values, got {bad} NaN/Inf of {_size(a)} elements"
         )
 
@@ -325,4 +336,4 @@ def accumulate(dst: Array, index: tuple[slice, ...], src: Array) -> None:
     and pooling use it.  In-place updates are only ever made on arrays the
     function itself allocated, never on arguments or caches.
     """
-    dst[index] = dst[index] + src
+    dst[index] += src

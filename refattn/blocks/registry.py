@@ -46,12 +46,22 @@ class _Registry(Mapping[str, BlockSpec]):
         return self._specs
 
     def __getitem__(self, name: str) -> BlockSpec:
+        if not isinstance(name, str):
+            raise TypeError(f"block: expected a block name (str), got {name!r}")
         specs = self._load()
         if name not in specs:
             raise ValueError(
                 f"block: unknown block {name!r} (blocks: {', '.join(specs)})"
             )
         return specs[name]
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default calls __getitem__, whose unknown-name error is a
+        # ValueError (one line in the CLI), not the KeyError it expects
+        return isinstance(name, str) and name in self._load()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._load())

@@ -34,15 +34,28 @@ with named ``PRESETS`` and these functions, collected in its ``SPEC``:
     None when the config has no batch norm.
 ``fixture_shapes(cfg) -> {input name: shape}``
     The small default input shapes of golden fixtures and gradchecks.
+
+``BlockSpec`` adds the checks every block shares around these functions:
+``input_shapes`` must map names to sequences of ints >= 0 (a dim of 2.5 or
+"3" is refused, not truncated); ``douts`` must be finite; and the forward's
+outputs and the backward's gradients must be finite.  A result that is not
+finite although every argument is (float64 overflow, e.g. inputs of
+magnitude 1e300) raises ``ValueError`` naming the block, the non-finite
+tensor and the argument of largest magnitude, instead of returning Inf/NaN
+or an error that names an internal intermediate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from refattn import backend
@@ -51,6 +64,7 @@ from refattn._typing import Array, Params, Shape
 __all__ = [
     "MIN_MARGIN",
     "BlockSpec",
+    "check_input_shapes",
     "config_from_dict",
     "config_to_dict",
     "draw_bias",
@@ -86,9 +100,22 @@ class BlockSpec:
     anchor_names: Callable[[str | None, Any, Mapping[str, Shape]], dict[str, str]]
     with_bn_mode: Callable[[Any, str], Any]
 
+    def __post_init__(self) -> None:
+        # the shared checks (module docstring); idempotent under dataclasses.replace
+        wrap = object.__setattr__
+        for field, at in (("param_shapes", 1), ("init_params", 1),
+                          ("accumulation", 1), ("anchor_names", 2)):
+            wrap(self, field, _shapes_checked(self.name, getattr(self, field), at))
+        wrap(self, "param_shapes", _sizes_checked(self.name, self.param_shapes))
+        wrap(self, "init_params", _sizes_first(self.init_params, self.param_shapes))
+        wrap(self, "forward", _forward_checked(self.name, self.forward))
+        wrap(self, "backward", _backward_checked(self.name, self.backward))
+
     def config(self, preset: str | None = None, **overrides: Any) -> Any:
         """Build a validated config from a preset (default: the block's) and
         overrides; unknown keys and presets raise ValueError naming them."""
+        if preset is not None and not isinstance(preset, str):
+            raise TypeError(f"preset: expected a preset name (str), got {preset!r}")
         name = self.default_preset if preset is None else preset
         if name is None:
             base = self.config_cls()
@@ -107,6 +134,214 @@ class BlockSpec:
                 f"(keys: {', '.join(sorted(fields))})"
             )
         return dataclasses.replace(base, **overrides) if overrides else base
+
+
+# ---------------------------------------------------------------------------
+# the checks BlockSpec wraps around every block's functions
+
+
+def _checked(f: Callable[..., Any]) -> bool:
+    return getattr(f, "_refattn_checked", False)
+
+
+def _shapes_checked(block: str, f: Callable[..., Any], at: int) -> Callable[..., Any]:
+    """`f` with its positional argument `at` (input_shapes) validated and
+    normalized to ``{name: tuple of int}``."""
+    if _checked(f):
+        return f
+
+    @functools.wraps(f)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > at:
+            args = (*args[:at], check_input_shapes(args[at]), *args[at + 1 :])
+        elif "input_shapes" in kwargs:
+            kwargs["input_shapes"] = check_input_shapes(kwargs["input_shapes"])
+        return f(*args, **kwargs)
+
+    checked._refattn_checked = True  # type: ignore[attr-defined]
+    return checked
+
+
+_MAX_ELEMENTS = 2**62
+"""More elements than any array can hold (NumPy's limit is 2**63 - 1 bytes)."""
+
+
+def _sizes_checked(block: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    """param_shapes refusing shapes no array can have (planes = 2**70, ...)."""
+    if getattr(f, "_refattn_sizes", False):
+        return f
+
+    @functools.wraps(f)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        shapes = f(*args, **kwargs)
+        for key, shape in shapes.items():
+            if math.prod(shape) > _MAX_ELEMENTS:
+                raise ValueError(
+                    f"param_shapes: {block} parameter {key!r} would have shape "
+                    f"{tuple(shape)}, more elements than an array can hold (check "
+                    f"the config and the input shapes)"
+                )
+        return shapes
+
+    checked._refattn_checked = True  # type: ignore[attr-defined]
+    checked._refattn_sizes = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _sizes_first(init: Callable[..., Any], shapes_of: Callable[..., Any]
+                 ) -> Callable[..., Any]:
+    """init_params after param_shapes has vetted the sizes it would draw."""
+    if getattr(init, "_refattn_sizes", False):
+        return init
+
+    @functools.wraps(init)
+    def checked(cfg: Any, input_shapes: Any, **kwargs: Any) -> Any:
+        shapes_of(cfg, input_shapes)
+        return init(cfg, input_shapes, **kwargs)
+
+    checked._refattn_checked = True  # type: ignore[attr-defined]
+    checked._refattn_sizes = True  # type: ignore[attr-defined]
+    return checked
+
+
+def check_input_shapes(input_shapes: Any) -> dict[str, Shape]:
+    """``{input name: shape}`` with every dim an int >= 0 (NumPy ints too;
+    not bool, float or str), as a new dict of tuples."""
+    if not isinstance(input_shapes, Mapping):
+        raise TypeError(
+            "input_shapes: expected a dict of input name -> shape, got "
+            f"{type(input_shapes).__name__}"
+        )
+    out: dict[str, Shape] = {}
+    for name, shape in input_shapes.items():
+        if not isinstance(name, str):
+            raise TypeError(f"input_shapes: expected str input names, got {name!r}")
+        dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+        if dims is None or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims
+        ):
+            raise TypeError(
+                f"input_shapes[{name!r}]: expected a tuple of ints, got {shape!r}"
+            )
+        if any(d < 0 for d in dims):
+            raise ValueError(
+                f"input_shapes[{name!r}]: expected dims >= 0, got {tuple(dims)}"
+            )
+        out[name] = tuple(int(d) for d in dims)
+    return out
+
+
+def _float_arrays(**groups: Any) -> list[tuple[str, Array]]:
+    """(name, array) of every float array in the given dicts (anything else is
+    skipped: the block itself reports it)."""
+    out = []
+    for where, d in groups.items():
+        if not isinstance(d, Mapping):
+            continue
+        for k, a in d.items():
+            if (
+                array_api_compat.is_array_api_obj(a)
+                and not isinstance(a, (bool, int, float))
+                and backend.dtype_name(a) in backend.FLOAT_DTYPES
+            ):
+                out.append((f"{where}[{k!r}]", a))
+    return out
+
+
+def _all_finite(arrays: list[tuple[str, Array]]) -> bool:
+    for _, a in arrays:
+        xp = backend.namespace(a)
+        if not bool(xp.all(xp.isfinite(a))):
+            return False
+    return True
+
+
+def _largest(arrays: list[tuple[str, Array]]) -> str:
+    """``"<name> (max |v| = ...)"`` for the argument of largest magnitude."""
+    best, value = "", -1.0
+    for name, a in arrays:
+        if math.prod(int(n) for n in a.shape):
+            xp = backend.namespace(a)
+            m = float(xp.max(xp.abs(a)))
+            if m > value:
+                best, value = name, m
+    return f"{best} (max |v| = {value:.3g})" if best else "none"
+
+
+def _overflow(block: str, step: str, what: str, arrays: list[tuple[str, Array]],
+              detail: str) -> backend.NonFiniteError:
+    if step == "forward":
+        given = "every argument is"
+        largest = f"largest argument: {_largest(arrays)}"
+    else:  # the cache's arrays have no names here
+        given = "douts and the forward's arguments are"
+        largest = f"largest cotangent: {_largest(arrays)}"
+    return backend.NonFiniteError(
+        f"{block} {step}: {what} is not finite although {given}: the "
+        f"computation overflowed ({largest}; the check that saw it: {detail})"
+    )
+
+
+def _check_results(block: str, step: str, results: list[tuple[str, Any]],
+                   arguments: Callable[[], list[tuple[str, Array]]]) -> None:
+    for name, a in results:
+        if a is None:
+            continue
+        try:
+            backend.check_finite(name, a)
+        except backend.NonFiniteError as err:
+            raise _overflow(block, step, name, arguments(), str(err)) from None
+
+
+def _forward_checked(block: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    if _checked(f):
+        return f
+
+    @functools.wraps(f)
+    def forward(inputs: Any, params: Any, state: Any, cfg: Any) -> Any:
+        def arguments() -> list[tuple[str, Array]]:
+            return _float_arrays(inputs=inputs, params=params, state=state)
+
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                outputs, cache = f(inputs, params, state, cfg)
+            except backend.NonFiniteError as err:
+                if not _all_finite(arguments()):
+                    raise  # a non-finite argument: the block named it
+                raise _overflow(block, "forward", "an intermediate result",
+                                arguments(), str(err)) from None
+        _check_results(block, "forward",
+                       [(f"outputs[{k!r}]", a) for k, a in outputs.items()], arguments)
+        return outputs, cache
+
+    forward._refattn_checked = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _backward_checked(block: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    if _checked(f):
+        return f
+
+    @functools.wraps(f)
+    def backward(douts: Any, cache: Any) -> Any:
+        def arguments() -> list[tuple[str, Array]]:
+            return _float_arrays(douts=douts)
+
+        for name, a in arguments():
+            backend.check_finite(name, a)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                dinputs, dparams = f(douts, cache)
+            except backend.NonFiniteError as err:
+                raise _overflow(block, "backward", "an intermediate result",
+                                arguments(), str(err)) from None
+        results = [(f"dinputs[{k!r}]", a) for k, a in dinputs.items()]
+        results += [(f"dparams[{k!r}]", a) for k, a in dparams.items()]
+        _check_results(block, "backward", results, arguments)
+        return dinputs, dparams
+
+    backward._refattn_checked = True  # type: ignore[attr-defined]
+    return backward
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

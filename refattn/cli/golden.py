@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import click
 
+from refattn.cli.main import signals_deferred
 from refattn.cli.options import backend_option, config_options, require_block, resolve_backend
 
 FORMATS = ("safetensors", "npz")
@@ -75,14 +77,22 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
                                    shapes=shapes, dtype=dtype, seed=seed)
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out: {out} exists and is not a directory")
+    if (out / "manifest.json").exists():  # cases inside a case are never found
+        raise click.UsageError(f"--out: {out} is a fixture case; give the root of "
+                               "the fixture tree (cases go to OUT/<block>/<case-id>)")
     rows = []
-    with click.progressbar(requests, label="generating", file=sys.stderr,
-                           show_pos=True) as bar:
+    # the bar only on a terminal: piped, stderr carries nothing but an error line
+    bar_or_not = (click.progressbar(requests, label="generating", file=sys.stderr,
+                                    show_pos=True)
+                  if sys.stderr.isatty() else contextlib.nullcontext(requests))
+    with bar_or_not as bar:
         for req, cfg in bar:
             case = generate_case(req, cfg, xp=xp, device=device)
-            path = write_case(out, case.block, case.case_id, case.tensors, case.manifest,
-                              tolerances=case.tolerances, accumulation=case.accumulation,
-                              formats=formats, force=force)
+            with signals_deferred():  # a write completes before SIGTERM/SIGINT act
+                path = write_case(out, case.block, case.case_id, case.tensors,
+                                  case.manifest, tolerances=case.tolerances,
+                                  accumulation=case.accumulation, formats=formats,
+                                  force=force)
             manifest = json.loads((path / "manifest.json").read_text())
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             rows.append({"case": f"{case.block}/{case.case_id}", "path": str(path),

@@ -8,7 +8,12 @@ from typing import Any
 
 import click
 
-from refattn.cli.options import config_options, require_block
+from refattn.cli.options import (
+    check_report_path,
+    config_options,
+    require_block,
+    write_report,
+)
 from refattn.cli.plot_options import plot_option, require_plot, wrote
 
 
@@ -40,6 +45,8 @@ def gradcheck_cmd(ctx: click.Context, block: str | None, preset: str | None,
 
     name = require_block(block)
     spec = BLOCKS[name]
+    if json_path is not None:
+        check_report_path(json_path, "--json")
     plot = None if plot_path is None else require_plot(plot_path)
     reports, curves = [], []
     for req, cfg in expand_requests(name, preset, overrides, shapes=shapes, seed=seed):
@@ -56,7 +63,7 @@ def gradcheck_cmd(ctx: click.Context, block: str | None, preset: str | None,
                 plot.step_error_curve(spec, resolved, inputs, params, state, dtype=dt,
                                       seed=seed) for dt in ("float64", "float32"))))
     if json_path is not None:
-        json_path.write_text(json.dumps(reports, indent=2))
+        write_report(json_path, json.dumps(reports, indent=2))
     if plot is not None:
         wrote(plot.write_step_error_plot(plot_path, curves))
     if not all(r["ok"] for r in reports):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -19,6 +21,30 @@ class RefattnGroup(click.Group):
     traceback is shown.
     """
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run with SIGTERM raising ``SystemExit(143)``, so that ``finally``
+        blocks run instead of the process vanishing (a fixture write that has
+        started holds it back until it completes: ``signals_deferred``); a
+        second SIGTERM kills at once."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return super().main(*args, **kwargs)
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def terminate(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise SystemExit(128 + signum)
+
+        if previous in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, terminate)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            if previous in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -32,12 +58,44 @@ class RefattnGroup(click.Group):
                 raise
             _one_line(err)
             ctx.exit(2)
+        except MemoryError as err:  # shapes too large for this machine: bad input
+            if _debug(ctx):
+                raise
+            _one_line(err, prefix="out of memory (use smaller --shape values)")
+            ctx.exit(2)
         except Exception as err:  # a bug: still one line unless --debug
             if _debug(ctx):
                 raise
             _one_line(err, prefix="internal error (please report; --debug shows "
                           "the traceback)")
             ctx.exit(1)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done (a fixture write
+    completes, then the process stops): an exception raised at an arbitrary
+    line of the writer, or of the shutil calls it makes, could abandon its
+    temporary directory or even close a descriptor twice."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def _silence_stdout() -> None:

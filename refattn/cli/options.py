@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -107,6 +108,38 @@ def resolve_backend(name: str) -> tuple[Any, Any]:
     import array_api_compat.cupy as xp
 
     return xp, None
+
+
+def check_report_path(path: Path, option: str) -> None:
+    """An output report may replace an earlier refattn JSON report, never any
+    other file (a mistyped path must not overwrite a manifest or notes)."""
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, list)
+            and all(isinstance(r, dict) and {"case", "ok"} <= set(r) for r in old)):
+        raise click.BadParameter(
+            f"{path} exists and is not a refattn JSON report; refusing to overwrite "
+            "it (remove it first)", param_hint=option)
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a report atomically: a crash never leaves half of it."""
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode: umask
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def require_block(block: str | None) -> str:

@@ -25,14 +25,14 @@ def validate(ctx: click.Context, case: Path, results: Path | None,
 
     Exit 0 when every checked tensor passes, 1 on any mismatch, 2 on bad input.
     """
-    from refattn.golden.format import read_case
+    from refattn.cli.verify import read_verified
     from refattn.validate import load_results, validate_results
 
     if (results is None) == (torch_factory is None):
         raise click.UsageError("give exactly one of --results FILE or --torch MODULE:FACTORY")
     if not case.is_dir():
         raise click.UsageError(f"CASE: {case} is not a case directory")
-    fixture = read_case(case)
+    fixture = read_verified(case, "CASE")
     if results is not None:
         report = validate_results(fixture, load_results(results), subject=str(results))
     else:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from refattn.golden.format import MANIFEST_NAME, FixtureError, find_cases, verify_case
+from refattn.golden.format import (
+    MANIFEST_NAME,
+    FixtureError,
+    GoldenCase,
+    find_cases,
+    read_case,
+    verify_case,
+)
 
 _SHOWN = 3
 """Problems printed per failed case in text mode."""
@@ -22,6 +29,8 @@ class BadInput(click.ClickException):
 def case_dirs(path_arg: str, what: str) -> list[Path]:
     """The case directories under a DIR argument (a case, a tree of cases, or
     a manifest.json file); ``BadInput`` when there is none."""
+    if not path_arg:  # Path("") is the current directory: a likely unset variable
+        raise BadInput(f"{what}: empty path")
     path = Path(path_arg)
     if path.is_file() and path.name == MANIFEST_NAME:
         path = path.parent
@@ -39,6 +48,22 @@ def case_dirs(path_arg: str, what: str) -> list[Path]:
             f"under {path_arg}"
         )
     return cases
+
+
+def read_verified(path: Path, what: str) -> GoldenCase:
+    """``read_case`` after ``verify_case``: every file of the case is checked
+    (a damaged npz mirror too, though the tensors come from the safetensors
+    file), so a command never uses a case that ``refattn verify`` fails.
+    ``BadInput`` names the file (and tensor) of the first problem."""
+    result = verify_case(path)
+    if not result.ok:
+        more = len(result.problems) - 1
+        tail = f" (and {more} more problem(s); see refattn verify)" if more else ""
+        raise BadInput(f"{what}: {result.problems[0]}{tail}")
+    try:
+        return read_case(path)
+    except FixtureError as err:  # changed since it was verified
+        raise BadInput(f"{what}: {err}") from None
 
 
 @click.command("verify")

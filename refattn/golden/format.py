@@ -19,6 +19,7 @@ advisory lock) and never replaces an existing case without ``force``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -33,7 +34,7 @@ import struct
 import sys
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -593,6 +594,16 @@ def _npz_end_problems(path: Path) -> list[str]:
         return [
             f"{path}: does not end with a zip end-of-central-directory record "
             "(truncated, or data appended)"
+        ]
+    size_cd, offset_cd = struct.unpack("<II", tail[12:20])
+    zip64 = 0xFFFFFFFF in (size_cd, offset_cd)  # > 4 GiB: the zip64 record has them
+    if not zip64 and offset_cd + size_cd != size - 22:
+        # zipfile tolerates bytes before the archive (it shifts every offset),
+        # so a whole npz appended to another would read as the second one
+        return [
+            f"{path}: the zip central directory does not end where the end record "
+            f"says ({offset_cd} + {size_cd} != {size - 22}): data was prepended, "
+            "inserted or appended"
         ]
     return []
 
@@ -1156,6 +1167,73 @@ def _check_replaceable(case_dir: Path) -> None:
         )
 
 
+_TEMP_RE = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{12}\Z")
+"""Names of writers' temporaries: ``.tmp-<case-id>-<hex>``, ``.old-<case-id>-<hex>``."""
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the directory itself (no lock file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _own(directory: Path) -> int:
+    """Open `directory` and hold a shared flock on it for as long as the
+    descriptor is open: the mark of a live writer (see ``_sweep_stale``)."""
+    fd = os.open(directory, os.O_RDONLY)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _sweep_stale(block_dir: Path) -> None:
+    """Remove temporaries whose writer died (SIGKILL, a crash, power loss).
+
+    A live writer holds a flock on its temporary directory from the moment
+    it is created (``_own``; created under the block lock, which the caller
+    holds, so there is no unowned window), and the kernel drops the flock
+    when the writer dies: a temporary that can be locked has no owner.
+    ``.old-*`` directories exist only while their writer holds the block
+    lock, so under it they are always stale; one whose case directory is
+    missing (a forced write without an atomic exchange died between its two
+    renames) is the old case itself and is renamed back, not removed.
+    Without fcntl nothing is swept (readers skip hidden directories anyway).
+    """
+    if fcntl is None:
+        return
+    for entry in os.scandir(block_dir):
+        match = _TEMP_RE.match(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        final = block_dir / match.group(2)
+        if match.group(1) == "old" and not os.path.lexists(final):
+            os.rename(entry.path, final)  # the old case comes back
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a live writer owns it
+            continue
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _make_temp_dir(parent: Path, prefix: str) -> Path:
     """A new empty directory ``<parent>/<prefix><random hex>``, created with
     mode 0o777 & ~umask (``tempfile.mkdtemp`` would make it 0o700, and the
@@ -1227,7 +1305,8 @@ def write_case(
     advisory lock on the ``<root>/<block>`` directory itself, rename it into place (with
     ``force``, atomically exchanged with the old case, which is then
     removed).  The temporary directory is removed on any error, and nothing
-    else under ``root`` is touched.
+    else under ``root`` is touched, except temporaries that a killed writer
+    left in ``<root>/<block>``: they are removed first (``_sweep_stale``).
 
     Returns:
         The case directory.
@@ -1262,7 +1341,14 @@ def write_case(
             f"{final}: case exists; pass --force (force=True) to replace it"
         )
     block_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(block_dir, f".tmp-{case_id}-")
+    with _locked(block_dir):
+        _sweep_stale(block_dir)
+        tmp = _make_temp_dir(block_dir, f".tmp-{case_id}-")
+        try:
+            owner = _own(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     try:
         if "safetensors" in fmts:
             meta = {k: m[k] for k in ("schema", "block", "case_id", "digest")}
@@ -1281,15 +1367,11 @@ def write_case(
                 result.problems,
             )
         # lock the block directory itself: no lock file is left behind
-        lock = os.open(block_dir, os.O_RDONLY)
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        with _locked(block_dir):
             _publish(tmp, final, force)
             _fsync_dir(block_dir)
-        finally:
-            os.close(lock)  # releases the flock
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        os.close(owner)
     return final

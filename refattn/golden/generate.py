@@ -35,7 +35,13 @@ import numpy as np
 
 from refattn import __version__, backend
 from refattn.blocks.registry import BLOCKS
-from refattn.blocks.spec import MIN_MARGIN, BlockSpec, config_to_dict, to_namespace
+from refattn.blocks.spec import (
+    MIN_MARGIN,
+    BlockSpec,
+    check_input_shapes,
+    config_to_dict,
+    to_namespace,
+)
 from refattn.golden.format import tolerance_for
 
 __all__ = ["CaseRequest", "GeneratedCase", "MAX_REDRAWS", "expand_requests", "generate_case"]
@@ -189,7 +195,7 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
     spec = BLOCKS[req.block]
     if xp is None:
         import array_api_compat.numpy as xp  # the default backend
-    shapes = merge_shapes(spec.fixture_shapes(cfg), req.shapes)
+    shapes = check_input_shapes(merge_shapes(spec.fixture_shapes(cfg), req.shapes))
     resolved = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
     spec.param_shapes(resolved, shapes)  # validates channels, groups, sizes
     rounding = np.float32 if req.dtype == "float32" else np.float64

@@ -249,7 +249,12 @@ def pointwise_conv_backward(
 def _mix_forward(
     xp: Any, cols: Array, w2: Array, bias: Array | None, groups: int
 ) -> Array:
-    """out[n] = W2 · cols[n] per group (+ bias): (N, K, L) -> (N, O, L)."""
+    """out[n] = W2 · cols[n] per group (+ bias): (N, K, L) -> (N, O, L).
+
+    One batched matmul: measured as fast as a single flat (O, K) @ (K, N·L)
+    product in float32 and float64 (which must first copy cols into a
+    (K, N, L) layout and leaves its output transposed).
+    """
     N, K, L = cols.shape
     Cout = w2.shape[0]
     if groups == 1:
@@ -260,7 +265,7 @@ def _mix_forward(
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
         out = xp.reshape(xp.matmul(wg, cg), (N, Cout, L))  # (N, O, L)
     if bias is not None:
-        out = out + xp.reshape(bias, (Cout, 1))  # (N, O, L)
+        out += xp.reshape(bias, (Cout, 1))  # in place on the fresh product
     return out
 
 

@@ -142,7 +142,9 @@ class GateMulCache(NamedTuple):
     s: Array  # like z: σ(z), broadcastable to x
 
 
-def gate_mul_forward(x: Array, z: Array) -> tuple[Array, GateMulCache]:
+def gate_mul_forward(
+    x: Array, z: Array, *, _finite_checked: bool = False
+) -> tuple[Array, GateMulCache]:
     """Gate features by a sigmoid of logits that broadcast against them.
 
     Math:
@@ -153,8 +155,13 @@ def gate_mul_forward(x: Array, z: Array) -> tuple[Array, GateMulCache]:
         z    (N, C, 1, 1) channel gate | (N, 1, H, W) spatial gate | any shape
              that broadcasts to x's shape without enlarging it
         out  like x
+    _finite_checked=True (for blocks, which screen their inputs once) skips
+    only the NaN/Inf scan of x; z is always scanned.
     """
-    _check_input("x", x)
+    if _finite_checked:
+        check_array("x", x)
+    else:
+        _check_input("x", x)
     _check_input("z", z)
     check_same_dtype(x=x, z=z)
     if _broadcast("x", x.shape, "z", z.shape) != tuple(x.shape):

@@ -79,7 +79,7 @@ def linear_forward(
     x2 = xp.reshape(x, (_prod(lead), n_in))  # (M, in)
     out = xp.matmul(x2, weight.mT)  # (M, out)
     if bias is not None:
-        out = out + bias  # (M, out)
+        out += bias  # (M, out), in place on the fresh product
     out = xp.reshape(out, lead + (n_out,))  # (..., out)
     return out, LinearCache(x2, weight, tuple(x.shape), bias is not None)
 
