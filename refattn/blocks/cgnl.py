@@ -78,6 +78,7 @@ from refattn.backend import (
     device,
     host_rng,
     namespace,
+    screen_finite,
     zeros_like_shape,
 )
 from refattn.blocks.spec import (
@@ -890,7 +891,7 @@ def _check_douts(douts: Mapping[str, Array], c: CGNLCache) -> Array:
     dout = douts["out"]
     check_array("douts['out']", dout, shape=c.x_shape)
     check_same_dtype(dout=dout, forward=c.proj.conv.x3)
-    check_finite("douts['out']", dout)
+    screen_finite("douts['out']", dout)  # once: the contract checked it
     return dout
 
 

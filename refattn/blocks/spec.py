@@ -302,7 +302,10 @@ def _forward_checked(block: str, f: Callable[..., Any]) -> Callable[..., Any]:
         def arguments() -> list[tuple[str, Array]]:
             return _float_arrays(inputs=inputs, params=params, state=state)
 
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        # the block checks its own arguments; its ops then skip theirs, and an
+        # intermediate NaN/Inf reaches the outputs, checked below
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                backend.operands_checked():
             try:
                 outputs, cache = f(inputs, params, state, cfg)
             except backend.NonFiniteError as err:
@@ -329,7 +332,8 @@ def _backward_checked(block: str, f: Callable[..., Any]) -> Callable[..., Any]:
 
         for name, a in arguments():
             backend.check_finite(name, a)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                backend.operands_checked():
             try:
                 dinputs, dparams = f(douts, cache)
             except backend.NonFiniteError as err:

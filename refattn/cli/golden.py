@@ -11,7 +11,12 @@ from typing import Any
 import click
 
 from refattn.cli.main import signals_deferred
-from refattn.cli.options import backend_option, config_options, require_block, resolve_backend
+from refattn.cli.options import (
+    backend_option,
+    config_options,
+    require_block,
+    resolve_backend,
+)
 
 FORMATS = ("safetensors", "npz")
 

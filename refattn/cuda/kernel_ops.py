@@ -26,6 +26,7 @@ from refattn.backend import (
     device,
     dtype_name,
     namespace,
+    screen_finite,
 )
 from refattn.cuda import launch as K
 
@@ -362,7 +363,7 @@ def batch_norm_forward(
             new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
     else:
         if not bool(xp.isfinite(xp.sum(x))):  # NaN/Inf screen; the full check counts
-            check_finite("x", x)
+            screen_finite("x", x)
         if not bool(xp.all(running_var >= 0)):
             raise ValueError(
                 "running_var: expected non-negative values, got a minimum of "
@@ -507,7 +508,7 @@ def cgnl_moments_backward(ds: Array, p: Array, w: Array) -> tuple[Array, Array]:
 
 def _check_dout(dout: Array, shape: Shape) -> None:
     check_array("dout", dout, shape=shape)
-    check_finite("dout", dout)
+    screen_finite("dout", dout)
 
 
 def _affine(xp: Any, xhat: Array, weight: Array | None, bias: Array | None) -> Array:

@@ -8,14 +8,14 @@ from __future__ import annotations
 from refattn._typing import Array
 from refattn.cuda._runner import (
     Runner,
+    check_groups,
+    check_order,
     check_shape,
     default_runner,
     elementwise_grid,
     float_array,
-    check_groups,
     i64,
     nonempty,
-    check_order,
     prod,
     row_grid,
     same_dtype,

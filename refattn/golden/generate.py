@@ -44,7 +44,7 @@ from refattn.blocks.spec import (
 )
 from refattn.golden.format import tolerance_for
 
-__all__ = ["CaseRequest", "GeneratedCase", "MAX_REDRAWS", "expand_requests", "generate_case"]
+__all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "expand_requests", "generate_case"]
 
 MAX_REDRAWS = 100
 MIN_MARGIN_FLOAT32 = 2e-5

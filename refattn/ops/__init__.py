@@ -38,7 +38,12 @@ from refattn.ops.elementwise import (
     sigmoid_backward,
     sigmoid_forward,
 )
-from refattn.ops.linear import linear_backward, linear_forward, matmul_backward, matmul_forward
+from refattn.ops.linear import (
+    linear_backward,
+    linear_forward,
+    matmul_backward,
+    matmul_forward,
+)
 from refattn.ops.norm import (
     batch_norm_backward,
     batch_norm_forward,

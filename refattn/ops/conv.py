@@ -25,10 +25,10 @@ from refattn.backend import (
     accumulate,
     as_tuple,
     check_array,
-    check_finite,
     check_same_dtype,
     namespace,
     pad_spatial,
+    screen_finite,
     unpad_spatial,
     window,
     zeros_like_shape,
@@ -409,10 +409,10 @@ def _check_bias(bias: Array | None, weight: Array) -> None:
 
 
 def _check_finite_args(x: Array, weight: Array, bias: Array | None) -> None:
-    check_finite("x", x)
-    check_finite("weight", weight)
+    screen_finite("x", x)
+    screen_finite("weight", weight)
     if bias is not None:
-        check_finite("bias", bias)
+        screen_finite("bias", bias)
 
 
 def _check_conv2d_args(

@@ -12,9 +12,9 @@ from typing import NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_finite,
     check_same_dtype,
     namespace,
+    screen_finite,
     sum_to_shape,
 )
 from refattn.cuda import kernel_ops as _kernels
@@ -290,12 +290,7 @@ def add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
 
 def _check_input(name: str, a: Array) -> None:
     check_array(name, a)
-    xp = namespace(**{name: a})
-    # a NaN/Inf makes the sum non-finite: one reduction instead of a boolean
-    # array; the full check (counting the bad values) only runs when it fails
-    # (or when a finite sum overflowed, in which case it passes)
-    if not bool(xp.isfinite(xp.sum(a))):
-        check_finite(name, a)
+    screen_finite(name, a)
 
 
 def _check_dout(dout: Array, ref: Array) -> None:

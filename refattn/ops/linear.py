@@ -14,9 +14,9 @@ from typing import NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_finite,
     check_same_dtype,
     namespace,
+    screen_finite,
     sum_to_shape,
 )
 
@@ -71,10 +71,10 @@ def linear_forward(
                 f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}"
             )
     check_same_dtype(x=x, weight=weight, bias=bias)
-    check_finite("x", x)
-    check_finite("weight", weight)
+    screen_finite("x", x)
+    screen_finite("weight", weight)
     if bias is not None:
-        check_finite("bias", bias)
+        screen_finite("bias", bias)
     lead = tuple(x.shape[:-1])
     x2 = xp.reshape(x, (_prod(lead), n_in))  # (M, in)
     out = xp.matmul(x2, weight.mT)  # (M, out)
@@ -148,8 +148,8 @@ def matmul_forward(a: Array, b: Array) -> tuple[Array, MatmulCache]:
         )
     _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
     check_same_dtype(a=a, b=b)
-    check_finite("a", a)
-    check_finite("b", b)
+    screen_finite("a", a)
+    screen_finite("b", b)
     out = xp.matmul(a, b)  # (*B, n, m)
     return out, MatmulCache(a, b)
 

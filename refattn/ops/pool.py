@@ -40,10 +40,10 @@ from refattn.backend import (
     accumulate,
     as_tuple,
     check_array,
-    check_finite,
     check_same_dtype,
     device,
     namespace,
+    screen_finite,
     window,
 )
 from refattn.cuda import kernel_ops as _kernels
@@ -400,12 +400,12 @@ def _check_input(
             f"got shape {tuple(x.shape)}"
         )
     if finite:
-        check_finite("x", x)
+        screen_finite("x", x)
 
 
 def _check_dout(dout: Any, shape: Shape) -> None:
     check_array("dout", dout, shape=shape)
-    check_finite("dout", dout)
+    screen_finite("dout", dout)
 
 
 def _check_kind(kind: Any, allowed: tuple[str, ...]) -> None:

@@ -6,7 +6,7 @@ import operator
 from typing import NamedTuple
 
 from refattn._typing import Array
-from refattn.backend import check_array, check_finite, check_same_dtype, namespace
+from refattn.backend import check_array, check_same_dtype, namespace, screen_finite
 from refattn.cuda import kernel_ops as _kernels
 from refattn.cuda.dispatch import use_kernel
 
@@ -30,10 +30,7 @@ def softmax_forward(x: Array, *, axis: int = -1) -> tuple[Array, SoftmaxCache]:
     check_array("x", x)
     xp = namespace(x=x)
     axis = _normalise_axis(axis, x.ndim)
-    # NaN/Inf make the sum non-finite: one reduction screens for them, and the
-    # full check (which counts them) runs only then
-    if not bool(xp.isfinite(xp.sum(x))):
-        check_finite("x", x)
+    screen_finite("x", x)
     if use_kernel(x) and axis == x.ndim - 1:  # CuPy: the raw kernel (cuda.dispatch)
         return _kernels.softmax_forward(x)
     y = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
