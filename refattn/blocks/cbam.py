@@ -468,7 +468,7 @@ def channel_gate_forward(
     #    runs on all of them as the rows of one product
     # x was screened for NaN/Inf once by `forward`: the ops skip that scan
     pooled = [
-        global_pool_forward(x, kind=t, _finite_checked=True) for t in cfg.pool_types
+        global_pool_forward(x, kind=t) for t in cfg.pool_types
     ]
     d = xp.stack([p[0] for p in pooled], axis=0)  # (T, N, C)
     # 2. shared MLP, applied to every descriptor separately
@@ -478,7 +478,7 @@ def channel_gate_forward(
     o, fc2 = linear_forward(r, mlp["fc2.weight"], mlp.get("fc2.bias"))  # (T, N, C)
     # 3. excite: gate x by σ of the summed logits
     z = xp.reshape(xp.sum(o, axis=0), (N, C, 1, 1))  # (N, C, 1, 1)
-    x1, gate = gate_mul_forward(x, z, _finite_checked=True)  # (N, C, H, W)
+    x1, gate = gate_mul_forward(x, z)  # (N, C, H, W)
     a = xp.reshape(gate.s, (N, C))  # (N, C)
     cache = ChannelGateCache(tuple(p[1] for p in pooled), fc1, hidden, act, fc2, gate)
     return x1, a, cache
@@ -558,7 +558,7 @@ def spatial_gate_forward(
     # 1. compress: two channel pools per position, in channel_pool_order
     kinds = ("max", "mean") if cfg.channel_pool_order == "max_mean" else ("mean", "max")
     # x1 (a gated, or the screened, input) is finite: the ops skip that scan
-    pooled = [channel_pool_forward(x1, kind=t, _finite_checked=True) for t in kinds]
+    pooled = [channel_pool_forward(x1, kind=t) for t in kinds]
     m = xp.concat([p[0] for p in pooled], axis=1)  # (N, 2, H, W)
     # 2. k x k conv to one logit map, size kept by the padding
     s, conv = conv2d_forward(
@@ -587,7 +587,7 @@ def spatial_gate_forward(
         pre_relu = s
         s, act = relu_forward(s)  # (N, 1, H, W)
     # 5. gate x1 by σ(s), broadcast over the channels
-    out, gate = gate_mul_forward(x1, s, _finite_checked=True)  # (N, C, H, W)
+    out, gate = gate_mul_forward(x1, s)  # (N, C, H, W)
     cache = SpatialGateCache(tuple(p[1] for p in pooled), conv, bn, pre_relu, act, gate)
     return out, gate.s, m, new_state, cache
 

@@ -205,7 +205,6 @@ def global_pool_forward(
     *,
     kind: GlobalPoolKind,
     keepdim: bool = False,
-    _finite_checked: bool = False,
 ) -> tuple[Array, GlobalPoolCache]:
     """Reduce every spatial position of each (sample, channel) map to one number.
 
@@ -219,11 +218,9 @@ def global_pool_forward(
     Shapes:
         x   (N, C, *S), any number (>= 1) of spatial dims
         out (N, C), or (N, C, 1, ..., 1) with keepdim
-    _finite_checked=True (for blocks, which screen their inputs once) skips
-    only the NaN/Inf scan of x; every other check still runs.
     """
     xp = namespace(x=x)
-    _check_input(x, "global_pool", ndims=None, finite=not _finite_checked)
+    _check_input(x, "global_pool", ndims=None)
     _check_kind(kind, GLOBAL_POOL_KINDS)
     if not isinstance(keepdim, bool):
         raise TypeError(f"keepdim: expected a bool, got {keepdim!r}")
@@ -309,7 +306,7 @@ class ChannelPoolCache(NamedTuple):
 
 
 def channel_pool_forward(
-    x: Array, *, kind: ChannelPoolKind, _finite_checked: bool = False
+    x: Array, *, kind: ChannelPoolKind
 ) -> tuple[Array, ChannelPoolCache]:
     """Reduce the channel axis (axis 1) at every position, keeping it.
 
@@ -319,11 +316,9 @@ def channel_pool_forward(
     Shapes:
         x   (N, C, *S), any number (>= 1) of spatial dims
         out (N, 1, *S)
-    _finite_checked=True (for blocks, which screen their inputs once) skips
-    only the NaN/Inf scan of x; every other check still runs.
     """
     xp = namespace(x=x)
-    _check_input(x, "channel_pool", ndims=None, finite=not _finite_checked)
+    _check_input(x, "channel_pool", ndims=None)
     _check_kind(kind, CHANNEL_POOL_KINDS)
     if use_kernel(x) and x.ndim <= 5:  # CuPy: the raw kernel (refattn.cuda.dispatch)
         return _kernels.channel_pool_forward(x, kind=kind)
@@ -378,11 +373,9 @@ def _keep_shape(x_shape: Shape) -> Shape:
     return tuple(x_shape[:2]) + (1,) * (len(x_shape) - 2)
 
 
-def _check_input(
-    x: Any, op: str, *, ndims: tuple[int, ...] | None, finite: bool = True
-) -> None:
-    """x: a float32/float64 array (N, C, *S) with non-empty C and S, and
-    finite unless `finite` is False (the caller already checked)."""
+def _check_input(x: Any, op: str, *, ndims: tuple[int, ...] | None) -> None:
+    """x: a float32/float64 array (N, C, *S) with non-empty C and S, finite
+    (screened unless a block already checked, see backend.operands_checked)."""
     check_array("x", x)
     if ndims is not None and x.ndim not in ndims:
         raise ValueError(
@@ -399,8 +392,7 @@ def _check_input(
             f"x: {op} expected non-empty channel and spatial dims, "
             f"got shape {tuple(x.shape)}"
         )
-    if finite:
-        screen_finite("x", x)
+    screen_finite("x", x)
 
 
 def _check_dout(dout: Any, shape: Shape) -> None:

@@ -136,7 +136,10 @@ def test_random_kills_of_real_golden_all_runs(tmp_path: Path) -> None:
         assert "Traceback" not in err, err
         new_left = set(temporaries(out)) - left_before
         if sig == signal.SIGTERM:
-            assert proc.returncode in (0, 143), (proc.returncode, err)
+            # 143: the CLI's handler let the started write finish; -SIGTERM: the
+            # signal came during interpreter start-up, before the handler was
+            # installed, when nothing can have been written (checked below)
+            assert proc.returncode in (0, 143, -signal.SIGTERM), (proc.returncode, err)
             assert new_left == set()
         else:
             assert proc.returncode in (0, -signal.SIGKILL), (proc.returncode, err)
