@@ -244,13 +244,13 @@ class NonFiniteError(ValueError):
 def check_finite(name: str, a: Array) -> None:
     """Refuse NaN and +-Inf, reporting how many elements are bad.
 
-    The sum is checked first (one cheap pass: any NaN or Inf makes it
-    non-finite); only then, or if the sum overflowed, is every element looked
-    at, so valid inputs cost a single reduction.
+    One reduction screens first (any NaN or Inf makes it non-finite); only
+    then, or if the reduction overflowed, is every element looked at, so valid
+    inputs cost a single pass.
     """
     xp = namespace(a)
     with np.errstate(all="ignore"):  # NaN/Inf in the sum are the signal, not a problem
-        if bool(xp.isfinite(xp.sum(a))):
+        if bool(xp.isfinite(_screen(xp, a))):
             return
     ok = xp.isfinite(a)
     if not bool(xp.all(ok)):
@@ -285,6 +285,23 @@ def screen_finite(name: str, a: Array) -> None:
     checked (inside ``operands_checked()``)."""
     if not _OPERANDS_CHECKED.get():
         check_finite(name, a)
+
+
+def _screen(xp: Any, a: Array) -> Array:
+    """A scalar that is finite when `a` holds no NaN/Inf (unless it overflows).
+
+    A contiguous NumPy array takes Σ a² through BLAS (both cores, half the
+    time of ``np.sum`` in float64); anything else takes ``xp.sum``.  A NumPy
+    broadcast view is screened on one slice of each stride-0 axis, which holds
+    every distinct element (gap's input gradient is such a view).
+    """
+    if type(a) is np.ndarray:
+        if 0 in a.strides:
+            a = a[tuple(slice(0, 1) if st == 0 else slice(None) for st in a.strides)]
+        if a.flags.c_contiguous:
+            flat = a.reshape(-1)
+            return np.dot(flat, flat)
+    return xp.sum(a)
 
 
 def _size(a: Array) -> int:

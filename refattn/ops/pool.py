@@ -230,7 +230,10 @@ def global_pool_forward(
     xf = xp.reshape(x, (n, c, _prod(x.shape[2:])))  # (N, C, L)
     cache = GlobalPoolCache(kind, tuple(x.shape), keepdim)
     if kind == "avg":
-        out = xp.mean(xf, axis=-1)  # (N, C)
+        # the mean as a matrix-vector product: BLAS uses every core, a ufunc one
+        weights = xp.full((xf.shape[-1],), 1.0 / xf.shape[-1], dtype=x.dtype,
+                          device=device(x))  # (L,)
+        out = xp.matmul(xf, weights)  # (N, C)
     elif kind == "max":
         idx = xp.argmax(xf, axis=-1, keepdims=True)  # (N, C, 1)
         out = xp.take_along_axis(xf, idx, axis=-1)[..., 0]  # (N, C)
