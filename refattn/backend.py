@@ -249,7 +249,7 @@ def check_finite(name: str, a: Array) -> None:
     inputs cost a single pass.
     """
     xp = namespace(a)
-    with np.errstate(all="ignore"):  # NaN/Inf in the sum are the signal, not a problem
+    with np.errstate(all="ignore"):  # NaN/Inf in the screen are the signal, not a problem
         if bool(xp.isfinite(_screen(xp, a))):
             return
     ok = xp.isfinite(a)
