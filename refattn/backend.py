@@ -172,9 +172,17 @@ def from_host(a: np.ndarray, xp: Any, *, device: Any = None) -> Array:
 # validation and dtype policy
 
 
+_NUMPY_DTYPE_NAMES = {np.dtype(n): n for n in ("float32", "float64")}
+_NUMPY_DTYPE_TYPES = tuple({type(d) for d in _NUMPY_DTYPE_NAMES})
+
+
 def dtype_name(a: Array) -> str:
     """'float32', 'float64', 'int64', ... for any namespace's array."""
     dt = a.dtype
+    if type(dt) in _NUMPY_DTYPE_TYPES:  # numpy's .name is Python code: look it up
+        name = _NUMPY_DTYPE_NAMES.get(dt)
+        if name is not None:
+            return name
     name = getattr(dt, "name", None)
     if isinstance(name, str):
         return name
