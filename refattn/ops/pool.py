@@ -43,6 +43,7 @@ from refattn.backend import (
     check_same_dtype,
     device,
     namespace,
+    route_along_axis,
     screen_finite,
     window,
 )
@@ -283,9 +284,7 @@ def global_pool_backward(dout: Array, cache: GlobalPoolCache) -> Array:
         return xp.broadcast_to(g, c.x_shape)  # (N, C, *S)
     if c.kind == "max":
         length = _prod(c.x_shape[2:])
-        positions = xp.arange(length, dtype=c.idx.dtype, device=device(c.idx))  # (L,)
-        hit = positions == c.idx[..., None]  # (N, C, L)
-        dx = xp.where(hit, g, 0.0)  # (N, C, L)
+        dx = route_along_axis(g, c.idx[..., None], -1, length)  # (N, C, L)
     elif c.kind == "lp":
         check_same_dtype(dout=dout, x=c.x)
         positive = c.norm > 0
@@ -354,11 +353,7 @@ def channel_pool_backward(dout: Array, cache: ChannelPoolCache) -> Array:
     _check_dout(dout, (n, 1) + tuple(x_shape[2:]))
     if kind == "mean":
         return xp.broadcast_to(dout / c, x_shape)  # (N, C, *S)
-    channel_shape = (1, c) + (1,) * (len(x_shape) - 2)
-    channels = xp.reshape(
-        xp.arange(c, dtype=idx.dtype, device=device(idx)), channel_shape
-    )  # (1, C, 1, ..., 1)
-    return xp.where(channels == idx, dout, 0.0)  # (N, C, *S)
+    return route_along_axis(dout, idx, 1, c)  # (N, C, *S)
 
 
 # ---------------------------------------------------------------------------
