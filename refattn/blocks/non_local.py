@@ -802,7 +802,7 @@ def _check_forward_args(
     check_same_dtype(x=x, **params, **state)
     for key, a in (params | state).items():
         check_finite(key, a)
-    # x itself is checked for NaN/Inf by the first op that reads it (step 1 or 2)
+    check_finite("x", x)
     if cfg.bn == "train" and x_shape[0] * _prod(x_shape[2:]) < 2:
         raise ValueError(
             f"x: bn='train' normalises W's output with batch statistics over "
