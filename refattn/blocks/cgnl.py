@@ -73,7 +73,6 @@ from typing import Any, Literal, NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_finite,
     check_same_dtype,
     device,
     host_rng,
@@ -84,6 +83,7 @@ from refattn.backend import (
 from refattn.blocks.spec import (
     MIN_MARGIN,
     BlockSpec,
+    check_arguments,
     draw_bias,
     draw_bn_state,
     draw_norm_affine,
@@ -847,31 +847,9 @@ def _check_forward_args(
     x_shape = _x_shape({"x": tuple(x.shape)})
     cfg = cfg.resolved({"x": x_shape})
     shapes = param_shapes(cfg, {"x": x_shape})
-    # buffers may come in `state` (the contract) or along with the params
-    params, state = dict(params), dict(state)
-    for key in [k for k in params if is_buffer(k)]:
-        if key in state:
-            raise ValueError(
-                f"state: buffer {key!r} was given in both params and state"
-            )
-        state[key] = params.pop(key)
-    want_p = [k for k in shapes if not is_buffer(k)]
-    want_s = [k for k in shapes if is_buffer(k)]
-    for kind, got, want in (("params", params, want_p), ("state", state, want_s)):
-        missing = [k for k in want if k not in got]
-        extra = sorted(k for k in got if k not in want)
-        if missing or extra:
-            raise ValueError(
-                f"{kind}: keys do not match the config (bias={cfg.bias}, "
-                f"norm={cfg.norm!r}): missing {missing}, unexpected {extra}"
-            )
-    xp = namespace(x=x, **params, **state)
-    for key, a in (params | state).items():
-        check_array(key, a, shape=shapes[key])
-    check_same_dtype(x=x, **params, **state)
-    for key, a in (params | state).items():
-        check_finite(key, a)
-    check_finite("x", x)
+    params, state, xp = check_arguments(
+        {"x": x}, params, state, shapes, f"bias={cfg.bias}, norm={cfg.norm!r}"
+    )
     if cfg.norm == "bn_train" and x_shape[0] * _prod(x_shape[2:]) < 2:
         raise ValueError(
             f"x: norm='bn_train' normalises z with batch statistics over N·|S| "

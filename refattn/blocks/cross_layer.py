@@ -71,7 +71,6 @@ from typing import Any, Literal, NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_finite,
     check_same_dtype,
     host_rng,
     namespace,
@@ -79,6 +78,7 @@ from refattn.backend import (
 )
 from refattn.blocks.spec import (
     BlockSpec,
+    check_arguments,
     draw_bias,
     draw_bn_state,
     draw_norm_affine,
@@ -661,32 +661,12 @@ def _check_forward_args(
     _parse_input_shapes(input_shapes)
     cfg = cfg.resolved(input_shapes)
     shapes = param_shapes(cfg, input_shapes)
-    # buffers may come in `state` (the contract) or along with the params
-    params, state = dict(params), dict(state)
-    for key in [k for k in params if is_buffer(k)]:
-        if key in state:
-            raise ValueError(
-                f"state: buffer {key!r} was given in both params and state"
-            )
-        state[key] = params.pop(key)
-    want_p = [k for k in shapes if not is_buffer(k)]
-    want_s = [k for k in shapes if is_buffer(k)]
-    for kind, got, want in (("params", params, want_p), ("state", state, want_s)):
-        missing = [k for k in want if k not in got]
-        extra = sorted(k for k in got if k not in want)
-        if missing or extra:
-            raise ValueError(
-                f"{kind}: keys do not match the config (bias={cfg.bias}, "
-                f"bn={cfg.bn!r}, out_proj={cfg.out_proj}, {len(names)} key/value "
-                f"layer(s)): missing {missing}, unexpected {extra}"
-            )
     arrays = {k: inputs[k] for k in ["x_q", *names]}
-    xp = namespace(**arrays, **params, **state)
-    for key, a in (params | state).items():
-        check_array(key, a, shape=shapes[key])
-    check_same_dtype(**arrays, **params, **state)
-    for key, a in (arrays | params | state).items():
-        check_finite(key, a)
+    params, state, xp = check_arguments(
+        arrays, params, state, shapes,
+        f"bias={cfg.bias}, bn={cfg.bn!r}, out_proj={cfg.out_proj}, "
+        f"{len(names)} key/value layer(s)",
+    )
     N, _, hq, wq = input_shapes["x_q"]
     if cfg.bn == "train" and N * hq * wq < 2:
         raise ValueError(

@@ -69,7 +69,6 @@ from typing import Any, Literal, NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_finite,
     check_same_dtype,
     host_rng,
     namespace,
@@ -78,6 +77,7 @@ from refattn.backend import (
 )
 from refattn.blocks.spec import (
     BlockSpec,
+    check_arguments,
     draw_bias,
     draw_bn_state,
     draw_norm_affine,
@@ -777,32 +777,10 @@ def _check_forward_args(
     x_shape = _x_shape({"x": tuple(x.shape)})
     cfg = cfg.resolved({"x": x_shape})
     shapes = param_shapes(cfg, {"x": x_shape})
-    # buffers may come in `state` (the contract) or along with the params
-    params, state = dict(params), dict(state)
-    for key in [k for k in params if is_buffer(k)]:
-        if key in state:
-            raise ValueError(
-                f"state: buffer {key!r} was given in both params and state"
-            )
-        state[key] = params.pop(key)
-    want_p = [k for k in shapes if not is_buffer(k)]
-    want_s = [k for k in shapes if is_buffer(k)]
-    for kind, got, want in (("params", params, want_p), ("state", state, want_s)):
-        missing = [k for k in want if k not in got]
-        extra = sorted(k for k in got if k not in want)
-        if missing or extra:
-            raise ValueError(
-                f"{kind}: keys do not match the config (mode={cfg.mode!r}, "
-                f"bias={cfg.bias}, bn={cfg.bn!r}): missing {missing}, "
-                f"unexpected {extra}"
-            )
-    xp = namespace(x=x, **params, **state)
-    for key, a in (params | state).items():
-        check_array(key, a, shape=shapes[key])
-    check_same_dtype(x=x, **params, **state)
-    for key, a in (params | state).items():
-        check_finite(key, a)
-    check_finite("x", x)
+    params, state, xp = check_arguments(
+        {"x": x}, params, state, shapes,
+        f"mode={cfg.mode!r}, bias={cfg.bias}, bn={cfg.bn!r}",
+    )
     if cfg.bn == "train" and x_shape[0] * _prod(x_shape[2:]) < 2:
         raise ValueError(
             f"x: bn='train' normalises W's output with batch statistics over "

@@ -60,10 +60,12 @@ import numpy as np
 
 from refattn import backend
 from refattn._typing import Array, Params, Shape
+from refattn.params import is_buffer
 
 __all__ = [
     "MIN_MARGIN",
     "BlockSpec",
+    "check_arguments",
     "check_input_shapes",
     "config_from_dict",
     "config_to_dict",
@@ -229,6 +231,48 @@ def check_input_shapes(input_shapes: Any) -> dict[str, Shape]:
             )
         out[name] = tuple(int(d) for d in dims)
     return out
+
+
+def check_arguments(
+    arrays: Mapping[str, Array],
+    params: Mapping[str, Array],
+    state: Mapping[str, Array],
+    shapes: Mapping[str, Shape],
+    switches: str,
+) -> tuple[dict[str, Array], dict[str, Array], Any]:
+    """Check a block's arguments against its parameter shapes; return
+    ``(params, state, xp)``.
+
+    Buffers (running statistics) may come in `state`, as the contract says, or
+    among the params; they are moved to the state.  Then: the keys match
+    `shapes` (`switches` names the config switches that decide them, for the
+    message), every array has its shape, all share one dtype with the inputs
+    `arrays` (already checked to be float arrays), and every value is finite.
+    Inside the block the ops skip their own finiteness screens, so this is the
+    one place an argument's NaN/Inf is found and named.
+    """
+    params, state = dict(params), dict(state)
+    for key in [k for k in params if is_buffer(k)]:
+        if key in state:
+            raise ValueError(f"state: buffer {key!r} was given in both params and state")
+        state[key] = params.pop(key)
+    want_p = [k for k in shapes if not is_buffer(k)]
+    want_s = [k for k in shapes if is_buffer(k)]
+    for kind, got, want in (("params", params, want_p), ("state", state, want_s)):
+        missing = [k for k in want if k not in got]
+        extra = sorted(k for k in got if k not in want)
+        if missing or extra:
+            raise ValueError(
+                f"{kind}: keys do not match the config ({switches}): "
+                f"missing {missing}, unexpected {extra}"
+            )
+    xp = backend.namespace(**arrays, **params, **state)
+    for key, a in (params | state).items():
+        backend.check_array(key, a, shape=tuple(shapes[key]))
+    backend.check_same_dtype(**arrays, **params, **state)
+    for key, a in (params | state | dict(arrays)).items():
+        backend.check_finite(key, a)
+    return params, state, xp
 
 
 def _float_arrays(**groups: Any) -> list[tuple[str, Array]]:

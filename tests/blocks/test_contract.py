@@ -54,12 +54,10 @@ def test_one_inf_cotangent_is_named_and_counted(block: str, preset: str | None) 
 
 
 def test_the_check_fails_without_the_blocks_own_screen(monkeypatch) -> None:
-    """The test above can fail: with non_local's screen of x removed, the NaN
-    is caught only after it spread (and is then miscounted)."""
-    from refattn.blocks import non_local
-
-    real = non_local.check_finite
-    monkeypatch.setattr(non_local, "check_finite",
+    """The test above can fail: with the block's own check of x removed, the
+    NaN is caught only after it spread (and is then miscounted)."""
+    real = backend.check_finite
+    monkeypatch.setattr(backend, "check_finite",
                         lambda name, a: None if name == "x" else real(name, a))
     spec, cfg, args = _case("non_local", None)
     bad = args["inputs"]["x"].copy()
