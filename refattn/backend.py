@@ -51,6 +51,7 @@ __all__ = [
     "namespace",
     "operands_checked",
     "pad_spatial",
+    "prod",
     "route_along_axis",
     "screen_finite",
     "sum_to_shape",
@@ -312,11 +313,16 @@ def _screen(xp: Any, a: Array) -> Array:
     return xp.sum(a)
 
 
-def _size(a: Array) -> int:
+def prod(values: Any) -> int:
+    """The product of a shape's (or any) integers, as a Python int (1 for ())."""
     n = 1
-    for s in a.shape:
-        n *= int(s)
+    for v in values:
+        n *= int(v)
     return n
+
+
+def _size(a: Array) -> int:
+    return prod(a.shape)
 
 
 def as_tuple(name: str, value: int | Sequence[int], n: int, *, minimum: int = 0) -> tuple[int, ...]:

@@ -77,6 +77,7 @@ from refattn.backend import (
     device,
     host_rng,
     namespace,
+    prod,
     screen_finite,
     zeros_like_shape,
 )
@@ -658,7 +659,7 @@ def forward(
     x, params, state, cfg, xp = _check_forward_args(inputs, params, state, cfg)
     N, C = int(x.shape[0]), int(x.shape[1])
     spatial = tuple(int(s) for s in x.shape[2:])
-    L = _prod(spatial)
+    L = prod(spatial)
     P, G = int(cfg.planes), cfg.groups  # type: ignore[arg-type]
     M = (P // G) * L  # the "positions" of one group: its channels and positions
     scale = 1.0 / math.sqrt(M) if cfg.use_scale else 1.0
@@ -751,7 +752,7 @@ def backward(
     xp = namespace(dout=dout)
     N, C = c.x_shape[0], c.x_shape[1]
     spatial = tuple(c.x_shape[2:])
-    L = _prod(spatial)
+    L = prod(spatial)
     P, G = int(cfg.planes), cfg.groups  # type: ignore[arg-type]
     M = (P // G) * L
     ones = (1,) * len(spatial)
@@ -850,7 +851,7 @@ def _check_forward_args(
     params, state, xp = check_arguments(
         {"x": x}, params, state, shapes, f"bias={cfg.bias}, norm={cfg.norm!r}"
     )
-    if cfg.norm == "bn_train" and x_shape[0] * _prod(x_shape[2:]) < 2:
+    if cfg.norm == "bn_train" and x_shape[0] * prod(x_shape[2:]) < 2:
         raise ValueError(
             f"x: norm='bn_train' normalises z with batch statistics over N·|S| "
             f"values per channel, which needs N·|S| >= 2, got shape {x_shape}"
@@ -936,7 +937,7 @@ def accumulation(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> dict[str
     x_shape = _x_shape(input_shapes)
     cfg = cfg.resolved(input_shapes)
     N, C = x_shape[0], x_shape[1]
-    L = _prod(x_shape[2:])
+    L = prod(x_shape[2:])
     P, G = int(cfg.planes), cfg.groups  # type: ignore[arg-type]
     cg = P // G
     M = cg * L
@@ -1033,12 +1034,6 @@ def fixture_shapes(cfg: CGNLConfig) -> dict[str, Shape]:
     C = base * max(1, -(-16 // base))
     return {"x": (2, C, 5, 7)}
 
-
-def _prod(values: Any) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 SPECS: dict[str, BlockSpec] = {

@@ -74,6 +74,7 @@ from refattn.backend import (
     check_same_dtype,
     host_rng,
     namespace,
+    prod,
     zeros_like_shape,
 )
 from refattn.blocks.spec import (
@@ -372,7 +373,7 @@ def init_params(
         module, leaf = key.rsplit(".", 1)
         if module.endswith(".bn"):
             continue
-        fan_in = _prod(shapes[f"{module}.weight"][1:])
+        fan_in = prod(shapes[f"{module}.weight"][1:])
         if not anchor_init:
             draw = draw_weight if leaf == "weight" else draw_bias
             value = draw(rng, shape)
@@ -804,12 +805,6 @@ def fixture_shapes(cfg: CrossLayerConfig) -> dict[str, Shape]:
     cq = 6 if cfg.planes is None else int(cfg.planes)
     return {"x_q": (2, cq, 3, 4), "x_kv": (2, 5, 5, 4)}
 
-
-def _prod(values: Any) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 SPECS: dict[str, BlockSpec] = {

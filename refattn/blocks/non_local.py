@@ -72,6 +72,7 @@ from refattn.backend import (
     check_same_dtype,
     host_rng,
     namespace,
+    prod,
     window,
     zeros_like_shape,
 )
@@ -305,7 +306,7 @@ def _pooled(spatial: Shape) -> Shape:
 
 def _key_count(cfg: NonLocalConfig, x_shape: Shape) -> int:
     spatial = tuple(x_shape[2:])
-    return _prod(_pooled(spatial) if cfg.sub_sample else spatial)
+    return prod(_pooled(spatial) if cfg.sub_sample else spatial)
 
 
 def _embedded(cfg: NonLocalConfig) -> bool:
@@ -377,7 +378,7 @@ def init_params(
         module, leaf = key.rsplit(".", 1)
         if module == "W_bn":
             continue
-        fan_in = _prod(shapes[f"{module}.weight"][1:])
+        fan_in = prod(shapes[f"{module}.weight"][1:])
         if not anchor_init:
             draw = draw_weight if leaf == "weight" else draw_bias
             value = draw(rng, shape)
@@ -466,7 +467,7 @@ def forward(
     x, params, state, cfg, xp = _check_forward_args(inputs, params, state, cfg)
     N, C = int(x.shape[0]), int(x.shape[1])
     spatial = tuple(int(s) for s in x.shape[2:])
-    lq, lk = _prod(spatial), _key_count(cfg, tuple(x.shape))
+    lq, lk = prod(spatial), _key_count(cfg, tuple(x.shape))
     ci = int(cfg.inter_channels)  # type: ignore[arg-type]
     embedded = _embedded(cfg)
     pool_first = cfg.sub_sample and cfg.pool_position == "before_proj"
@@ -590,7 +591,7 @@ def backward(
     xp = namespace(dout=dout)
     N, C = c.x_shape[0], c.x_shape[1]
     spatial = tuple(c.x_shape[2:])
-    lq, lk = _prod(spatial), c.lk
+    lq, lk = prod(spatial), c.lk
     ci = int(cfg.inter_channels)  # type: ignore[arg-type]
     embedded = _embedded(cfg)
     pool_first = cfg.sub_sample and cfg.pool_position == "before_proj"
@@ -781,7 +782,7 @@ def _check_forward_args(
         {"x": x}, params, state, shapes,
         f"mode={cfg.mode!r}, bias={cfg.bias}, bn={cfg.bn!r}",
     )
-    if cfg.bn == "train" and x_shape[0] * _prod(x_shape[2:]) < 2:
+    if cfg.bn == "train" and x_shape[0] * prod(x_shape[2:]) < 2:
         raise ValueError(
             f"x: bn='train' normalises W's output with batch statistics over "
             f"N·|S| values per channel, which needs N·|S| >= 2, got shape {x_shape}"
@@ -845,7 +846,7 @@ def accumulation(
     x_shape = _x_shape(input_shapes)
     cfg = cfg.resolved(input_shapes)
     N, C = x_shape[0], x_shape[1]
-    lq, lk = _prod(x_shape[2:]), _key_count(cfg, x_shape)
+    lq, lk = prod(x_shape[2:]), _key_count(cfg, x_shape)
     ci = int(cfg.inter_channels)  # type: ignore[arg-type]
     depth = ci if _embedded(cfg) else C
     bn = N * lq if cfg.bn == "train" else 0
@@ -942,12 +943,6 @@ def fixture_shapes(cfg: NonLocalConfig) -> dict[str, Shape]:
         return {"x": (2, 8, 2, 5, 7)}
     return {"x": (2, 8, 5, 7)}
 
-
-def _prod(values: Any) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 SPECS: dict[str, BlockSpec] = {

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy
 
+from refattn.backend import prod
 from refattn.cuda import MAX_THREADS, get_function
 
 __all__ = [
@@ -157,13 +158,6 @@ def same_dtype(**arrays: Any) -> Any:
         listing = ", ".join(f"{k}={v.name}" for k, v in dts.items())
         raise TypeError(f"all arrays must share one dtype, got {listing}")
     return next(iter(dts.values()))
-
-
-def prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def nonempty(name: str, n: int, what: str) -> None:

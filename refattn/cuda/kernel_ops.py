@@ -26,6 +26,7 @@ from refattn.backend import (
     device,
     dtype_name,
     namespace,
+    prod,
     screen_finite,
 )
 from refattn.cuda import launch as K
@@ -344,7 +345,7 @@ def batch_norm_forward(
 
     xp = namespace(x=x)
     N, C = x.shape[0], x.shape[1]
-    M = N * _prod(x.shape[2:])  # values per channel
+    M = N * prod(x.shape[2:])  # values per channel
     col = (1, C) + (1,) * (x.ndim - 2)  # (C,) against (N, C, *S)
     if training:
         if M == 1:
@@ -389,7 +390,7 @@ def batch_norm_backward(
     check_same_dtype(dout=dout, forward=xhat)
     xp = namespace(dout=dout)
     N, C = xhat.shape[0], xhat.shape[1]
-    M = N * _prod(xhat.shape[2:])
+    M = N * prod(xhat.shape[2:])
     col = (1, C) + (1,) * (xhat.ndim - 2)
     dbias, dweight = K.batch_norm_sums(dout, xhat)  # (C,), (C,)
     scale = inv_std if weight is None else weight * inv_std  # (C,)
@@ -444,7 +445,7 @@ def group_norm_backward(
     check_same_dtype(dout=dout, forward=xhat)
     xp = namespace(dout=dout)
     N, C, G = xhat.shape[0], xhat.shape[1], inv_std.shape[1]
-    K_ = (C // G) * _prod(xhat.shape[2:])  # values per (n, group)
+    K_ = (C // G) * prod(xhat.shape[2:])  # values per (n, group)
     s_dy, s_dy_xhat = K.group_norm_sums(dout, xhat, G, weight)  # (N, G), (N, G)
     # dx = γ·inv·dout − x̂·inv·mean_g(dx̂ ⊙ x̂) − inv·mean_g(dx̂), per group
     col = (1, C) + (1,) * (xhat.ndim - 2)
@@ -533,10 +534,3 @@ def _check_statistics(xp: Any, x: Array, mean: Array, var: Array, what: str) -> 
         f"x: the {what} {which} overflows {dtype_name(x)}, "
         f"got values up to {float(xp.max(xp.abs(x))):g} in magnitude"
     )
-
-
-def _prod(shape: Any) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

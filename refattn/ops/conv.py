@@ -28,6 +28,7 @@ from refattn.backend import (
     check_same_dtype,
     namespace,
     pad_spatial,
+    prod,
     screen_finite,
     unpad_spatial,
     window,
@@ -206,7 +207,7 @@ def pointwise_conv_forward(
     N, C = x.shape[0], x.shape[1]
     Cout = weight.shape[0]
     spatial = tuple(x.shape[2:])
-    x3 = xp.reshape(x, (N, C, _prod(spatial)))  # (N, C, L)
+    x3 = xp.reshape(x, (N, C, prod(spatial)))  # (N, C, L)
     w2 = xp.reshape(weight, (Cout, C // groups))  # (O, C/G)
     out = _mix_forward(xp, x3, w2, bias, groups)  # (N, O, L)
     out = xp.reshape(out, (N, Cout) + spatial)  # (N, O, *S)
@@ -494,11 +495,5 @@ def _check_dout(xp: Any, dout: Array, weight: Array, want: Shape) -> Array:
         )
     check_same_dtype(dout=dout, weight=weight)
     N, Cout = dout.shape[0], dout.shape[1]
-    return xp.reshape(dout, (N, Cout, _prod(tuple(dout.shape[2:]))))  # (N, O, L)
+    return xp.reshape(dout, (N, Cout, prod(tuple(dout.shape[2:]))))  # (N, O, L)
 
-
-def _prod(shape: Shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

@@ -14,6 +14,7 @@ from refattn.backend import (
     check_array,
     check_same_dtype,
     namespace,
+    prod,
     screen_finite,
     sum_to_shape,
 )
@@ -187,7 +188,7 @@ def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
     dx = dout * s  # like x
     k = _gate_rank(tuple(x.shape), tuple(s.shape))
     if k is not None and k < x.ndim:  # s = x.shape[:k] + (1, ...): row dot products
-        rows = (_prod(x.shape[:k]), _prod(x.shape[k:]))
+        rows = (prod(x.shape[:k]), prod(x.shape[k:]))
         ds = xp.vecdot(xp.reshape(dout, rows), xp.reshape(x, rows), axis=-1)  # (rows,)
         ds = xp.reshape(ds, tuple(s.shape))  # like z, without a dout ⊙ x temporary
     else:
@@ -206,12 +207,6 @@ def _gate_rank(x_shape: Shape, s_shape: Shape) -> int | None:
         k -= 1
     return k if s_shape[:k] == x_shape[:k] else None
 
-
-def _prod(dims: Shape) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 # ---------------------------------------------------------------------------

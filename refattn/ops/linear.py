@@ -16,6 +16,7 @@ from refattn.backend import (
     check_array,
     check_same_dtype,
     namespace,
+    prod,
     screen_finite,
     sum_to_shape,
 )
@@ -76,7 +77,7 @@ def linear_forward(
     if bias is not None:
         screen_finite("bias", bias)
     lead = tuple(x.shape[:-1])
-    x2 = xp.reshape(x, (_prod(lead), n_in))  # (M, in)
+    x2 = xp.reshape(x, (prod(lead), n_in))  # (M, in)
     out = xp.matmul(x2, weight.mT)  # (M, out)
     if bias is not None:
         out += bias  # (M, out), in place on the fresh product
@@ -182,8 +183,8 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     da = sum_to_shape(xp.matmul(dout, b.mT), tuple(a.shape))  # like a
     if b.ndim == 2 and tuple(a.shape[:-2]) == batch:
         # b was shared by the whole batch: one (k, B·n) x (B·n, m) product
-        a2 = xp.reshape(a, (_prod(batch) * n, k))  # (B·n, k)
-        dout2 = xp.reshape(dout, (_prod(batch) * n, m))  # (B·n, m)
+        a2 = xp.reshape(a, (prod(batch) * n, k))  # (B·n, k)
+        dout2 = xp.reshape(dout, (prod(batch) * n, m))  # (B·n, m)
         db = xp.matmul(a2.mT, dout2)  # (k, m)
     else:
         db = sum_to_shape(xp.matmul(a.mT, dout), tuple(b.shape))  # like b
@@ -205,9 +206,3 @@ def _broadcast_batch(sa: Shape, sb: Shape, a: Array, b: Array) -> Shape:
         out.append(y if x == 1 else x)
     return tuple(out)
 
-
-def _prod(shape: Shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

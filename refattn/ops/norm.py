@@ -13,7 +13,7 @@ import math
 import numbers
 from typing import Any, NamedTuple
 
-from refattn._typing import Array, Shape
+from refattn._typing import Array
 from refattn.backend import (
     NonFiniteError,
     check_array,
@@ -21,6 +21,7 @@ from refattn.backend import (
     check_same_dtype,
     dtype_name,
     namespace,
+    prod,
     screen_finite,
 )
 from refattn.cuda import kernel_ops as _kernels
@@ -128,7 +129,7 @@ def batch_norm_forward(
         )
 
     N = x.shape[0]
-    L = _prod(x.shape[2:])  # positions per sample
+    L = prod(x.shape[2:])  # positions per sample
     M = N * L  # values per channel
     x3 = xp.reshape(x, (N, C, L))  # (N, C, L)
     if training:
@@ -192,7 +193,7 @@ def batch_norm_backward(
     check_same_dtype(dout=dout, forward=xhat)
     xp = namespace(dout=dout)
     N, C = xhat.shape[0], xhat.shape[1]
-    L = _prod(xhat.shape[2:])
+    L = prod(xhat.shape[2:])
     M = N * L
     dout3 = xp.reshape(dout, (N, C, L))  # (N, C, L)
     xhat3 = xp.reshape(xhat, (N, C, L))  # (N, C, L)
@@ -256,7 +257,7 @@ def group_norm_forward(
     if use_kernel(x, weight, bias):  # CuPy: raw kernels (refattn.cuda.dispatch)
         return _kernels.group_norm_forward(x, weight, bias, num_groups=G, eps=eps)
 
-    K = _prod(x.shape) // (N * G)  # values per (n, group)
+    K = prod(x.shape) // (N * G)  # values per (n, group)
     xg = xp.reshape(x, (N, G, K))  # (N, G, K)
     mean = xp.mean(xg, axis=-1)  # (N, G)
     _check_statistic(xp, x, mean, "per-group mean")
@@ -295,7 +296,7 @@ def group_norm_backward(
     xp = namespace(dout=dout)
     N, C = xhat.shape[0], xhat.shape[1]
     G = inv_std.shape[1]
-    L = _prod(xhat.shape[2:])
+    L = prod(xhat.shape[2:])
     K = (C // G) * L
     dout3 = xp.reshape(dout, (N, C, L))  # (N, C, L)
     xhat3 = xp.reshape(xhat, (N, C, L))  # (N, C, L)
@@ -399,9 +400,3 @@ def _check_nonempty(x: Array) -> None:
 def _describe(a: Array | None) -> str:
     return "None" if a is None else f"array of shape {tuple(a.shape)}"
 
-
-def _prod(shape: Shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

@@ -43,6 +43,7 @@ from refattn.backend import (
     check_same_dtype,
     device,
     namespace,
+    prod,
     route_along_axis,
     screen_finite,
     window,
@@ -107,7 +108,7 @@ def max_pool_forward(
     k, s, so = _geometry(x.shape, kernel_size, stride)
     if use_kernel(x):  # CuPy: the raw kernel (refattn.cuda.dispatch)
         return _kernels.max_pool_forward(x, kernel_size=k, stride=s)
-    it = _index_dtype(xp, _prod(k))
+    it = _index_dtype(xp, prod(k))
     out, idx = _window_max(xp, x, k, s, so, it)  # (N, C, *So) twice
     return out, MaxPoolCache(idx, tuple(x.shape), k, s)
 
@@ -163,7 +164,7 @@ def avg_pool_forward(
     xp = namespace(x=x)
     _check_input(x, "avg_pool", ndims=(3, 4, 5))
     k, s, so = _geometry(x.shape, kernel_size, stride)
-    out = _window_sum(xp, x, k, s, so) / _prod(k)  # (N, C, *So)
+    out = _window_sum(xp, x, k, s, so) / prod(k)  # (N, C, *So)
     return out, AvgPoolCache(tuple(x.shape), k, s)
 
 
@@ -179,7 +180,7 @@ def avg_pool_backward(dout: Array, cache: AvgPoolCache) -> Array:
     x_shape, k, s = cache
     so = _out_size(x_shape[2:], k, s)
     _check_dout(dout, tuple(x_shape[:2]) + so)
-    g = dout / _prod(k)  # (N, C, *So)
+    g = dout / prod(k)  # (N, C, *So)
     dx = _grad_buffer(xp, dout, x_shape, k, s, so)  # (N, C, *S)
     for offset in product(*(range(kk) for kk in k)):
         _scatter(dx, _windows(offset, s, so), g, k, s)
@@ -228,7 +229,7 @@ def global_pool_forward(
     if use_kernel(x) and x.ndim <= 5:  # CuPy: the raw kernel (refattn.cuda.dispatch)
         return _kernels.global_pool_forward(x, kind=kind, keepdim=keepdim)
     n, c = x.shape[:2]
-    xf = xp.reshape(x, (n, c, _prod(x.shape[2:])))  # (N, C, L)
+    xf = xp.reshape(x, (n, c, prod(x.shape[2:])))  # (N, C, L)
     cache = GlobalPoolCache(kind, tuple(x.shape), keepdim)
     if kind == "avg":
         # the mean as a matrix-vector product: BLAS uses every core, a ufunc one
@@ -279,11 +280,11 @@ def global_pool_backward(dout: Array, cache: GlobalPoolCache) -> Array:
     _check_dout(dout, _keep_shape(c.x_shape) if c.keepdim else (n, ch))
     g = xp.reshape(dout, (n, ch, 1))  # (N, C, 1)
     if c.kind == "avg":
-        length = _prod(c.x_shape[2:])
+        length = prod(c.x_shape[2:])
         g = xp.reshape(g / length, _keep_shape(c.x_shape))  # (N, C, 1, ..., 1)
         return xp.broadcast_to(g, c.x_shape)  # (N, C, *S)
     if c.kind == "max":
-        length = _prod(c.x_shape[2:])
+        length = prod(c.x_shape[2:])
         dx = route_along_axis(g, c.idx[..., None], -1, length)  # (N, C, L)
     elif c.kind == "lp":
         check_same_dtype(dout=dout, x=c.x)
@@ -359,12 +360,6 @@ def channel_pool_backward(dout: Array, cache: ChannelPoolCache) -> Array:
 # ---------------------------------------------------------------------------
 # helpers
 
-
-def _prod(values: Any) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 def _keep_shape(x_shape: Shape) -> Shape:
