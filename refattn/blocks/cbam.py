@@ -466,10 +466,9 @@ def channel_gate_forward(
     mlp = sub_params(params, "mlp")
     # 1. squeeze: one descriptor per pool type, stacked so that the shared MLP
     #    runs on all of them as the rows of one product
-    # x was screened for NaN/Inf once by `forward`: the ops skip that scan
-    pooled = [
-        global_pool_forward(x, kind=t) for t in cfg.pool_types
-    ]
+    # (x was screened for NaN/Inf once by `forward`; inside the block contract
+    # the ops skip that scan, see backend.operands_checked)
+    pooled = [global_pool_forward(x, kind=t) for t in cfg.pool_types]
     d = xp.stack([p[0] for p in pooled], axis=0)  # (T, N, C)
     # 2. shared MLP, applied to every descriptor separately
     w1, b1 = mlp["fc1.weight"], mlp.get("fc1.bias")
@@ -557,7 +556,6 @@ def spatial_gate_forward(
     k = cfg.spatial_kernel
     # 1. compress: two channel pools per position, in channel_pool_order
     kinds = ("max", "mean") if cfg.channel_pool_order == "max_mean" else ("mean", "max")
-    # x1 (a gated, or the screened, input) is finite: the ops skip that scan
     pooled = [channel_pool_forward(x1, kind=t) for t in kinds]
     m = xp.concat([p[0] for p in pooled], axis=1)  # (N, 2, H, W)
     # 2. k x k conv to one logit map, size kept by the padding

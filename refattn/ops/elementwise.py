@@ -208,7 +208,6 @@ def _gate_rank(x_shape: Shape, s_shape: Shape) -> int | None:
     return k if s_shape[:k] == x_shape[:k] else None
 
 
-
 # ---------------------------------------------------------------------------
 # broadcasting product
 
