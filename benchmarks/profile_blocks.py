@@ -241,6 +241,13 @@ _GEMM_OPS = (
 (their parents, aten::convolution etc., have ~0 self time)."""
 
 
+def _torch_gemm_ms(res: dict[str, Any]) -> float:
+    """Self time of torch's convolution and matmul kernels in one profile."""
+    return sum(
+        r["self_ms"] for r in res["torch_ops"] if any(k in r["op"] for k in _GEMM_OPS)
+    )
+
+
 def _median_ms(fn: Any, reps: int) -> float:
     import statistics
 
@@ -395,13 +402,7 @@ def summary_table(results: Sequence[dict[str, Any]]) -> str:
     for res in results:
         b = res["breakdown"]
         t_total = res.get("torch_ms_profiled")
-        t_gemm = None
-        if "torch_ops" in res:
-            t_gemm = sum(
-                r["self_ms"]
-                for r in res["torch_ops"]
-                if any(k in r["op"] for k in _GEMM_OPS)
-            )
+        t_gemm = _torch_gemm_ms(res) if "torch_ops" in res else None
         rows.append(
             f"| {res['block']} | {res['dtype']} | {b['total_ms']:.1f} | "
             f"{b['matmul_ms']:.1f} | "
@@ -451,11 +452,7 @@ def render(res: dict[str, Any]) -> str:
             f" @ {m['b']!s:18s}{m['b_strides']!s:24s} {m['where']}"
         )
     if "torch_ops" in res:
-        gemm_like = sum(
-            r["self_ms"]
-            for r in res["torch_ops"]
-            if any(k in r["op"] for k in _GEMM_OPS)
-        )
+        gemm_like = _torch_gemm_ms(res)
         out.append(
             f"-- torch ops by self CPU time (torch {res['torch_ms_profiled']:.1f} ms "
             f"per fwd+bwd (median, unprofiled); conv/matmul kernels "
