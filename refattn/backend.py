@@ -38,6 +38,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "NonFiniteError",
     "accumulate",
+    "add_along_axis",
     "as_tuple",
     "check_array",
     "check_finite",
@@ -420,6 +421,24 @@ def accumulate(dst: Array, index: tuple[slice, ...], src: Array) -> None:
     function itself allocated, never on arguments or caches.
     """
     dst[index] += src
+
+
+def add_along_axis(total: Array, idx: Array, values: Array, axis: int) -> Array:
+    """Add ``values`` into `total` at positions ``idx`` along `axis`, in place.
+
+    ``total[..., idx[..., 0, ...], ...] += values[..., 0, ...]``, where `values`
+    and `idx` have length 1 along `axis`: a max's gradient routed into a
+    gradient the caller is building (and owns).  NumPy reads and writes only
+    the indexed entries (``np.take_along_axis`` / ``np.put_along_axis``);
+    other namespaces add the dense routed array.  Returns `total`.
+    """
+    if type(total) is np.ndarray:
+        at = np.astype(idx, np.intp)
+        np.put_along_axis(total, at, np.take_along_axis(total, at, axis=axis) + values,
+                          axis=axis)
+        return total
+    total += route_along_axis(values, idx, axis, int(total.shape[axis]))
+    return total
 
 
 def route_along_axis(values: Array, idx: Array, axis: int, size: int) -> Array:

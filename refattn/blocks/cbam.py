@@ -514,8 +514,12 @@ def channel_gate_backward(dx1: Array, cache: ChannelGateCache) -> tuple[Array, P
     dmlp = {"fc1.weight": dw1, "fc2.weight": dw2}
     if db1 is not None:
         dmlp |= {"fc1.bias": db1, "fc2.bias": db2}
-    # 1. squeeze: x fed the gate and every pool, so sum the T + 1 paths
-    dx = sum((global_pool_backward(dd[t, ...], c.pools[t]) for t in range(T)), dx_gate)
+    # 1. squeeze: x fed the gate and every pool, so sum the T + 1 paths, each
+    #    pool's into the gate's dx (a fresh array, which a max touches at N·C
+    #    entries)
+    dx = dx_gate  # (N, C, H, W)
+    for t in range(T):
+        dx = global_pool_backward(dd[t, ...], c.pools[t], into=dx)  # (N, C, H, W)
     return dx, with_prefix("mlp", dmlp)
 
 
@@ -622,9 +626,11 @@ def spatial_gate_backward(dout: Array, cache: SpatialGateCache) -> tuple[Array, 
     dparams["spatial.conv.weight"] = dw
     if db is not None:
         dparams["spatial.conv.bias"] = db
-    # 1. compress: x1 fed the gate and both channel pools, so sum the three paths
-    dx1 = (dx1_gate + channel_pool_backward(dm[:, 0:1, ...], c.pools[0])
-           + channel_pool_backward(dm[:, 1:2, ...], c.pools[1]))  # (N, C, H, W)
+    # 1. compress: x1 fed the gate and both channel pools, so sum the three
+    #    paths, each pool's into the gate's dx1 (a fresh array)
+    dx1 = dx1_gate  # (N, C, H, W)
+    for t, pool in enumerate(c.pools):
+        dx1 = channel_pool_backward(dm[:, t:t + 1, ...], pool, into=dx1)  # (N, C, H, W)
     return dx1, dparams
 
 

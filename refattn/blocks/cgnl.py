@@ -760,6 +760,8 @@ def backward(
     dout3 = xp.reshape(dout, (N, C, L))  # (N, C, L)
 
     # 6. residual: out = z + x, so z receives dout (x's share is added at step 1)
+    # Each step below `del`s the gradients it has consumed, so that the
+    # backward holds a few of them at a time rather than the whole chain.
     dz = dout3  # (N, C, L)
 
     # 5. normalisation
@@ -772,21 +774,25 @@ def backward(
     dy3, dw_z, _ = pointwise_conv_backward(dz, c.z)  # (N, P, L), (C, P/G)
     dparams["z.weight"] = xp.reshape(dw_z, (C, P // G) + ones)  # (C, P/G, *k)
     dy = xp.reshape(dy3, (N, G, M))  # (N, G, M)
+    del dz, dy3
 
     # 3. the kernel
     if c.dot is not None:
         dt, dp, dg = _dot_kernel_backward(dy, c.dot)  # (N, G, M) each
     else:
         dt, dp, dg = _taylor_kernel_backward(dy, c.taylor)  # (N, G, M) each
+    del dy
 
     # 2. the groups were views of the t|p|g rows: put them back side by side
     dproj = xp.concat(
         [xp.reshape(d, (N, P, L)) for d in (dt, dp, dg)], axis=1
     )  # (N, 3P, L)
+    del dt, dp, dg
 
     # 1. t, p, g
     dx_proj, dp_proj = _stacked_conv_backward(dproj, c.proj)  # (N, C, L)
     dparams |= dp_proj
+    del dproj
     # x fans out to the three convs and the residual: sum the two paths
     dx3 = dx_proj + dout3 if cfg.residual else dx_proj  # (N, C, L)
     dx = xp.reshape(dx3, c.x_shape)  # (N, C, *S)

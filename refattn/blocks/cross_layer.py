@@ -570,6 +570,8 @@ def backward(
     dws: list[dict[str, Array]] = []
 
     # 9. out = x_q + Σ_m Z_m: every layer's Z_m receives dout (x_q's share at 1.)
+    # Each step below `del`s the gradients it has consumed, so that the
+    # backward holds a few of them at a time rather than the whole chain.
     for m, (name, layer) in enumerate(zip(c.names, c.layers)):
         dz = dout3  # (N, Cq, Lq)
 
@@ -586,6 +588,7 @@ def backward(
             if db_w is not None:
                 dw["W.bias"] = db_w
             dws.append(dw)
+        del dz
 
         # 6. the layout's adjoint: transpose back, or the inverse reshape
         if cfg.layout == "transpose":
@@ -595,17 +598,22 @@ def backward(
 
         # 5. A_m V_m
         dattention, dg_t = matmul_backward(dy_t, layer.attend)  # (N,Lq,Lk), (N,Lk,P)
+        del dy, dy_t
 
         # 4. softmax over the keys
         df = softmax_backward(dattention, layer.softmax)  # (N, Lq, Lk)
+        del dattention
 
         # 3. Q K_m
         dq, dphi = matmul_backward(df, layer.affinity)  # (N, Lq, P), (N, P, Lk)
         dqs.append(dq)
+        del df, dq
 
         # 2. φ_m and g_m (stacked rows, as in the forward)
         dkv = xp.concat([dphi, dg_t.mT], axis=1)  # (N, 2P, Lk)
+        del dphi, dg_t
         dxk3, dw_kv, db_kv = pointwise_conv_backward(dkv, layer.kv)  # (N, Ck, Lk)
+        del dkv
         ck = layer.x_shape[1]
         for row, n in enumerate(("phi", "g")):
             rows = slice(row * P, (row + 1) * P)
@@ -619,10 +627,12 @@ def backward(
         dparams |= reduce(add_params, dws)
     # Q feeds every layer's affinity: sum its gradient over m
     dq = reduce(operator.add, dqs)  # (N, Lq, P)
+    del dqs
 
     # 1. θ (Q = s θᵀ)
     dtheta = dq.mT * c.scale if cfg.use_scale else dq.mT  # (N, P, Lq)
     dxq3, dw_theta, db_theta = pointwise_conv_backward(dtheta, c.theta)  # (N, Cq, Lq)
+    del dq, dtheta
     dparams["theta.weight"] = xp.reshape(dw_theta, (P, cq, 1, 1))
     if db_theta is not None:
         dparams["theta.bias"] = db_theta

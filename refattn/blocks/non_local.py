@@ -599,6 +599,8 @@ def backward(
     dout3 = xp.reshape(dout, (N, C, lq))  # (N, C, Lq)
 
     # 9. residual: out = z + x, so z receives dout (x's share is added at step 1)
+    # Each step below `del`s the gradients it has consumed, so that the
+    # backward holds a few of them at a time rather than the whole chain.
     dz = dout3  # (N, C, Lq)
 
     # 8. batch norm
@@ -607,6 +609,7 @@ def backward(
 
     # 7. W
     dy, dw2, db_w = pointwise_conv_backward(dz, c.w)  # (N, Ci, Lq), (C, Ci), (C,)
+    del dz
     dparams["W.weight"] = xp.reshape(dw2, (C, ci) + (1,) * len(spatial))
     if db_w is not None:
         dparams["W.bias"] = db_w
@@ -614,12 +617,14 @@ def backward(
     # 6. Y = (A Gᵀ)ᵀ
     dattention, dg_t = matmul_backward(dy.mT, c.attend)  # (N, Lq, Lk), (N, Lk, Ci)
     dg = dg_t.mT  # (N, Ci, Lk)
+    del dy
 
     # 5. normalisation over the keys
     if cfg.mode in SOFTMAX_MODES:
         df = softmax_backward(dattention, c.softmax)  # (N, Lq, Lk)
     else:
         df = dattention * (1.0 / lk)  # (N, Lq, Lk)
+    del dattention
 
     # 4. pairwise function (and its scale)
     if cfg.mode == "concatenation":
@@ -629,6 +634,7 @@ def backward(
             df = df * c.scale  # (N, Lq, Lk)
         dtheta_t, dphi = matmul_backward(df, c.affinity)  # (N, Lq, Ci), (N, Ci, Lk)
         dtheta = dtheta_t.mT  # (N, Ci, Lq)
+    del df
 
     # 3. 1x1 convs on the pooled x (before_proj)
     if pool_first:
@@ -641,12 +647,14 @@ def backward(
         dparams |= dp
     else:
         dkv = xp.concat([dphi, dg], axis=1)  # (N, K, Lk)
+    del dphi, dg
 
     # 2. sub-sampling max-pool
     if cfg.sub_sample:
         K = int(dkv.shape[1])
         dkv = xp.reshape(dkv, (N, K) + _pooled(spatial))  # (N, K, *P(S))
         dkv_full = xp.reshape(max_pool_backward(dkv, c.pool), (N, K, lq))  # (N, K, Lq)
+        del dkv
     else:
         dkv_full = dkv  # (N, K, Lq)
 
@@ -656,12 +664,14 @@ def backward(
         dx_kv, dproj = dkv_full, dtheta if embedded else None
     elif embedded:
         dproj = xp.concat([dtheta, dkv_full], axis=1)  # (N, 3Ci, Lq)
+        del dkv_full
     else:
         dx_kv, dproj = dkv_full[:, :C, :], dkv_full[:, C:, :]  # x|g rows
     dx_proj = None
     if c.proj is not None:
         dx_proj, dp = _stacked_conv_backward(dproj, c.proj)  # (N, C, Lq)
         dparams |= dp
+    del dproj
     # x fans out to the residual, the convs of step 1, the key/value branch
     # (before_proj or gaussian) and, in gaussian mode, theta = x itself
     dx3 = _sum_paths(

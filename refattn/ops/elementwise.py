@@ -177,7 +177,7 @@ def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
         dx = dout ⊙ s
         dz = sum_to_shape(dout ⊙ x, z.shape) ⊙ s ⊙ (1 − s)
     Shapes:
-        dout, dx  like x
+        dout, dx  like x; dx is always a fresh array (callers may add into it)
         dz        like z
     """
     if isinstance(cache, _kernels.GateMulKernelCache):  # from the raw-kernel forward

@@ -38,6 +38,7 @@ from typing import Any, Literal, NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     accumulate,
+    add_along_axis,
     as_tuple,
     check_array,
     check_same_dtype,
@@ -255,7 +256,9 @@ def global_pool_forward(
     return out, cache
 
 
-def global_pool_backward(dout: Array, cache: GlobalPoolCache) -> Array:
+def global_pool_backward(
+    dout: Array, cache: GlobalPoolCache, *, into: Array | None = None
+) -> Array:
     """VJP of global_pool.
 
     Math (g = dout[n, c], spread over the positions p):
@@ -266,25 +269,33 @@ def global_pool_backward(dout: Array, cache: GlobalPoolCache) -> Array:
     Shapes:
         dout (N, C) or, with keepdim, (N, C, 1, ..., 1) -> dx (N, C, *S)
         For avg, dx is a read-only broadcast view.
+    into:
+        Optional array of x's shape and dtype that the caller owns: dx is added
+        into it in place and the sum is returned (use the returned array).  A
+        max then touches N·C entries instead of building a dense routed array.
     Convention:
         max: on a tie the whole gradient goes to the FIRST arg-max in row-major
         position order, as torch.max(dim) does.  lp: at ||x|| = 0 (an all-zero
         map, where the norm has no derivative) the gradient is defined as 0, the
         minimum-norm subgradient.
     """
+    _check_into(into, cache.x_shape, dout)
     if isinstance(cache, _kernels.GlobalPoolKernelCache):  # from the raw-kernel forward
-        return _kernels.global_pool_backward(dout, cache)
+        return _add_into(into, _kernels.global_pool_backward(dout, cache))
     xp = namespace(dout=dout)
     c = cache
     n, ch = c.x_shape[:2]
     _check_dout(dout, _keep_shape(c.x_shape) if c.keepdim else (n, ch))
     g = xp.reshape(dout, (n, ch, 1))  # (N, C, 1)
+    length = prod(c.x_shape[2:])
     if c.kind == "avg":
-        length = prod(c.x_shape[2:])
         g = xp.reshape(g / length, _keep_shape(c.x_shape))  # (N, C, 1, ..., 1)
-        return xp.broadcast_to(g, c.x_shape)  # (N, C, *S)
+        return _add_into(into, xp.broadcast_to(g, c.x_shape))  # (N, C, *S)
+    if c.kind == "max" and into is not None:
+        total = xp.reshape(into, (n, ch, length))  # (N, C, L)
+        total = add_along_axis(total, c.idx[..., None], g, -1)  # (N, C, L)
+        return xp.reshape(total, c.x_shape)  # (N, C, *S)
     if c.kind == "max":
-        length = prod(c.x_shape[2:])
         dx = route_along_axis(g, c.idx[..., None], -1, length)  # (N, C, L)
     elif c.kind == "lp":
         check_same_dtype(dout=dout, x=c.x)
@@ -295,7 +306,7 @@ def global_pool_backward(dout: Array, cache: GlobalPoolCache) -> Array:
     else:
         check_same_dtype(dout=dout, x=c.e)
         dx = c.e * (g / c.sum_e[..., None])  # (N, C, L) = g · softmax
-    return xp.reshape(dx, c.x_shape)  # (N, C, *S)
+    return _add_into(into, xp.reshape(dx, c.x_shape))  # (N, C, *S)
 
 
 # ---------------------------------------------------------------------------
@@ -334,7 +345,9 @@ def channel_pool_forward(
     return out, ChannelPoolCache(kind, tuple(x.shape), xp.astype(idx, small))
 
 
-def channel_pool_backward(dout: Array, cache: ChannelPoolCache) -> Array:
+def channel_pool_backward(
+    dout: Array, cache: ChannelPoolCache, *, into: Array | None = None
+) -> Array:
     """VJP of channel_pool.
 
     Math:
@@ -342,19 +355,41 @@ def channel_pool_backward(dout: Array, cache: ChannelPoolCache) -> Array:
         mean  dx[n, c, p] = dout[n, 0, p] / C
     Shapes:
         dout (N, 1, *S) -> dx (N, C, *S); for mean a read-only broadcast view.
+    into:
+        Optional array of x's shape and dtype that the caller owns: dx is added
+        into it in place and the sum is returned (use the returned array).  A
+        max then touches N·|S| entries instead of building a dense routed array.
     Convention:
         max: on a tie the whole gradient goes to the FIRST arg-max channel, as
         torch.max(x, dim=1) does.
     """
+    _check_into(into, cache.x_shape, dout)
     if isinstance(cache, _kernels.ChannelPoolKernelCache):  # from the kernel forward
-        return _kernels.channel_pool_backward(dout, cache)
+        return _add_into(into, _kernels.channel_pool_backward(dout, cache))
     xp = namespace(dout=dout)
     kind, x_shape, idx = cache
     n, c = x_shape[:2]
     _check_dout(dout, (n, 1) + tuple(x_shape[2:]))
     if kind == "mean":
-        return xp.broadcast_to(dout / c, x_shape)  # (N, C, *S)
+        return _add_into(into, xp.broadcast_to(dout / c, x_shape))  # (N, C, *S)
+    if into is not None:
+        return add_along_axis(into, idx, dout, 1)  # (N, C, *S)
     return route_along_axis(dout, idx, 1, c)  # (N, C, *S)
+
+
+def _add_into(into: Array | None, dx: Array) -> Array:
+    """dx, or `into` + dx accumulated in place into the caller's array."""
+    if into is None:
+        return dx
+    into += dx
+    return into
+
+
+def _check_into(into: Array | None, x_shape: Shape, dout: Array) -> None:
+    if into is None:
+        return
+    check_array("into", into, shape=tuple(x_shape))
+    check_same_dtype(into=into, dout=dout)
 
 
 # ---------------------------------------------------------------------------

@@ -235,6 +235,14 @@ def test_ops_on_backend(xb) -> None:
         )
         r = gradcheck_op(fwd, bwd, {"x": xa}, options=opts, mode="fast")
         assert r.ok, f"{fwd.__name__} {opts}\n{r.to_text()}"
+        if bwd in (global_pool_backward, channel_pool_backward):
+            base = np.random.default_rng(7).standard_normal(x.shape)
+            total = bwd(xb.asarray(np.ones(tuple(out.shape))), cache,
+                        into=xb.asarray(base.copy()))
+            assert backend.device(total) == xb.device, (fwd.__name__, opts)
+            np.testing.assert_array_equal(
+                xb.to_host(total), base + bwd(np.ones(out_np.shape), cache_np)
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -485,6 +493,20 @@ def test_nothing_is_mutated(case: tuple) -> None:
         np.testing.assert_array_equal(v, v0, err_msg=name)
 
 
+@given(pool_cases([n for n in OPS if not n.endswith("_pool")]))
+def test_into_adds_the_gradient_in_place(case: tuple) -> None:
+    """global/channel pools: bwd(dout, cache, into=t) is t + bwd(dout, cache),
+    bit for bit, written into t itself (a max touches only its arg-maxes)."""
+    name, fwd, bwd, x, opts = case
+    out, cache = fwd(x, **opts)
+    rng = np.random.default_rng(15)
+    dout, base = rng.standard_normal(out.shape), rng.standard_normal(x.shape)
+    into = base.copy()
+    total = bwd(dout, cache, into=into)
+    np.testing.assert_array_equal(total, base + bwd(dout, cache), err_msg=name)
+    np.testing.assert_array_equal(into, total, err_msg=name)  # written in place
+
+
 @given(pool_cases())
 def test_float32_stays_float32(case: tuple) -> None:
     name, fwd, bwd, x, opts = case
@@ -630,6 +652,17 @@ CP = channel_pool_forward
 def _dout_case(fwd, bwd, opts, dout):
     _, cache = fwd(X, **opts)
     return lambda: bwd(dout, cache)
+
+
+def test_bad_into_is_refused_by_name() -> None:
+    for fwd, bwd, opts in [(GP, global_pool_backward, {"kind": "max"}),
+                           (CP, channel_pool_backward, {"kind": "max"})]:
+        out, cache = fwd(X, **opts)
+        dout = np.ones(out.shape)
+        with pytest.raises(ValueError, match=r"into.*\(2, 3, 6, 6\).*\(2, 3, 6\)"):
+            bwd(dout, cache, into=np.zeros((2, 3, 6)))
+        with pytest.raises(TypeError, match="into"):
+            bwd(dout, cache, into=np.zeros(X.shape, np.float32))
 
 
 @pytest.mark.parametrize(
