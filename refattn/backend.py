@@ -202,13 +202,14 @@ def check_array(
 
     ``shape`` entries of ``-1`` match any size.
     """
-    if not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float)):
+    if type(a) is np.ndarray and a.dtype in _NUMPY_DTYPE_NAMES:
+        pass  # the common case, without the generic lookups below
+    elif not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float)):
         raise TypeError(
             f"{name}: expected a float32 or float64 array, "
             f"got {type(a).__module__}.{type(a).__qualname__}"
         )
-    dt = dtype_name(a)
-    if dt not in FLOAT_DTYPES:
+    elif (dt := dtype_name(a)) not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {dt}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
@@ -217,7 +218,7 @@ def check_array(
             raise ValueError(
                 f"{name}: expected a {want}-D array, got shape {tuple(a.shape)}"
             )
-    if shape is not None:
+    if shape is not None and tuple(shape) != tuple(a.shape):
         if len(shape) != a.ndim or any(
             s != -1 and s != t for s, t in zip(shape, a.shape)
         ):
@@ -251,17 +252,26 @@ class NonFiniteError(ValueError):
     """
 
 
+_SMALL = 4096  # arrays up to this size are screened element by element
+
+
 def check_finite(name: str, a: Array) -> None:
     """Refuse NaN and +-Inf, reporting how many elements are bad.
 
     One reduction screens first (any NaN or Inf makes it non-finite); only
     then, or if the reduction overflowed, is every element looked at, so valid
-    inputs cost a single pass.
+    inputs cost a single pass.  A NumPy array of at most ``_SMALL`` elements
+    is tested element by element at once: at that size the screen's fixed
+    costs (an error-state context, a BLAS call) exceed the test itself.
     """
     xp = namespace(a)
-    with np.errstate(all="ignore"):  # NaN/Inf in the screen are the signal, not a problem
-        if bool(xp.isfinite(_screen(xp, a))):
+    if type(a) is np.ndarray and a.size <= _SMALL:
+        if np.isfinite(a).all():  # small: one elementwise test, nothing can overflow
             return
+    else:
+        with np.errstate(all="ignore"):  # NaN/Inf in the screen are the signal
+            if bool(xp.isfinite(_screen(xp, a))):
+                return
     ok = xp.isfinite(a)
     if not bool(xp.all(ok)):
         bad = int(xp.sum(xp.astype(xp.logical_not(ok), xp.int64)))

@@ -669,8 +669,7 @@ def _check_forward_args(
     for name in ["x_q", *names]:
         check_array(name, inputs[name])
     input_shapes = {k: tuple(inputs[k].shape) for k in ["x_q", *names]}
-    _parse_input_shapes(input_shapes)
-    cfg = cfg.resolved(input_shapes)
+    cfg = cfg.resolved(input_shapes)  # validates the shapes too
     shapes = param_shapes(cfg, input_shapes)
     arrays = {k: inputs[k] for k in ["x_q", *names]}
     params, state, xp = check_arguments(
