@@ -271,8 +271,9 @@ def global_pool_backward(
         For avg, dx is a read-only broadcast view.
     into:
         Optional array of x's shape and dtype that the caller owns: dx is added
-        into it in place and the sum is returned (use the returned array).  A
-        max then touches N·C entries instead of building a dense routed array.
+        into it, in place where the namespace allows, and the sum is returned
+        (use the returned array).  A max then touches N·C entries instead of
+        building a dense routed array.
     Convention:
         max: on a tie the whole gradient goes to the FIRST arg-max in row-major
         position order, as torch.max(dim) does.  lp: at ||x|| = 0 (an all-zero
@@ -357,8 +358,9 @@ def channel_pool_backward(
         dout (N, 1, *S) -> dx (N, C, *S); for mean a read-only broadcast view.
     into:
         Optional array of x's shape and dtype that the caller owns: dx is added
-        into it in place and the sum is returned (use the returned array).  A
-        max then touches N·|S| entries instead of building a dense routed array.
+        into it, in place where the namespace allows, and the sum is returned
+        (use the returned array).  A max then touches N·|S| entries instead of
+        building a dense routed array.
     Convention:
         max: on a tie the whole gradient goes to the FIRST arg-max channel, as
         torch.max(x, dim=1) does.
