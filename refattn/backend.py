@@ -55,6 +55,7 @@ __all__ = [
     "prod",
     "route_along_axis",
     "screen_finite",
+    "sum_product_to_shape",
     "sum_to_shape",
     "to_host",
     "unpad_spatial",
@@ -375,6 +376,36 @@ def sum_to_shape(g: Array, shape: Shape) -> Array:
     )
     summed = xp.sum(g, axis=axes, keepdims=True) if axes else g
     return xp.reshape(summed, shape)
+
+
+_EINSUM_TERMS = 4096  # the longest reduction sum_product_to_shape hands to einsum
+
+
+def sum_product_to_shape(a: Array, b: Array, shape: Shape) -> Array:
+    """``sum_to_shape(a * b, shape)`` for `a`, `b` of one shape, without the
+    full-size product where the namespace allows.
+
+    NumPy contracts with ``np.einsum``, one pass that multiplies and sums
+    (half the time of the product and the sum at CBAM's spatial-gate
+    shape), when each output sums at most ``_EINSUM_TERMS`` products:
+    einsum accumulates in a few running sums, and longer reductions keep
+    the pairwise summation of ``xp.sum``.  Other namespaces multiply, then
+    sum.
+    """
+    shape = tuple(shape)
+    if (
+        type(a) is not np.ndarray
+        or type(b) is not np.ndarray
+        or a.shape != b.shape
+        or a.size > _EINSUM_TERMS * max(prod(shape), 1)
+    ):
+        return sum_to_shape(a * b, shape)
+    extra = a.ndim - len(shape)
+    letters = "abcdefghijklmnopqrstuvwxyz"[: a.ndim]
+    kept = "".join(
+        letters[extra + i] for i, n in enumerate(shape) if n != 1 or a.shape[extra + i] == 1
+    )
+    return np.reshape(np.einsum(f"{letters},{letters}->{kept}", a, b), shape)
 
 
 def zeros_like_shape(ref: Array, shape: Shape) -> Array:

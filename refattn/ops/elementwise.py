@@ -16,6 +16,7 @@ from refattn.backend import (
     namespace,
     prod,
     screen_finite,
+    sum_product_to_shape,
     sum_to_shape,
 )
 from refattn.cuda import kernel_ops as _kernels
@@ -192,7 +193,7 @@ def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
         ds = xp.vecdot(xp.reshape(dout, rows), xp.reshape(x, rows), axis=-1)  # (rows,)
         ds = xp.reshape(ds, tuple(s.shape))  # like z, without a dout ⊙ x temporary
     else:
-        ds = sum_to_shape(dout * x, tuple(s.shape))  # undo the broadcast: like z
+        ds = sum_product_to_shape(dout, x, tuple(s.shape))  # undo the broadcast: like z
     dz = ds * s * (1 - s)  # like z; σ′ = s(1 − s)
     return dx, dz
 
