@@ -203,15 +203,16 @@ def check_array(
 
     ``shape`` entries of ``-1`` match any size.
     """
-    if type(a) is np.ndarray and a.dtype in _NUMPY_DTYPE_NAMES:
-        pass  # the common case, without the generic lookups below
-    elif not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float)):
-        raise TypeError(
-            f"{name}: expected a float32 or float64 array, "
-            f"got {type(a).__module__}.{type(a).__qualname__}"
-        )
-    elif (dt := dtype_name(a)) not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32 or float64, got {dt}")
+    numpy_float = type(a) is np.ndarray and a.dtype in _NUMPY_DTYPE_NAMES
+    if not numpy_float:  # the generic lookups, skipped in the common case
+        if not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float)):
+            raise TypeError(
+                f"{name}: expected a float32 or float64 array, "
+                f"got {type(a).__module__}.{type(a).__qualname__}"
+            )
+        dt = dtype_name(a)
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected dtype float32 or float64, got {dt}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if a.ndim not in allowed:

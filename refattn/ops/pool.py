@@ -391,6 +391,7 @@ def _check_into(into: Array | None, x_shape: Shape, dout: Array) -> None:
     if into is None:
         return
     check_array("into", into, shape=tuple(x_shape))
+    check_array("dout", dout)
     check_same_dtype(into=into, dout=dout)
 
 
