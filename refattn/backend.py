@@ -371,12 +371,18 @@ def sum_to_shape(g: Array, shape: Shape) -> Array:
     if tuple(g.shape) == shape:
         return g
     xp = namespace(g)
-    extra = g.ndim - len(shape)
-    axes = tuple(range(extra)) + tuple(
-        extra + i for i, n in enumerate(shape) if n == 1 and g.shape[extra + i] != 1
-    )
+    axes = _summed_axes(tuple(g.shape), shape)
     summed = xp.sum(g, axis=axes, keepdims=True) if axes else g
     return xp.reshape(summed, shape)
+
+
+def _summed_axes(g_shape: Shape, shape: Shape) -> tuple[int, ...]:
+    """The axes of `g_shape` that broadcasting to it from `shape` added or
+    stretched: the leading extra ones, and every axis where `shape` is 1."""
+    extra = len(g_shape) - len(shape)
+    return tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and g_shape[extra + i] != 1
+    )
 
 
 _EINSUM_TERMS = 4096  # the longest reduction sum_product_to_shape hands to einsum
@@ -401,11 +407,9 @@ def sum_product_to_shape(a: Array, b: Array, shape: Shape) -> Array:
         or a.size > _EINSUM_TERMS * max(prod(shape), 1)
     ):
         return sum_to_shape(a * b, shape)
-    extra = a.ndim - len(shape)
+    summed = _summed_axes(a.shape, shape)
     letters = "abcdefghijklmnopqrstuvwxyz"[: a.ndim]
-    kept = "".join(
-        letters[extra + i] for i, n in enumerate(shape) if n != 1 or a.shape[extra + i] == 1
-    )
+    kept = "".join(v for i, v in enumerate(letters) if i not in summed)
     return np.reshape(np.einsum(f"{letters},{letters}->{kept}", a, b), shape)
 
 
