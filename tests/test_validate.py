@@ -277,12 +277,14 @@ BUGS = [
         "seed_fixed",
         fails={"output.out", "grad.input.x_q", "grad.input.x_kv",
                "grad.param.theta.weight", "grad.param.kv0.g.bias"}),
-    # CGNL: alpha in float32 inside a float64 model.  At the anchor's gamma the
-    # error rescales y by ~4e-8; after GroupNorm the output is ~1e-10 off
+    # CGNL: alpha in float32 inside a float64 model.  Each α_q carries a
+    # relative error of ~3e-8; in the fixture draws (2γθφ ~ 1, so every Taylor
+    # term counts) that shows in the output and every gradient behind the GN
     Bug("cgnl-alpha-float32", "anchors.cgnl:make_yue_gaussian_alpha_float32", "cgnl",
-        "yue_gaussian", fails={"output.out", "grad.param.gn.weight"}, only=True,
-        passes={"grad.input.x", "grad.param.t.weight", "grad.param.p.weight",
-                "grad.param.g.weight", "grad.param.z.weight", "grad.param.gn.bias"}),
+        "yue_gaussian", fails={"output.out", "grad.input.x", "grad.param.t.weight",
+                               "grad.param.p.weight", "grad.param.g.weight",
+                               "grad.param.z.weight", "grad.param.gn.weight"},
+        only=True, passes={"grad.param.gn.bias"}),
     Bug("cgnl-alpha-float32-gamma0.1", "anchors.cgnl:make_yue_gaussian_alpha_float32",
         "cgnl", "yue_gaussian", ("gamma=0.1", "order=3"),
         fails={"output.out", "grad.input.x", "grad.param.t.weight",

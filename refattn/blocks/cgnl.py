@@ -119,6 +119,7 @@ __all__ = [
     "accumulation",
     "anchor_names",
     "backward",
+    "draw_scales",
     "fixture_shapes",
     "forward",
     "gn_cancels_attention",
@@ -402,7 +403,8 @@ def init_params(
 
     Default: random and non-degenerate (weights N(0, 1/fan_in), biases
     N(0, 0.1²), norm gamma in [0.5, 1.5], beta N(0, 0.1²), running mean
-    N(0, 0.1²) and variance in [0.5, 2]).
+    N(0, 0.1²) and variance in [0.5, 2]).  Fixtures multiply the t/p/g
+    convs by ``draw_scales`` so that every gradient is well conditioned.
 
     ``anchor_init=True``: the anchor ResNet's scheme for the block: every
     conv weight N(0, 0.01²), biases 0, norm gamma = beta = 0 (the block is
@@ -443,6 +445,41 @@ def init_params(
                 mean, var = draw_bn_state(rng, C)
                 state["bn.running_mean"], state["bn.running_var"] = mean, var
     return params, state
+
+
+def draw_scales(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> dict[str, float]:
+    """Factors on the drawn t/p/g conv weights (and biases) that keep every
+    fixture tensor of the block well conditioned; {} when none is needed.
+    The fixture generator applies them to ``init_params``' draws and records
+    them in the manifest.
+
+    Two configurations make gradients pure round-off at unit-scale draws,
+    and a scale on a draw fixes each without changing what is computed:
+
+    * GroupNorm cancelling the attention (``gn_cancels_attention``): GN sees
+      s·u with u free of W_φ and W_g, and GN(s u) = s u / sqrt(s² var u +
+      eps) depends on s only through eps / (s² var u).  At unit draws
+      s² var u ~ c² M (M = cg·|S| terms of unit size) is 1e6 times eps, and
+      the W_φ, W_g gradients are eps-sized remainders.  W_g is drawn
+      sqrt(eps) / (c sqrt(M)) times smaller, so s² var u ~ eps: GN then
+      divides by a term that s and eps share, and those gradients are as
+      large as the rest.  (W_g, not W_φ: it scales s of the dot kernel and
+      s_0 of the Gaussian of order 0 alike.)
+    * the Gaussian kernel: y = Σ_q α_q θ^q s_q with α_q ∝ (2γ)^q / q!, so at
+      unit draws the terms q >= 1, which carry all of W_θ's and W_φ's
+      influence, are 2γ (2e-4 for the anchor's γ = 1e-4) of the q = 0 term.
+      W_θ and W_φ are drawn 1/sqrt(2γ) times larger (when that is > 1), so
+      2γ θ φ ~ 1 and every term of the series counts.
+    """
+    M = (int(cfg.resolved(input_shapes).planes) // cfg.groups) * prod(
+        _x_shape(input_shapes)[2:])  # type: ignore[arg-type]
+    scales = {}
+    if cfg.kernel == "gaussian" and 2.0 * float(cfg.gamma) < 1.0:
+        scales["t"] = scales["p"] = 1.0 / math.sqrt(2.0 * float(cfg.gamma))
+    if gn_cancels_attention(cfg):
+        c = 1.0 / math.sqrt(M) if cfg.use_scale else 1.0
+        scales["g"] = math.sqrt(float(cfg.eps)) / (c * math.sqrt(M))
+    return scales
 
 
 # ---------------------------------------------------------------------------
@@ -885,60 +922,67 @@ def _check_douts(douts: Mapping[str, Array], c: CGNLCache) -> Array:
 
 
 def kink_margin(cache: CGNLCache) -> float:
-    """Distance from the one near-kink of CGNL, in units of MIN_MARGIN.
+    """Relative distance from the one near-kink of CGNL.
 
     CGNL has no ReLU and no max.  But when GroupNorm cancels the attention
     (``gn_cancels_attention``), each GN group sees z = s·u and outputs
-    s/sqrt(s²·var(u) + eps)·(u − mean u): a sign function of the scalar s,
-    smoothed over |s|·std(u) ~ sqrt(eps).  Inside that width the output
-    swings with s at a rate up to 1/sqrt(eps), and finite differences stop
-    resolving it.  The margin is MIN_MARGIN · min var(z) / (100·eps) over the
-    GN groups: at least MIN_MARGIN exactly when every group keeps
-    s²·var(u) >= 100·eps (ten smoothing widths from the sign switch; a
-    margin ten times larger means var(z) >= 1000·eps).  Every other
-    configuration is smooth: infinity.
+
+        s (u − mean u) / sqrt(s² var u + eps),
+
+    a sign function of the attention scalar s, smoothed over a width
+    w = sqrt(eps / var u).  A perturbation of the sums behind s (round-off,
+    or a finite-difference step) moves s by that fraction of Σ|terms|
+    (c Σ_j |φ_j g_j| for the dot kernel, c Σ_j |g_j| for the order-0
+    Gaussian).  It flips the sign, or leaves the linear part of the smoothed
+    step, once it exceeds max(|s|, w); the margin is the smallest
+
+        max(|s|, w) / Σ|terms|  =  max(sqrt(var z), sqrt(eps)) |s| / (sqrt(var z) Σ|terms|)
+
+    over the GN groups (var z = s² var u, read off the GN statistics).
+    Every other configuration is smooth: infinity.
     """
     if cache.gn is None or not gn_cancels_attention(cache.cfg):
         return math.inf
     xp = namespace(inv_std=cache.gn.inv_std)
     eps = float(cache.cfg.eps)
-    var = 1.0 / (cache.gn.inv_std * cache.gn.inv_std) - eps  # (N, gn_groups)
-    return MIN_MARGIN * max(float(xp.min(var)), 0.0) / (100.0 * eps)
+    if cache.dot is not None:
+        s, scale = cache.dot.s, cache.dot.scale  # (N, G)
+        terms = scale * xp.sum(xp.abs(cache.dot.p * cache.dot.g), axis=-1)
+    else:  # the const-beta Gaussian of order 0: s_0 = c Σ_j g_j
+        taylor = cache.taylor
+        s = taylor.a[..., 0] / float(taylor.alpha[0])
+        terms = taylor.scale * xp.sum(xp.abs(taylor.w), axis=-1)
+    N, G = s.shape
+    per = cache.gn.inv_std.shape[1] // G  # GN groups per attention group
+    s = xp.reshape(xp.broadcast_to(s[:, :, None], (N, G, per)), (N, G * per))
+    terms = xp.reshape(xp.broadcast_to(terms[:, :, None], (N, G, per)), (N, G * per))
+    var_z = 1.0 / (cache.gn.inv_std * cache.gn.inv_std) - eps  # (N, gn_groups)
+    std_z = xp.sqrt(xp.clip(var_z, 0.0, None))
+    if float(xp.min(std_z)) == 0.0 or float(xp.min(terms)) == 0.0:
+        return 0.0
+    margin = xp.maximum(std_z, math.sqrt(eps)) * xp.abs(s) / (std_z * terms)
+    return float(xp.min(margin))
 
 
 def accumulation(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> dict[str, int]:
     """The longest chain of sums behind each tensor family, widened where the
-    block is ill-conditioned (docs/blocks/cgnl.md, "Tolerances").
+    block is ill-conditioned at the fixture draws (docs/blocks/cgnl.md,
+    "Tolerances").
 
     Forward: projection (C), group moment (M = cg·|S|), Taylor sum (Q+1), z
     (P/G), norm statistics ((C/gn_groups)·|S| for GN, N·|S| for BN train).
     The backward adds the transposed products (norm, P/G, M twice, Q+1, 3P)
     and, for parameter gradients, the sum over the batch and positions.
 
-    Conditioning, as an effective length K·κ² (an error amplified κ-fold
-    counts like κ² more round-off terms; measured by perturbing the inputs
-    and parameters by one ulp, docs/blocks/cgnl.md "Tolerances"):
-
-    * gaussian kernel with a norm: the informative terms q >= 1 are about 2γ
-      of the q = 0 offset, which the norm's backward largely projects out, so
-      round-off in the gradients behind the norm is amplified up to
-      κ = max(1, 1/(2γ)); the forward tensors and the norm's own affine
-      gradients are not;
-    * GN cancelling the attention (``gn_cancels_attention``): the p/g
-      gradients are an eps-sized remainder of sums of O(1) terms, so a
-      correct float64 result is only good to an absolute error on the scale
-      of the largest parameter gradient.  Their own scale is about
-      eps/(s²·var) of it, s² ~ M (1 with use_scale's 1/M) for the
-      unit-variance draws of the fixtures: κ = M/eps (1/eps) on
-      ``grad.param.p`` and ``grad.param.g`` turns that absolute error into
-      their own scale (measured own/largest ratios lie within 0.05·eps/M to
-      3000·eps/M, which the rule's margin of ~2e4 on either side absorbs);
-    * one channel per z group (P/G = 1) under a per-channel normalisation
-      (train-mode BN, or GN with gn_groups = C): each z channel is
-      w_c·y_k, the norm cancels w_c up to eps, and the same κ applies to
-      ``grad.param.z``; likewise for the const-beta Gaussian of order 0
-      (y constant per group) when a GN group holds at most two channels,
-      whose normalised values are then ±1 whatever W_z is.
+    ``draw_scales`` conditions the GN-cancelled attention and the Gaussian
+    kernel at the source, so the presets need no widening.  One case is
+    left that a draw cannot fix: one channel per z group (P/G = 1) under a
+    per-channel normalisation (train-mode BN, or GN with gn_groups = C)
+    that does not also cancel the attention.  Each z channel is then w_c·y_k,
+    the norm removes w_c up to eps, and ``grad.param.z`` is an eps-sized
+    remainder of O(1) terms: its length is widened by κ² with κ = M/eps
+    (1/eps with use_scale's 1/M), which puts its tolerance above the
+    dtype's cap, and the fixture records it as not checkable.
     """
     x_shape = _x_shape(input_shapes)
     cfg = cfg.resolved(input_shapes)
@@ -957,31 +1001,17 @@ def accumulation(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> dict[str
     aux = C + M + terms
     forward_chain = aux + cg + norm
     backward_chain = forward_chain + norm + cg + 2 * M + terms + 3 * P
-    kappa = 1.0
-    if cfg.kernel == "gaussian" and cfg.norm is not None:
-        kappa = max(1.0, 1.0 / (2.0 * float(cfg.gamma)))
     out = {
         "out": forward_chain,
         "aux": aux,
         "state": forward_chain,
-        "grad.input": _widen(backward_chain, kappa),
-        "grad.param": _widen(backward_chain + N * L, kappa),
+        "grad.input": backward_chain,
+        "grad.param": backward_chain + N * L,
     }
-    if cfg.norm is not None:  # the norm's affine gradients: no amplification
-        out["grad.param.gn" if cfg.norm == "gn" else "grad.param.bn"] = (
-            backward_chain + N * L
-        )
-    cancel = kappa * (1 if cfg.use_scale else M) / float(cfg.eps)
-    cancelled = ["p", "g"] if gn_cancels_attention(cfg) else []
-    gn_width = 0  # channels per GN group
-    if cfg.norm == "gn":
-        gn_width = C // int(cfg.gn_groups)  # type: ignore[arg-type]
-    per_channel = cfg.norm == "bn_train" or gn_width == 1
-    constant_y = cfg.kernel == "gaussian" and cfg.order == 0 and cfg.beta == "const"
-    if (cg == 1 and per_channel) or (constant_y and cancelled and gn_width <= 2):
-        cancelled.append("z")
-    for name in cancelled:
-        out[f"grad.param.{name}"] = _widen(backward_chain + N * L, cancel)
+    per_channel = cfg.norm == "bn_train" or (cfg.norm == "gn" and cfg.gn_groups == C)
+    if cg == 1 and per_channel and not gn_cancels_attention(cfg):
+        kappa = (1 if cfg.use_scale else M) / float(cfg.eps)
+        out["grad.param.z"] = _widen(backward_chain + N * L, kappa)
     return out
 
 
@@ -1059,5 +1089,6 @@ SPECS: dict[str, BlockSpec] = {
         accumulation=accumulation,
         anchor_names=anchor_names,
         with_bn_mode=with_bn_mode,
+        draw_scales=draw_scales,
     )
 }

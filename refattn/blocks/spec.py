@@ -34,6 +34,11 @@ with named ``PRESETS`` and these functions, collected in its ``SPEC``:
     None when the config has no batch norm.
 ``fixture_shapes(cfg) -> {input name: shape}``
     The small default input shapes of golden fixtures and gradchecks.
+``draw_scales(cfg, input_shapes) -> {module: factor}`` (optional)
+    Factors the fixture generator applies to the weights and biases of
+    ``init_params``' draws, by module name, so that every fixture tensor is
+    well conditioned (a tolerance that can reject a wrong result); recorded
+    in the manifest.  None (the default): no block needs it but CGNL.
 
 ``BlockSpec`` adds the checks every block shares around these functions:
 ``input_shapes`` must map names to sequences of ints >= 0 (a dim of 2.5 or
@@ -101,6 +106,7 @@ class BlockSpec:
     accumulation: Callable[[Any, Mapping[str, Shape]], dict[str, int]]
     anchor_names: Callable[[str | None, Any, Mapping[str, Shape]], dict[str, str]]
     with_bn_mode: Callable[[Any, str], Any]
+    draw_scales: Callable[[Any, Mapping[str, Shape]], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         # the shared checks (module docstring); idempotent under dataclasses.replace

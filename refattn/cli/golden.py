@@ -96,7 +96,8 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
             with signals_deferred():  # a write completes before SIGTERM/SIGINT act
                 path = write_case(out, case.block, case.case_id, case.tensors,
                                   case.manifest, tolerances=case.tolerances,
-                                  accumulation=case.accumulation, formats=formats,
+                                  accumulation=case.accumulation, checks=case.checks,
+                                  formats=formats,
                                   force=force)
             manifest = json.loads((path / "manifest.json").read_text())
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())

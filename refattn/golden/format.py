@@ -131,6 +131,10 @@ _TENSOR_FIELDS = (
     "atol",
     "accumulation_length",
 )
+_OPTIONAL_TENSOR_FIELDS = ("check", "check_reason")
+"""Present only on a tensor not checked in full (``strength.CHECK_KINDS``):
+``check`` is "zero" or "none" and ``check_reason`` says why."""
+_PARTIAL_CHECKS = ("zero", "none")
 _FIELD_ORDER = (
     "schema",
     "block",
@@ -289,12 +293,21 @@ def _check_tensor_entry(key: str, e: Any, case_dtype: Any, where: str) -> list[s
         return [f"{where}: {err}"]
     if not isinstance(e, dict):
         return [f"{at}: expected an object, got {e!r}"]
-    if set(e) != set(_TENSOR_FIELDS):
+    if not set(_TENSOR_FIELDS) <= set(e) <= set(_TENSOR_FIELDS + _OPTIONAL_TENSOR_FIELDS):
         return [
-            f"{at}: expected exactly the fields {', '.join(_TENSOR_FIELDS)}, "
-            f"got {', '.join(sorted(e))}"
+            f"{at}: expected the fields {', '.join(_TENSOR_FIELDS)} (and optionally "
+            f"{', '.join(_OPTIONAL_TENSOR_FIELDS)}), got {', '.join(sorted(e))}"
         ]
     out = []
+    if ("check" in e) != ("check_reason" in e):
+        out.append(f"{at}: 'check' and 'check_reason' come together, got only one")
+    elif "check" in e:
+        if e["check"] not in _PARTIAL_CHECKS:
+            out.append(f"{at}: check: expected one of {', '.join(_PARTIAL_CHECKS)}, "
+                       f"got {e['check']!r}")
+        if not isinstance(e["check_reason"], str) or not e["check_reason"].strip():
+            out.append(f"{at}: check_reason: expected a non-empty string, "
+                       f"got {e['check_reason']!r}")
     if e["role"] != role:
         out.append(f"{at}: role {e['role']!r} does not match the key prefix ({role!r})")
     if e["dtype"] not in DTYPES:
@@ -959,10 +972,13 @@ def _tensor_entries(
     arrays: Mapping[str, np.ndarray],
     tolerances: Mapping[str, tuple[float, float]] | None,
     accumulation: Mapping[str, int] | None,
+    checks: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     tolerances = dict(tolerances or {})
     accumulation = dict(accumulation or {})
-    for what, d in (("tolerances", tolerances), ("accumulation", accumulation)):
+    checks = dict(checks or {})
+    for what, d in (("tolerances", tolerances), ("accumulation", accumulation),
+                    ("checks", checks)):
         unknown = sorted(set(d) - set(arrays))
         if unknown:
             raise FixtureError(f"{what}: keys {unknown!r} are not tensors of the case")
@@ -1002,6 +1018,9 @@ def _tensor_entries(
             "atol": atol,
             "accumulation_length": None if k is None else int(k),
         }
+        if key in checks:
+            kind, reason = checks[key]
+            entries[key] |= {"check": kind, "check_reason": reason}
     return entries
 
 
@@ -1013,6 +1032,7 @@ def _assemble_manifest(
     formats: list[str],
     tolerances: Any,
     accumulation: Any,
+    checks: Any = None,
 ) -> dict[str, Any]:
     if not isinstance(manifest, Mapping):
         raise TypeError(f"manifest: expected a dict, got {type(manifest).__name__}")
@@ -1044,7 +1064,7 @@ def _assemble_manifest(
         case_id=case_id,
         formats=formats,
         provenance=provenance,
-        tensors=_tensor_entries(arrays, tolerances, accumulation),
+        tensors=_tensor_entries(arrays, tolerances, accumulation, checks),
     )
     m.pop("digest", None)
     _raise_problems(validate_manifest(m, "manifest", need_digest=False))
@@ -1286,6 +1306,7 @@ def write_case(
     *,
     tolerances: Mapping[str, tuple[float, float]] | None = None,
     accumulation: Mapping[str, int] | None = None,
+    checks: Mapping[str, tuple[str, str]] | None = None,
     formats: Iterable[str] = FORMATS,
     force: bool = False,
 ) -> Path:
@@ -1299,6 +1320,9 @@ def write_case(
     Tolerances: ``tolerances[key] = (rtol, atol)`` (absolute atol) overrides
     the rule; otherwise ``tolerance_for(dtype, accumulation.get(key, 1))``
     gives ``(rtol, atol_rel)`` and atol = atol_rel * max|tensor|.
+    ``checks[key] = (kind, reason)`` marks a tensor that is not checked in
+    full: kind "zero" (analytically zero, absolute tolerance only) or "none"
+    (not checkable in this dtype); see ``refattn.golden.strength``.
 
     Steps: validate; write every file into ``<root>/<block>/.tmp-<case_id>-*``
     and fsync it; read it back and check every digest; then, under an
@@ -1331,7 +1355,7 @@ def write_case(
         )
     arrays = _prepare_tensors(tensors)
     m = _assemble_manifest(
-        block, case_id, arrays, manifest, fmts, tolerances, accumulation
+        block, case_id, arrays, manifest, fmts, tolerances, accumulation, checks
     )
     root = Path(root)
     block_dir = root / block

@@ -19,7 +19,16 @@ The recipe (DESIGN sections 5 and 7):
    (``refattn.golden.format.tolerance_for``, from the tensor's accumulation
    length); a gradient that is analytically zero (pure round-off in the
    float64 reference) is compared with an absolute tolerance on the scale of
-   its tensor family instead.
+   its tensor family instead (check kind ``"zero"``), and a tensor whose
+   tolerance would exceed the dtype's cap (``strength.MAX_RTOL``) is recorded
+   as not checkable (``"none"``) with the reason.
+5. Prove every other tolerance can fail (``strength.case_weaknesses``:
+   zeroed, negated, scaled and one-off results must be rejected); a case
+   that would carry a vacuous tolerance is refused.
+
+Blocks whose unit-scale draws leave a tensor ill-conditioned (CGNL) name
+factors for their parameter draws (``BlockSpec.draw_scales``); they are
+applied after ``init_params`` and recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from refattn.blocks.spec import (
     to_namespace,
 )
 from refattn.golden.format import tolerance_for
+from refattn.golden.strength import MAX_RTOL, case_weaknesses
 
 __all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "expand_requests", "generate_case"]
 
@@ -102,6 +112,8 @@ class GeneratedCase:
     manifest: dict[str, Any]
     tolerances: dict[str, tuple[float, float]]
     accumulation: dict[str, int]
+    checks: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Tensors not checked in full: key -> (kind "zero" or "none", reason)."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -199,6 +211,7 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
     resolved = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
     spec.param_shapes(resolved, shapes)  # validates channels, groups, sizes
     rounding = np.float32 if req.dtype == "float32" else np.float64
+    scales = spec.draw_scales(resolved, shapes) if spec.draw_scales else {}
     min_margin = MIN_MARGIN_FLOAT32 if req.dtype == "float32" else MIN_MARGIN
 
     for draw in range(MAX_REDRAWS):
@@ -208,7 +221,8 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
             for k, s in shapes.items()
         }
         params, state = spec.init_params(resolved, shapes, seed=_seed(req.seed, draw, 1))
-        params = {k: _round(v, rounding) for k, v in params.items()}
+        params = {k: _round(v * scales.get(k.rsplit(".", 1)[0], 1.0), rounding)
+                  for k, v in params.items()}
         state = {k: _round(v, rounding) for k, v in state.items()}
         dev = {
             "inputs": to_namespace(inputs, xp, device=device),
@@ -249,7 +263,7 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
     ref |= {f"grad.param.{k}": backend.to_host(v) for k, v in dparams.items()}
 
     accumulation = _accumulation(spec.accumulation(resolved, shapes), ref)
-    tolerances = _tolerances(req.dtype, ref, accumulation)
+    tolerances, checks = _tolerances(req.dtype, ref, accumulation)
     tensors = {k: np.asarray(v, dtype=rounding, order="C") for k, v in ref.items()}
     mode = bn_mode_of(spec, resolved)
     manifest = {
@@ -264,7 +278,12 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
         "input_constraints": {
             "inputs": "standard normal, rounded to the case dtype",
             "cotangent": "standard normal, rounded to the case dtype",
-            "params": "block init_params (random, non-degenerate), rounded to the case dtype",
+            "params": "block init_params (random, non-degenerate)"
+                      + (", the modules in param_scales multiplied by their factor "
+                         "so that every tensor is well conditioned (docs/blocks/"
+                         f"{req.block}.md, Tolerances)" if scales else "")
+                      + ", rounded to the case dtype",
+            **({"param_scales": dict(sorted(scales.items()))} if scales else {}),
             "min_kink_margin": min_margin,
             "kink_margin": margin if np.isfinite(margin) else None,  # None: no kinks
         },
@@ -282,8 +301,18 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
             "reference_dtype": "float64",
         },
     }
+    weak = case_weaknesses(
+        {"dtype": req.dtype,
+         "tensors": {k: {"rtol": r, "atol": a, "check": checks.get(k, ("full",))[0]}
+                     for k, (r, a) in tolerances.items()}},
+        tensors, [k for k in tensors if _family(k)])
+    if weak:
+        raise ValueError(
+            f"{req.block}/{manifest['case_id']}: refusing a case whose tolerance cannot "
+            f"reject a wrong result: {weak[0]}"
+            + (f" (and {len(weak) - 1} more)" if len(weak) > 1 else ""))
     return GeneratedCase(req.block, manifest["case_id"], tensors, manifest, tolerances,
-                         accumulation)
+                         accumulation, checks)
 
 
 def _round(a: np.ndarray, dtype: Any) -> np.ndarray:
@@ -314,14 +343,17 @@ _FAMILIES = ("grad.input.", "grad.param.", "output.state.", "output.", "aux.")
 
 
 def _tolerances(dtype: str, ref: Mapping[str, np.ndarray],
-                accumulation: Mapping[str, int]) -> dict[str, tuple[float, float]]:
-    """(rtol, atol) per computed tensor; inputs and parameters are exact data."""
+                accumulation: Mapping[str, int]
+                ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[str, str]]]:
+    """(rtol, atol) per tensor (inputs and parameters are exact data), and
+    the check kind of every computed tensor that is not checked in full."""
     scale: dict[str, float] = {}
     for key, v in ref.items():
         fam = _family(key)
         if fam and v.size:
             scale[fam] = max(scale.get(fam, 0.0), float(np.max(np.abs(v))))
     tol: dict[str, tuple[float, float]] = {}
+    checks: dict[str, tuple[str, str]] = {}
     for key, v in ref.items():
         fam = _family(key)
         if fam is None:
@@ -329,10 +361,20 @@ def _tolerances(dtype: str, ref: Mapping[str, np.ndarray],
             continue
         rtol, atol_rel = tolerance_for(dtype, accumulation[key])
         own = float(np.max(np.abs(v))) if v.size else 0.0
-        if own <= ROUNDOFF_ZERO * scale.get(fam, 0.0):
-            own = scale[fam]  # analytically zero: compare on the family's scale
+        if rtol >= MAX_RTOL[dtype]:
+            checks[key] = ("none", (
+                f"ill-conditioned in {dtype}: a correct implementation needs rtol "
+                f"{rtol:.3g} (effective accumulation length {accumulation[key]}), "
+                f"above the {dtype} cap {MAX_RTOL[dtype]:g}; see the block's page, "
+                "Tolerances"))
+        elif v.size and own <= ROUNDOFF_ZERO * scale.get(fam, 0.0):
+            checks[key] = ("zero", (
+                f"analytically zero: the float64 reference holds only round-off "
+                f"(max |value| {own:.3g}, below {ROUNDOFF_ZERO:g} of the largest "
+                f"{fam}* tensor); compared against 0 on that tensor's scale"))
+            own = scale[fam]
         tol[key] = (rtol, atol_rel * own)
-    return tol
+    return tol, checks
 
 
 def _family(key: str) -> str | None:
