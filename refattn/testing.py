@@ -24,7 +24,13 @@ __all__ = ["assert_matches_golden", "golden_cases", "validate_case"]
 def golden_cases(root: str | Path, *, block: str | None = None,
                  dtype: str | None = None) -> list[Path]:
     """Every case directory under `root` (optionally one block / dtype), sorted:
-    feed it to ``pytest.mark.parametrize``."""
+    feed it to ``pytest.mark.parametrize``.
+
+    Directory links are followed.  A tree entry that cannot be searched (a
+    link loop, a dangling link, a link to a file, an unreadable directory)
+    raises ``FixtureError`` naming it, at collection, rather than leaving its
+    cases out of the run unnoticed.
+    """
     import json
 
     from refattn.golden.format import find_cases
@@ -43,8 +49,12 @@ def golden_cases(root: str | Path, *, block: str | None = None,
 def validate_case(case_dir: str | Path,
                   subject: Mapping[str, Any] | Callable[[dict[str, Any]], Any], *,
                   names: str | Mapping[str, str] = "canonical",
-                  device: str = "cpu") -> ValidationReport:
-    """Validate results (a fixture-keyed dict) or a torch module factory."""
+                  device: str = "cpu", require: str = "provided") -> ValidationReport:
+    """Validate results (a fixture-keyed dict) or a torch module factory.
+
+    ``require``: "provided" (what is given must pass; a partial check has the
+    verdict PARTIAL) or "all" (every tensor of the case must be checked and
+    pass)."""
     from refattn.golden.format import read_case
 
     case = read_case(Path(case_dir))
@@ -53,14 +63,21 @@ def validate_case(case_dir: str | Path,
 
         label = getattr(subject, "__qualname__", repr(subject))
         results = run_torch_case(case, subject, names=names, device=device)
-        return validate_results(case, results, subject=f"torch module from {label}")
-    return validate_results(case, subject, subject="results")
+        return validate_results(case, results, subject=f"torch module from {label}",
+                                require=require)
+    return validate_results(case, subject, subject="results", require=require)
 
 
 def assert_matches_golden(case_dir: str | Path,
                           subject: Mapping[str, Any] | Callable[[dict[str, Any]], Any],
                           **kwargs: Any) -> ValidationReport:
-    """Validate and raise AssertionError(report) unless every checked tensor passes."""
+    """Validate and raise AssertionError(report) unless the report is ok.
+
+    By default every tensor given must pass (``require="provided"``); pass
+    ``require="all"`` to also fail when any tensor of the case is not checked
+    (not provided, or not checkable in the case's dtype): the setting for a
+    CI job that claims full agreement.  Results must be real floating-point
+    arrays; anything else raises ``ValidationInputError``."""
     report = validate_case(case_dir, subject, **kwargs)
     if not report.ok:
         raise AssertionError("\n" + report.to_text())

@@ -13,6 +13,17 @@ NaN/Inf counts, and, for a failure, the worst element's multi-index in the
 tensor's own shape with both values there and the first few mismatching
 positions.  Fixture tensors they did not provide are listed as NOT CHECKED,
 never silently passed.
+
+Verdicts: PASS when every checkable tensor of the case was provided and
+passed; PARTIAL when everything provided passed but some tensor was not
+checked (not provided, not checkable in the case's dtype, or carrying a
+tolerance that cannot reject a wrong result); FAIL on any mismatch.  With
+``require="all"`` a PARTIAL verdict fails too: use it in CI, where a
+silently narrowed check must not stay green.
+
+Their tensors must be real floating-point arrays (float16, float32 or
+float64): complex, integer, boolean, string, structured and object arrays are
+refused by name, never cast.
 """
 
 from __future__ import annotations
@@ -25,20 +36,25 @@ from typing import Any
 
 import numpy as np
 
+from refattn.golden.strength import CHECKED_PREFIXES, tolerance_weaknesses
+
 __all__ = [
     "CHECKED_PREFIXES",
+    "REQUIRE",
     "TensorComparison",
     "ValidationInputError",
     "ValidationReport",
+    "check_real_float",
     "compare_tensor",
     "load_results",
     "validate_results",
 ]
 
-CHECKED_PREFIXES = ("output.", "grad.input.", "grad.param.", "aux.")
-"""Fixture keys a third party can be checked on (output.state.* included)."""
-
 FIRST_MISMATCHES = 5
+REQUIRE = ("provided", "all")
+"""What a report needs to be ok: every provided tensor passes ("provided",
+the default; a partial check is labelled PARTIAL), or every checkable tensor
+of the case is provided and passes and none is unchecked ("all")."""
 
 
 class ValidationInputError(ValueError):
@@ -54,6 +70,9 @@ class TensorComparison:
     shape: tuple[int, ...]
     rtol: float
     atol: float
+    check: str = "full"  # the manifest's check kind: "full", "zero" or "none"
+    reason: str | None = None  # why a row is NOT CHECKED
+    abs_only: bool = False  # max|expected| <= atol: the absolute band decides
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
     rel_l2_err: float = 0.0
@@ -70,6 +89,17 @@ class TensorComparison:
     def mismatch_pct(self) -> float:
         return 100.0 * self.mismatches / self.size if self.size else 0.0
 
+    @property
+    def strength(self) -> str:
+        """How the row is compared: "rel+abs", or "abs only" where the
+        expected tensor is analytically zero or below its absolute tolerance
+        everywhere (a max relative error of 1 is then no alarm)."""
+        if self.check == "zero":
+            return "abs only (exact 0)"
+        if self.check == "none":
+            return "none"
+        return "abs only (tiny)" if self.abs_only else "rel+abs"
+
 
 @dataclass
 class ValidationReport:
@@ -82,6 +112,7 @@ class ValidationReport:
     mode: str | None
     subject: str
     rows: list[TensorComparison]
+    require: str = "provided"
 
     reference = "refattn golden fixture (expected, float64 reference math)"
 
@@ -98,8 +129,24 @@ class ValidationReport:
         return [r.name for r in self.rows if r.status == "NOT CHECKED"]
 
     @property
+    def complete(self) -> bool:
+        """Every tensor of the case was checked (none NOT CHECKED)."""
+        return not self.not_checked
+
+    @property
+    def verdict(self) -> str:
+        """"PASS" (everything checked and passed), "PARTIAL" (what was
+        checked passed, something was not checked) or "FAIL"."""
+        if self.failed or not self.checked:
+            return "FAIL"
+        return "PASS" if self.complete else "PARTIAL"
+
+    @property
     def ok(self) -> bool:
-        return bool(self.checked) and not self.failed
+        """The exit status: a PASS, or a PARTIAL when ``require`` is
+        "provided"."""
+        return self.verdict == "PASS" or (self.verdict == "PARTIAL"
+                                          and self.require == "provided")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: a non-finite number (NaN or Inf in their tensors) becomes
@@ -108,9 +155,15 @@ class ValidationReport:
         for r in self.rows:
             d = _finite_json(asdict(r))
             d["mismatch_pct"] = r.mismatch_pct
+            d["strength"] = r.strength
             rows.append(d)
         return {
             "ok": self.ok,
+            "verdict": self.verdict,
+            "complete": self.complete,
+            "require": self.require,
+            "checked": len(self.checked),
+            "total": len(self.rows),
             "case": self.case,
             "block": self.block,
             "preset": self.preset,
@@ -127,8 +180,13 @@ class ValidationReport:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def to_text(self) -> str:
-        verdict = "PASS" if self.ok else "FAIL"
-        if self.not_checked:
+        verdict = self.verdict
+        if self.verdict == "PARTIAL":
+            verdict += (f": only {len(self.checked)} of {len(self.rows)} tensors checked "
+                        f"(all passed), {len(self.not_checked)} NOT CHECKED"
+                        + (" -- a failure under --require all" if self.require == "all"
+                           else "; --require all makes this a failure"))
+        elif self.not_checked:
             verdict += (f" ({len(self.checked)} tensors checked, "
                         f"{len(self.not_checked)} not checked)")
         width = max([34] + [len(r.name) for r in self.rows])
@@ -139,11 +197,11 @@ class ValidationReport:
             f"  expected = {self.reference}",
             f"  actual   = {self.subject}",
             f"  {'tensor':<{width}} {'status':<11} {'max abs':>10} {'max rel':>10} "
-            f"{'rel L2':>10} {'rtol':>8} {'atol':>9} {'mismatch':>16}",
+            f"{'rel L2':>10} {'rtol':>8} {'atol':>9} {'mismatch':>16}  compared",
         ]
         for r in self.rows:
             if r.status == "NOT CHECKED":
-                lines.append(f"  {r.name:<{width}} {r.status:<11} (not provided)")
+                lines.append(f"  {r.name:<{width}} {r.status:<11} ({r.reason})")
                 continue
             mm = f"{r.mismatches}/{r.size} ({r.mismatch_pct:.1f}%)"
             nan = f"  NaN {r.nan_actual}" if r.nan_actual else ""
@@ -151,7 +209,7 @@ class ValidationReport:
             lines.append(
                 f"  {r.name:<{width}} {r.status:<11} {r.max_abs_err:>10.3e} "
                 f"{r.max_rel_err:>10.3e} {r.rel_l2_err:>10.3e} {r.rtol:>8.1e} "
-                f"{r.atol:>9.2e} {mm:>16}{nan}{inf}"
+                f"{r.atol:>9.2e} {mm:>16}  {r.strength}{nan}{inf}"
             )
         for r in self.rows:
             if r.status != "FAIL":
@@ -192,6 +250,7 @@ def compare_tensor(name: str, expected: np.ndarray, actual: np.ndarray, rtol: fl
     e = np.asarray(expected, dtype=np.float64)
     a = np.asarray(actual, dtype=np.float64)
     row = TensorComparison(name, "PASS", tuple(e.shape), rtol, atol, size=int(e.size))
+    row.abs_only = bool(e.size) and float(np.max(np.abs(e))) <= atol
     row.nan_actual = int(np.isnan(a).sum())
     row.inf_actual = int(np.isinf(a).sum())
     if e.size == 0:
@@ -252,9 +311,52 @@ def load_results(path: str | Path) -> dict[str, np.ndarray]:
     raise ValidationInputError(f"--results: expected a .safetensors or .npz file, got {p}")
 
 
-def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "results"
-                     ) -> ValidationReport:
-    """Compare `results` (fixture key names) with a case read by read_case."""
+def check_real_float(name: str, value: Any, subject: str) -> np.ndarray:
+    """`value` as an ndarray, if it is a real floating-point array.
+
+    Raises:
+        ValidationInputError: naming `subject` and the tensor, for complex,
+            integer, boolean, string, bytes, structured or object data (no
+            silent cast: a complex result would lose its imaginary part, a
+            string array would be parsed as numbers).
+    """
+    a = np.asarray(value) if isinstance(value, np.ndarray) else None
+    if a is None:
+        try:
+            a = np.asarray(value)
+        except Exception as err:  # an object numpy cannot take
+            raise ValidationInputError(
+                f"{subject}: {name}: expected a real floating-point array, got "
+                f"{type(value).__name__} ({err})") from None
+    if a.dtype.kind != "f":
+        kinds = {"c": "complex", "i": "integer", "u": "unsigned integer",
+                 "b": "boolean", "U": "string", "S": "bytes", "V": "structured",
+                 "O": "object", "M": "datetime", "m": "timedelta"}
+        raise ValidationInputError(
+            f"{subject}: {name} has dtype {a.dtype} ({kinds.get(a.dtype.kind, 'other')}); "
+            "expected a real floating-point array (float16, float32 or float64), "
+            "nothing is cast")
+    return a
+
+
+def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "results",
+                     require: str = "provided") -> ValidationReport:
+    """Compare `results` (fixture key names) with a case read by read_case.
+
+    Args:
+        case: a ``GoldenCase``.
+        results: their tensors, keyed like the fixture; each must be a real
+            floating-point array of the fixture's shape.
+        subject: who "actual" is, for the report and the errors.
+        require: "provided" (default) or "all": whether a PARTIAL verdict
+            (some tensor not checked) still counts as ok (see REQUIRE).
+
+    Raises:
+        ValidationInputError: unknown keys, a wrong shape, a tensor that is
+            not real floating point, or nothing checkable given.
+    """
+    if require not in REQUIRE:
+        raise ValueError(f"require: expected one of {', '.join(REQUIRE)}, got {require!r}")
     manifest = case.manifest
     expected = {k: v for k, v in case.tensors.items() if k.startswith(CHECKED_PREFIXES)}
     unknown = sorted(set(results) - set(case.tensors))
@@ -269,20 +371,38 @@ def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "r
         e = expected[name]
         spec = manifest["tensors"][name]
         rtol, atol = float(spec["rtol"]), float(spec["atol"])
-        if name not in results:
-            rows.append(TensorComparison(name, "NOT CHECKED", tuple(e.shape), rtol, atol,
-                                         size=int(e.size)))
+        check = spec.get("check", "full")
+        unchecked = TensorComparison(name, "NOT CHECKED", tuple(e.shape), rtol, atol,
+                                     check=check, size=int(e.size))
+        if check == "none":
+            unchecked.reason = f"not checkable: {spec['check_reason']}"
+            rows.append(unchecked)
             continue
-        a = np.asarray(results[name])
+        weak = tolerance_weaknesses(name, e, rtol, atol, str(manifest["dtype"]), check)
+        if weak:
+            unchecked.reason = ("the fixture's tolerance cannot reject a wrong result: "
+                                + "; ".join(w.detail for w in weak))
+            rows.append(unchecked)
+            continue
+        if name not in results:
+            unchecked.reason = "not provided"
+            rows.append(unchecked)
+            continue
+        a = check_real_float(name, results[name], subject)
         if tuple(a.shape) != tuple(e.shape):
             raise ValidationInputError(
                 f"{subject}: {name} has shape {tuple(a.shape)}, the fixture's is "
                 f"{tuple(e.shape)}"
             )
-        rows.append(compare_tensor(name, e, a, rtol, atol))
+        row = compare_tensor(name, e, a, rtol, atol)
+        row.check = check
+        rows.append(row)
+    for name in sorted(set(results) & set(expected)):  # refused even if unchecked
+        check_real_float(name, results[name], subject)
     report = ValidationReport(
         case=str(case.path), block=manifest["block"], preset=manifest.get("preset"),
         dtype=manifest["dtype"], mode=manifest.get("mode"), subject=subject, rows=rows,
+        require=require,
     )
     if not report.checked:
         provided = ", ".join(sorted(results)) or "nothing"

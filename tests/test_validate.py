@@ -399,7 +399,9 @@ def _results(case: Path) -> dict[str, np.ndarray]:
 def test_partial_results_pass_with_the_rest_listed_not_checked(
         golden: Golden, tmp_path: Path) -> None:
     # decision: what is given is compared; what is missing is NOT CHECKED, shown
-    # in the verdict line and in its own list, never counted as passed
+    # in the verdict line and in its own list, never counted as passed: the
+    # verdict is PARTIAL, not PASS, in the text and the JSON (exit 0 unless
+    # --require all, test_require_all_fails_a_partial_check)
     case = golden.one("cbam", "jongchan", mode="train")
     given = {k: v for k, v in _results(case).items()
              if k in ("output.out", "grad.input.x")}
@@ -407,12 +409,18 @@ def test_partial_results_pass_with_the_rest_listed_not_checked(
     result = run("validate", case, "--results", tmp_path / "partial.npz")
     assert result.exit_code == 0, result.output
     first = result.stdout.splitlines()[0]
-    n_missing = len(_results(case)) - 2
-    assert first.endswith(f"PASS (2 tensors checked, {n_missing} not checked)")
+    n_all = len(_results(case))
+    n_missing = n_all - 2
+    assert first.endswith(
+        f"PARTIAL: only 2 of {n_all} tensors checked (all passed), {n_missing} NOT "
+        "CHECKED; --require all makes this a failure")
+    assert "PASS" not in first
     assert "grad.param.mlp.fc1.weight" in result.stdout
     assert f"not checked ({n_missing}):" in result.stdout
     report = validate_json(case, "--results", tmp_path / "partial.npz", want=0)
     assert "grad.param.spatial.conv.weight" in report["not_checked"]
+    assert report["verdict"] == "PARTIAL" and report["complete"] is False
+    assert (report["checked"], report["total"]) == (2, n_all)
     # a wrong tensor among the given ones still fails
     given["grad.input.x"] = given["grad.input.x"] * 1.001
     np.savez(tmp_path / "partial_bad.npz", **given)
@@ -744,8 +752,9 @@ def test_report_text_and_json_say_the_same() -> None:
                         "reference math)")
     assert lines[2] == "  actual   = theirs.npz"
     assert lines[3].split() == ["tensor", "status", "max", "abs", "max", "rel", "rel",
-                                "L2", "rtol", "atol", "mismatch"]
+                                "L2", "rtol", "atol", "mismatch", "compared"]
     assert lines[4].split()[:2] == ["output.out", "PASS"]
+    assert lines[4].endswith("rel+abs")
     row_line = lines[5]
     assert row_line.split()[:3] == ["grad.input.x", "FAIL", "inf"]
     assert "4/60 (6.7%)" in row_line and row_line.endswith("NaN 1  Inf 1")
@@ -757,6 +766,7 @@ def test_report_text_and_json_say_the_same() -> None:
     data = json.loads(report.to_json(),
                       parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
     assert data["ok"] is False and data["failed"] == ["grad.input.x"]
+    assert data["verdict"] == "FAIL" and data["rows"][0]["strength"] == "rel+abs"
     assert data["reference"] == report.reference and data["subject"] == "theirs.npz"
     bad = data["rows"][1]
     assert bad["name"] == "grad.input.x" and bad["status"] == "FAIL"

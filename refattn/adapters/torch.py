@@ -9,6 +9,11 @@ parameter gradients under the fixture's key names, ready for
 ``refattn.validate.validate_results``.
 
 torch is imported lazily, and only the module the user names is imported.
+
+Their code cannot end the run without a verdict: ``sys.exit()`` or a raised
+``KeyboardInterrupt`` while their module is imported, built, loaded, run
+forward or backward is ``UserCodeError`` naming the factory and the step.
+A real Ctrl-C (SIGINT) during their code stays a ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
@@ -16,18 +21,75 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from refattn.validate import ValidationInputError
 
-__all__ = ["build_name_map", "factory_config", "load_factory", "run_torch_case"]
+__all__ = ["UserCodeError", "build_name_map", "factory_config", "load_factory",
+           "run_torch_case"]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+class UserCodeError(ValidationInputError):
+    """The user's code ended the run itself: it raised ``SystemExit`` (called
+    ``sys.exit``) or ``KeyboardInterrupt`` without a Ctrl-C, so there is no
+    verdict.  A ``ValueError`` like the adapter's other refusals: a pytest
+    run goes on and reports it, and ``refattn validate`` exits 2."""
+
+
+class _TheirCode:
+    """A context in which the user's code runs (``who``, doing ``doing``,
+    which the caller updates step by step): ``SystemExit`` and a
+    ``KeyboardInterrupt`` that no SIGINT caused become ``UserCodeError``.
+    A real SIGINT is recorded by a handler installed for the block (in the
+    main thread, over Python's default one) and its interrupt goes through."""
+
+    def __init__(self, who: str, doing: str) -> None:
+        self.who = who
+        self.doing = doing
+        self._sigint_seen = False
+        self._previous: Any = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._sigint_seen = True
+        signal.default_int_handler(signum, frame)
+
+    def __enter__(self) -> _TheirCode:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        if isinstance(err, SystemExit):
+            raised = f"SystemExit({err.code!r})"
+        elif isinstance(err, KeyboardInterrupt) and not self._sigint_seen:
+            raised = "KeyboardInterrupt"
+        else:
+            return
+        raise UserCodeError(
+            f"{self.who} raised {raised} {self.doing}; no verdict"
+        ) from err
+
+
+def _label(factory: Callable[..., Any]) -> str:
+    """``module:qualname`` of a factory, as ``--torch`` spells it."""
+    module = getattr(factory, "__module__", None)
+    name = getattr(factory, "__qualname__", None)
+    return f"{module}:{name}" if module and name else repr(factory)
 
 
 def _torch() -> Any:
@@ -55,7 +117,11 @@ def load_factory(spec: str) -> Callable[[dict[str, Any]], Any]:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        with _TheirCode(f"the module {module_name}",
+                        f"while imported for --torch {spec}"):
+            module = importlib.import_module(module_name)
+    except UserCodeError:
+        raise
     except Exception as err:  # ImportError, or their module raising while it loads
         raise ValidationInputError(
             f"--torch: cannot import {module_name!r}: {type(err).__name__}: "
@@ -119,12 +185,31 @@ def factory_config(manifest: Mapping[str, Any]) -> dict[str, Any]:
 def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
                    names: str | Mapping[str, str] = "canonical", device: str = "cpu"
                    ) -> dict[str, np.ndarray]:
-    """Forward and backward of ``factory(config)`` on the case; fixture-keyed results."""
+    """Forward and backward of ``factory(config)`` on the case; fixture-keyed results.
+
+    Raises:
+        ValidationInputError: the module cannot be run on the case (its
+            factory, forward or backward raised; names or shapes disagree).
+        UserCodeError: their code called ``sys.exit`` or raised
+            ``KeyboardInterrupt`` (a real Ctrl-C still interrupts).
+    """
     torch = _torch()
     manifest = case.manifest
     dtype = {"float32": torch.float32, "float64": torch.float64}[manifest["dtype"]]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValidationInputError("--device cuda: torch sees no CUDA device")
+    who = f"the factory {_label(factory)}"
+    with _TheirCode(who, "while building the module") as their:
+        return _run_module(case, factory, their, names=names, device=device,
+                           torch=torch, dtype=dtype)
+
+
+def _run_module(case: Any, factory: Callable[[dict[str, Any]], Any], their: _TheirCode,
+                *, names: str | Mapping[str, str], device: str, torch: Any, dtype: Any
+                ) -> dict[str, np.ndarray]:
+    """The body of ``run_torch_case``, inside ``their`` (whose ``doing`` it
+    keeps up to date for the message of a ``UserCodeError``)."""
+    manifest = case.manifest
     config = factory_config(manifest)
     try:
         module = factory(config)
@@ -134,6 +219,7 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
         raise ValidationInputError(
             f"the factory returned {type(module).__name__}, expected a torch.nn.Module"
         )
+    their.doing = "while loading the fixture's parameters into the module"
     module = module.to(device=device, dtype=dtype)
 
     # 1. load parameters and buffers by name
@@ -173,12 +259,18 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
         t = torch.as_tensor(np.ascontiguousarray(case.tensors[f"input.{name}"]), dtype=dtype,
                             device=device).requires_grad_(True)
         inputs.append(t)
+    their.doing = "in the module's forward"
     try:
         out = module(*inputs)
     except Exception as err:
         raise ValidationInputError(_raised("the module's forward", err)) from err
     if isinstance(out, (tuple, list)):
         out = out[0]
+    if isinstance(out, torch.Tensor) and (out.is_complex() or not out.is_floating_point()):
+        raise ValidationInputError(
+            f"output.out: the module's output has dtype {out.dtype}; expected a real "
+            "floating-point tensor (nothing is cast: a complex output would pass on "
+            "its real part)")
     expected_shape = tuple(case.tensors["output.out"].shape)
     if tuple(out.shape) != expected_shape:
         raise ValidationInputError(
@@ -189,6 +281,7 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
     # 3. backward with the fixture's cotangent
     cot = torch.as_tensor(np.ascontiguousarray(case.tensors["cotangent.out"]), dtype=dtype,
                           device=device)
+    their.doing = "in the backward of the module's output"
     try:
         out.backward(cot)
     except Exception as err:
@@ -196,6 +289,7 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
                                    ) from err
 
     # 4. collect under fixture keys
+    their.doing = "while its results were read"
     results: dict[str, np.ndarray] = {"output.out": _np(out)}
     for name, t in zip(manifest["inputs"], inputs):
         if t.grad is not None:

@@ -93,6 +93,12 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     with bar_or_not as bar:
         for req, cfg in bar:
             case = generate_case(req, cfg, xp=xp, device=device)
+            for key, (kind, reason) in case.checks.items():
+                if kind == "none":
+                    click.echo(
+                        f"warning: {case.block}/{case.case_id}: {key} is NOT CHECKABLE "
+                        f"in {req.dtype} ({reason}); validate reports it NOT CHECKED "
+                        "and --require all fails on it", err=True)
             with signals_deferred():  # a write completes before SIGTERM/SIGINT act
                 path = write_case(out, case.block, case.case_id, case.tensors,
                                   case.manifest, tolerances=case.tolerances,

@@ -18,7 +18,9 @@ class RefattnGroup(click.Group):
     Bad input (``ValueError``, ``TypeError``, ``OSError`` and refattn's own
     input errors) exits 2; any other exception is a refattn bug and exits 1
     with one line that says so.  ``--debug`` re-raises instead, so the
-    traceback is shown.
+    traceback is shown.  A reader that closes stdout early (``| head -1``)
+    does not change the exit status: the command runs to its end with the
+    rest of its output discarded (``_PipeSafeStdout``).
     """
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
@@ -47,12 +49,15 @@ class RefattnGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _stdout_until_the_reader_leaves():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
-        except BrokenPipeError:  # `refattn ... | head`: the reader left, not an error
+        except BrokenPipeError:
+            # a pipe closed under a stream other than sys.stdout (stderr, say):
+            # the command stopped before its verdict, so it is not a success
             _silence_stdout()
-            ctx.exit(0)
+            ctx.exit(1)
         except (ValueError, TypeError, OSError, KeyError) as err:
             if _debug(ctx):
                 raise
@@ -96,6 +101,59 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(s, handler)
         for s in dict.fromkeys(pending):
             signal.raise_signal(s)
+
+
+class _PipeSafeStdout:
+    """``sys.stdout`` while a command runs: once the reader of the pipe has
+    left (``refattn verify DIR | head -1``), writes are discarded instead of
+    raising ``BrokenPipeError``, so the command runs to its end and exits
+    with its own status (1 when a check failed), which ``set -o pipefail``
+    then sees; the reader only chose to read less of the report."""
+
+    buffer = None
+    """Hidden, so that click writes text through ``write`` and never around it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # click probes for a binary stream with b""
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not self.reader_gone:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def _reader_left(self) -> None:
+        self.reader_gone = True
+        _silence_stdout()  # the interpreter's last flush must not fail either
+
+    def __getattr__(self, name: str) -> Any:  # encoding, errors, isatty, fileno, ...
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_until_the_reader_leaves() -> Iterator[None]:
+    """Install ``_PipeSafeStdout`` over ``sys.stdout`` for the block."""
+    previous = sys.stdout
+    if previous is None or isinstance(previous, _PipeSafeStdout):
+        yield
+        return
+    sys.stdout = _PipeSafeStdout(previous)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = previous
 
 
 def _silence_stdout() -> None:

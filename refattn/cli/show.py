@@ -22,6 +22,7 @@ _COLUMNS = (
     "mean_abs",
     "rtol",
     "atol",
+    "check",
 )
 
 
@@ -60,7 +61,14 @@ def show_text(case: GoldenCase, rows: list[dict[str, Any]]) -> list[str]:
             for i, (s, w) in enumerate(zip(r, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
-    return lines
+    notes = {"zero": "note: {}: {}",
+             "none": "warning: {} is NOT CHECKABLE in this dtype ({}); validate "
+                     "reports it NOT CHECKED",
+             "WEAK": "warning: {} has a tolerance that cannot reject a wrong result "
+                     "({}); validate reports it NOT CHECKED"}
+    extra = [notes[r["check"]].format(r["tensor"], r["check_reason"])
+             for r in rows if r["check"] in notes]
+    return lines + ([""] + extra if extra else [])
 
 
 @click.command("show")
@@ -70,8 +78,10 @@ def show_text(case: GoldenCase, rows: list[dict[str, Any]]) -> list[str]:
              "cross_layer, cgnl, nin_head) to this PNG.")
 def show(case: str, as_json: bool, plot_path: Path | None) -> None:
     """Summarize one fixture case: block, preset, config, dtype, mode, seed,
-    digest, and per tensor its role, shape, dtype, min, max, mean |x| and
-    tolerances.  The case is fully verified first (``refattn verify``).
+    digest, and per tensor its role, shape, dtype, min, max, mean |x|,
+    tolerances and check kind (full; zero: absolute only; none: not
+    checkable; WEAK: a tolerance that cannot fail, warned about below the
+    table).  The case is fully verified first (``refattn verify``).
 
     Exit status: 0 shown, 2 CASE does not exist or is not a valid case (or
     --plot was given for a block without maps, or without matplotlib).

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -17,13 +23,25 @@ import click
               metavar="canonical|anchor|MAP.json",
               help="How the module's state_dict names relate to the fixture's.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--require", type=click.Choice(["provided", "all"]), default="provided",
+              show_default=True,
+              help="provided: what is given must pass (a partial check is reported "
+                   "PARTIAL, exit 0); all: every tensor of the case must be checked "
+                   "and pass (for CI).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def validate(ctx: click.Context, case: Path, results: Path | None,
-             torch_factory: str | None, names: str, device: str, as_json: bool) -> None:
+             torch_factory: str | None, names: str, device: str, require: str,
+             as_json: bool) -> None:
     """Compare an implementation's outputs and gradients with CASE.
 
-    Exit 0 when every checked tensor passes, 1 on any mismatch, 2 on bad input.
+    The verdict is PASS (every tensor checked and passed), PARTIAL (what was
+    checked passed, some tensor was not checked) or FAIL.  Exit 0 on PASS
+    and PARTIAL, 1 on any mismatch (and on PARTIAL with --require all), 2 on
+    bad input (results that are not real floats included; a module that
+    calls sys.exit or raises KeyboardInterrupt gives no verdict: exit 2).
+    What the --torch module prints goes to stderr, after the report, so
+    stdout carries the report alone.
     """
     from refattn.cli.verify import read_verified
     from refattn.validate import load_results, validate_results
@@ -34,14 +52,66 @@ def validate(ctx: click.Context, case: Path, results: Path | None,
         raise click.UsageError(f"CASE: {case} is not a case directory")
     fixture = read_verified(case, "CASE")
     if results is not None:
-        report = validate_results(fixture, load_results(results), subject=str(results))
+        report = validate_results(fixture, load_results(results), subject=str(results),
+                                  require=require)
     else:
         from refattn.adapters.torch import load_factory, run_torch_case
 
-        factory = load_factory(torch_factory)  # type: ignore[arg-type]
-        theirs = run_torch_case(fixture, factory, names=names, device=device)
-        report = validate_results(fixture, theirs,
+        captured: list[str] = []
+        ctx.call_on_close(lambda: _show_captured(torch_factory, captured))
+        with _their_output(captured):
+            factory = load_factory(torch_factory)  # type: ignore[arg-type]
+            theirs = run_torch_case(fixture, factory, names=names, device=device)
+        report = validate_results(fixture, theirs, require=require,
                                   subject=f"torch module from {torch_factory} ({names} names)")
     click.echo(report.to_json() if as_json else report.to_text())
     if not report.ok:
         ctx.exit(1)
+
+
+@contextlib.contextmanager
+def _their_output(into: list[str]) -> Iterator[None]:
+    """Keep what the user's code writes to standard output off stdout, which
+    carries the report (``--json`` must parse), and append it to `into`.
+
+    Both ``sys.stdout`` (``print``) and file descriptor 1 (``sys.__stdout__``,
+    compiled code) go to one spool file, in the order written.
+    """
+    sys.stdout.flush()
+    with tempfile.TemporaryFile() as spool:
+        text = io.TextIOWrapper(io.FileIO(spool.fileno(), "w", closefd=False),
+                                encoding="utf-8", errors="replace", write_through=True)
+        saved = _redirect_fd1(spool.fileno())
+        try:
+            with contextlib.redirect_stdout(text):
+                yield
+        finally:
+            text.close()
+            if saved is not None:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    sys.__stdout__.flush()  # type: ignore[union-attr]
+                os.dup2(saved, 1)
+                os.close(saved)
+            spool.seek(0)
+            into.append(spool.read().decode("utf-8", errors="replace"))
+
+
+def _redirect_fd1(target: int) -> int | None:
+    """Point descriptor 1 at `target`; a copy of the old one, or None when
+    there is no descriptor 1 to redirect."""
+    try:
+        if sys.__stdout__ is not None:
+            sys.__stdout__.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        return None
+    os.dup2(target, 1)
+    return saved
+
+
+def _show_captured(spec: str | None, captured: list[str]) -> None:
+    """Their output on stderr, after the report (or before the error line)."""
+    text = "".join(captured)
+    if text.strip():
+        click.echo(f"output of {spec} (captured):", err=True)
+        click.echo(text.rstrip("\n"), err=True)

@@ -11,6 +11,7 @@ from refattn.golden.format import (
     MANIFEST_NAME,
     FixtureError,
     GoldenCase,
+    VerifyResult,
     find_cases,
     read_case,
     verify_case,
@@ -26,9 +27,12 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
-def case_dirs(path_arg: str, what: str) -> list[Path]:
+def case_dirs(path_arg: str, what: str) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The case directories under a DIR argument (a case, a tree of cases, or
-    a manifest.json file); ``BadInput`` when there is none."""
+    a manifest.json file), and the entries of the tree that could not be
+    searched (``(path, reason)``: a link loop, a dangling link, a link to a
+    file, an unlistable directory; see ``find_cases``).  ``BadInput`` when
+    there is neither a case nor such an entry."""
     if not path_arg:  # Path("") is the current directory: a likely unset variable
         raise BadInput(f"{what}: empty path")
     path = Path(path_arg)
@@ -38,16 +42,17 @@ def case_dirs(path_arg: str, what: str) -> list[Path]:
         raise BadInput(f"{what}: no such file or directory: {path_arg}")
     if not path.is_dir():
         raise BadInput(f"{what}: not a directory: {path_arg}")
+    problems: list[tuple[Path, str]] = []
     try:
-        cases = find_cases(path)
+        cases = find_cases(path, problems=problems)
     except FixtureError as err:
         raise BadInput(f"{what}: {err}") from None
-    if not cases:
+    if not cases and not problems:
         raise BadInput(
             f"{what}: no fixture case (a directory holding {MANIFEST_NAME}) "
             f"under {path_arg}"
         )
-    return cases
+    return cases, problems
 
 
 def read_verified(path: Path, what: str) -> GoldenCase:
@@ -77,10 +82,19 @@ def verify(ctx: click.Context, directory: str, as_json: bool) -> None:
     file it lists (header, shapes, dtypes, each tensor's sha256).  Prints one
     line per case, OK or FAILED with the problems.
 
-    Exit status: 0 all cases OK, 1 any case failed, 2 DIR does not exist or
-    holds no case.
+    Directory links are followed.  An entry that cannot be searched (a link
+    loop, a dangling link, a link to a file, an unreadable directory) is a
+    failed entry, named, since it may hide a case.
+
+    Exit status: 0 all cases OK, 1 any case or entry failed, 2 DIR does not
+    exist or holds no case.
     """
-    results = [verify_case(case) for case in case_dirs(directory, "DIR")]
+    cases, unsearched = case_dirs(directory, "DIR")
+    results = [verify_case(case) for case in cases]
+    # what could not be searched might hide a case: a failed entry, by name
+    results += [VerifyResult(path, False, (f"{path}: {reason}",), None)
+                for path, reason in unsearched]
+    results.sort(key=lambda r: r.path)
     failed = [r for r in results if not r.ok]
     if as_json:
         report = {"ok": not failed, "cases": [r.to_dict() for r in results]}

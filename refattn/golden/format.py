@@ -859,30 +859,85 @@ def verify_case(case_dir: str | os.PathLike[str]) -> VerifyResult:
     return VerifyResult(path, not problems, tuple(problems), manifest["digest"])
 
 
-def find_cases(root: str | os.PathLike[str]) -> list[Path]:
+def find_cases(root: str | os.PathLike[str], *,
+               problems: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Every directory under ``root`` (``root`` included) holding a
     manifest.json, sorted; hidden directories (``.tmp-*`` of an interrupted
     write, ``.git``) are skipped.  A case directory is not searched further.
 
+    Symbolic links to directories are followed, so a case or block directory
+    may be a link; a case reached through two names is listed under both.
+    Nothing else is passed over in silence: a link that leads back to a
+    directory on its own path (a loop: not followed), a dangling link, a
+    link to something other than a directory (where a case directory could
+    be) and a directory that cannot be listed are each a problem
+    ``(path, reason)``.  With ``problems`` given they are appended to it,
+    sorted, and the cases found are returned; without it they raise.
+
     Raises:
-        FixtureError: ``root`` does not exist or is not a directory.
+        FixtureError: ``root`` does not exist or is not a directory; or,
+            when ``problems`` is None, the problems above (all listed).
     """
     root = Path(root)
     if not root.is_dir():
         raise FixtureError(f"{root}: no such directory")
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    bad: list[tuple[Path, str]] = []
+
+    def unlistable(err: OSError) -> None:
+        bad.append((Path(err.filename), f"cannot list the directory: {err.strerror}"))
+
+    # walked path -> the real paths of it and of every directory above it on
+    # the walk: a link whose target is among them would be searched forever
+    on_path = {os.fspath(root): (os.path.realpath(root),)}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable,
+                                                followlinks=True):
+        above = on_path.pop(dirpath)
         if MANIFEST_NAME in filenames:
             found.append(Path(dirpath))
             dirnames[:] = []
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            continue
+        searched = []
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(path)
+            if real in above:
+                bad.append((Path(path), f"symbolic link to {real}, a directory on "
+                                        "its own path (a loop): not followed"))
+                continue
+            on_path[path] = (*above, real)
+            searched.append(name)
+        dirnames[:] = searched
+        for name in filenames:  # os.walk lists dangling links among the files
+            path = os.path.join(dirpath, name)
+            if name.startswith(".") or not os.path.islink(path):
+                continue
+            if os.path.exists(path):
+                bad.append((Path(path), f"symbolic link to {os.path.realpath(path)}, "
+                                        "which is not a directory (expected a case or "
+                                        "block directory)"))
+            else:
+                bad.append((Path(path), f"dangling symbolic link (to "
+                                        f"{os.readlink(path)}, which does not exist)"))
+    bad.sort()
+    if problems is not None:
+        problems.extend(bad)
+    else:
+        _raise_problems([f"{path}: {reason}" for path, reason in bad])
     return sorted(found)
 
 
 def summarize_case(case: GoldenCase) -> list[dict[str, Any]]:
     """One row per tensor (role order, then key): tensor, role, shape, dtype,
-    min, max, mean_abs (None for empty tensors), rtol, atol."""
+    min, max, mean_abs (None for empty tensors), rtol, atol, and check: "-"
+    for data (inputs, parameters, cotangents), else "full", "zero", "none"
+    (the manifest's check kind) or "WEAK" (a full check whose tolerance
+    cannot reject a wrong result, ``strength.tolerance_weaknesses``) -- with
+    the reason in ``check_reason``."""
+    from refattn.golden.strength import CHECKED_PREFIXES, tolerance_weaknesses
+
     rows = []
     for key in _ordered_keys(case.manifest["tensors"]):
         a = case.tensors[key]
@@ -904,8 +959,17 @@ def summarize_case(case: GoldenCase) -> list[dict[str, Any]]:
                 **stats,
                 "rtol": e["rtol"],
                 "atol": e["atol"],
+                "check": "-",
+                "check_reason": None,
             }
         )
+        if key.startswith(CHECKED_PREFIXES):
+            kind = e.get("check", "full")
+            weak = tolerance_weaknesses(key, a, e["rtol"], e["atol"],
+                                        str(case.manifest["dtype"]), kind)
+            rows[-1]["check"] = "WEAK" if weak else kind
+            rows[-1]["check_reason"] = ("; ".join(w.detail for w in weak) if weak
+                                        else e.get("check_reason"))
     return rows
 
 

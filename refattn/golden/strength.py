@@ -13,8 +13,8 @@ with "reject":
     negated    a = -e
     scaled     a = (1 + 10 rtol) e
     one off    a = e, except at the worst-conditioned element (the largest
-               |e|, where the band atol + rtol |e| is widest), which is moved
-               by 10 (atol + rtol |e|) there
+               |e|, where the band atol + rtol |e| is widest), whose sign is
+               flipped
 
 and it caps the relative tolerance itself (``MAX_RTOL``): a band wider than
 1 % in float32 or 1e-8 in float64 would let through an implementation that is
@@ -26,8 +26,9 @@ the manifest says which (field ``check``, docs/format.md section 6):
 
 * ``"zero"``: the exact result is 0 (the float64 reference holds only
   round-off, e.g. the bias gradient in front of a normalisation); zeroing or
-  negating it is not a wrong result.  Its tolerance is absolute, on the scale
-  of the tensor's family, and only "one off" applies.
+  negating it is not a wrong result.  Its tolerance is absolute,
+  atol = rtol * S on the scale S of the tensor's family, and only "one off"
+  applies, as one element set to 1 % of S (= atol / rtol).
 * ``"none"``: the tensor cannot be checked in this dtype at all (its
   conditioning leaves nothing but round-off), with the reason in
   ``check_reason``; it is reported NOT CHECKED and never counts as passed.
@@ -95,14 +96,12 @@ def mutants(expected: Any, rtol: float, atol: float, kind: str = "full"
     e = np.asarray(expected, dtype=np.float64)
     if kind == "none" or e.size == 0:
         return {}
-    band = atol + rtol * np.abs(e)
     worst = np.unravel_index(int(np.argmax(np.abs(e))), e.shape)
     one_off = e.copy()
-    # away from zero, so a move never lands back inside the band of a zero
-    step = 10.0 * float(band[worst]) if band[worst] > 0 else 1.0
-    one_off[worst] += step if e[worst] >= 0 else -step
-    if kind == "zero":
+    if kind == "zero":  # 1 % of the family scale the absolute band was taken on
+        one_off[worst] = 1e-2 * atol / rtol if rtol > 0 else np.inf
         return {"one off": one_off}
+    one_off[worst] = -e[worst]
     return {
         "zeroed": np.zeros_like(e),
         "negated": -e,

@@ -783,8 +783,9 @@ def test_gamma_1e4_high_orders_are_below_float32_resolution() -> None:
     """blocks.md 6.3: at γ = 1e-4 the q >= 2 terms are about (2γ)²/2 = 2e-8
     of y per unit t², below float32's unit round-off 2^-24 for typical
     elements (they grow like t^q, so the largest |t| reach a few ulps), while
-    the q = 1 term is plainly visible.  A float32 fixture cannot tell order 1
-    from order 3 at this γ; at γ = 0.1 it can."""
+    the q = 1 term is plainly visible.  At unit-scale draws float32
+    tolerances cannot tell order 1 from order 3 at this γ; at γ = 0.1 they
+    can, and so can the fixture draws at γ = 1e-4 (draw_scales: 2γθφ ~ 1)."""
     shapes = {"x": (2, 16, 5, 7)}
     cfg, inputs, params, state, _ = case("yue_gaussian", shapes=shapes)
 
@@ -802,6 +803,11 @@ def test_gamma_1e4_high_orders_are_below_float32_resolution() -> None:
     rtol, atol_rel = fixture_tol(big, shapes, "out", "float32")
     assert within(y_of(dataclasses.replace(big, order=1))["out"], y_of(big)["out"],
                   rtol, atol_rel) > 1
+    scales = cgnl.draw_scales(cfg, shapes)
+    params = {k: v * scales.get(k.rsplit(".", 1)[0], 1.0) for k, v in params.items()}
+    rtol, atol_rel = fixture_tol(cfg, shapes, "out", "float32")
+    assert within(y_of(dataclasses.replace(cfg, order=1))["out"], y_of(cfg)["out"],
+                  rtol, atol_rel) > 1e3
 
 
 def test_order_0_const_ignores_t() -> None:
