@@ -39,9 +39,11 @@ __all__ = [
     "NonFiniteError",
     "accumulate",
     "add_along_axis",
+    "add_into",
     "as_tuple",
     "check_array",
     "check_finite",
+    "check_into",
     "check_same_dtype",
     "device",
     "dtype_name",
@@ -467,6 +469,24 @@ def accumulate(dst: Array, index: tuple[slice, ...], src: Array) -> None:
     function itself allocated, never on arguments or caches.
     """
     dst[index] += src
+
+
+def check_into(into: Array | None, x_shape: Shape, dout: Array) -> None:
+    """The optional ``into`` of a backward: None, or an array of x's shape and
+    dout's dtype that the caller owns and lets the backward add dx into."""
+    if into is None:
+        return
+    check_array("into", into, shape=tuple(x_shape))
+    check_array("dout", dout)
+    check_same_dtype(into=into, dout=dout)
+
+
+def add_into(into: Array | None, dx: Array) -> Array:
+    """dx, or `into` + dx accumulated in place into the caller's array."""
+    if into is None:
+        return dx
+    into += dx
+    return into
 
 
 def add_along_axis(total: Array, idx: Array, values: Array, axis: int) -> Array:

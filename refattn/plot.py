@@ -46,7 +46,11 @@ __all__ = [
     "case_figure",
     "check_plottable",
     "default_steps",
-    "plot_blocks",
+    "draw_cbam",
+    "draw_cgnl",
+    "draw_class_maps",
+    "draw_cross_layer",
+    "draw_non_local",
     "require_matplotlib",
     "step_error_curve",
     "step_error_figure",
@@ -395,7 +399,7 @@ def _draw_queries_and_rows(subfig: Any, x: np.ndarray, q_spatial: tuple[int, ...
     subfig.suptitle(title, fontsize=9)
 
 
-def _draw_non_local(fig: Any, case: Any) -> None:
+def draw_non_local(fig: Any, case: Any) -> None:
     from refattn.blocks.non_local import POOL_KERNELS
 
     m, t = case.manifest, case.tensors
@@ -421,7 +425,7 @@ def _kv_names(case: Any) -> list[str]:
     return sorted(names, key=lambda k: int(k.split(".")[1]) if "." in k else 0)
 
 
-def _draw_cross_layer(fig: Any, case: Any) -> None:
+def draw_cross_layer(fig: Any, case: Any) -> None:
     m, t = case.manifest, case.tensors
     q_spatial = _spatial(m, "x_q")
     layers = _kv_names(case)
@@ -435,7 +439,7 @@ def _draw_cross_layer(fig: Any, case: Any) -> None:
         )
 
 
-def _draw_cbam(fig: Any, case: Any) -> None:
+def draw_cbam(fig: Any, case: Any) -> None:
     t = case.tensors
     parts = [p for p in ("channel", "spatial") if f"aux.{p}_gate" in t]
     ratios = [1.0 if p == "channel" else 1.5 for p in parts]
@@ -479,7 +483,7 @@ def _draw_cbam(fig: Any, case: Any) -> None:
                      fontsize=9)
 
 
-def _draw_cgnl(fig: Any, case: Any) -> None:
+def draw_cgnl(fig: Any, case: Any) -> None:
     s = case.tensors["aux.s"]  # (N, G) dot | (N, G, Q+1) gaussian
     cfg = case.manifest["config"]
     moments = s[..., None] if s.ndim == 2 else s
@@ -502,7 +506,7 @@ def _draw_cgnl(fig: Any, case: Any) -> None:
                  "group); y = s * t in each group", fontsize=9)
 
 
-def _draw_class_maps(fig: Any, case: Any) -> None:
+def draw_class_maps(fig: Any, case: Any) -> None:
     maps = case.tensors["aux.class_maps"][0]  # (K, H, W), sample 0
     logits = case.tensors["output.out"][0]
     k = maps.shape[0]
@@ -522,29 +526,22 @@ def _draw_class_maps(fig: Any, case: Any) -> None:
                  fontsize=9)
 
 
-_PAINTERS = {
-    "cbam": (_draw_cbam, (12.0, 6.0)),
-    "cbam_channel": (_draw_cbam, (12.0, 2.6)),
-    "cbam_spatial": (_draw_cbam, (12.0, 3.4)),
-    "non_local": (_draw_non_local, (13.0, 3.2)),
-    "cross_layer": (_draw_cross_layer, (13.0, 3.6)),
-    "cgnl": (_draw_cgnl, (11.0, 3.8)),
-    "nin_head": (_draw_class_maps, (11.0, 4.5)),
-}
+def _painters() -> dict[str, tuple[Any, tuple[float, float]]]:
+    """Block -> (painter, figure size), from the registry (``BlockSpec.figure``)."""
+    from refattn.blocks.registry import BLOCKS
 
-
-def plot_blocks() -> list[str]:
-    """The blocks whose cases ``case_figure`` can draw."""
-    return list(_PAINTERS)
+    return {name: (globals()[spec.figure[0]], spec.figure[1])
+            for name, spec in BLOCKS.items() if spec.figure is not None}
 
 
 def check_plottable(case: Any) -> None:
     """NothingToPlot (with a one-line reason) unless ``case_figure`` can draw it."""
     block = case.manifest["block"]
-    if block not in _PAINTERS:
+    painters = _painters()
+    if block not in painters:
         raise NothingToPlot(
             f"--plot: a {block} case has no attention maps or gates (aux.* tensors) "
-            f"to draw; blocks with pictures: {', '.join(_PAINTERS)}"
+            f"to draw; blocks with pictures: {', '.join(painters)}"
         )
 
 
@@ -552,7 +549,7 @@ def case_figure(case: Any) -> Any:
     """The attention maps and gates of a verified case (``read_case``)."""
     check_plottable(case)
     block = case.manifest["block"]
-    paint, (width, height) = _PAINTERS[block]
+    paint, (width, height) = _painters()[block]
     if block == "cross_layer":
         height *= len(_kv_names(case))
     fig = _new_figure(width, height)

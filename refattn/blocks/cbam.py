@@ -74,6 +74,7 @@ from refattn.backend import (
     zeros_like_shape,
 )
 from refattn.blocks.spec import (
+    BenchCase,
     BlockSpec,
     draw_bias,
     draw_bn_state,
@@ -959,6 +960,24 @@ def fixture_shapes(cfg: CBAMConfig, *, part: Part = "cbam") -> dict[str, Shape]:
     return {"x": (2, C, 7, 6)}
 
 
+def flops(cfg: CBAMConfig, input_shapes: Mapping[str, Shape], *,
+          part: Part = "cbam") -> int:
+    """The shared MLP on each of the T pooled vectors, 2·N·T·(C·Cr + Cr·C),
+    and the spatial gate's conv, 2·N·H·W·2·k²."""
+    N, C, H, W = _x_shape(input_shapes)
+    total = 0
+    if _uses_channel(part):
+        Cr = _hidden_width(cfg, (N, C, H, W))
+        total += len(cfg.pool_types) * 2 * N * (C * Cr + Cr * C)
+    if _uses_spatial(cfg, part):
+        total += 2 * N * H * W * 2 * cfg.spatial_kernel ** 2
+    return total
+
+
+_FIGURES = {"cbam": (12.0, 6.0), "channel": (12.0, 2.6), "spatial": (12.0, 3.4)}
+_ANCHOR_SUFFIX = {"cbam": "", "channel": "_channel", "spatial": "_spatial"}
+
+
 def _spec(part: Part, summary: str) -> BlockSpec:
     return BlockSpec(
         name=BLOCK_NAMES[part],
@@ -975,6 +994,13 @@ def _spec(part: Part, summary: str) -> BlockSpec:
         accumulation=partial(accumulation, part=part),
         anchor_names=partial(anchor_names, part=part),
         with_bn_mode=partial(with_bn_mode, part=part),
+        flops=partial(flops, part=part),
+        bench=(BenchCase("jongchan", {}, {"x": (8, 256, 28, 28)},
+                         "x(8,256,28,28) r=16, avg+max, 7x7 conv + BN(train)")
+               if part == "cbam" else None),
+        figure=("draw_cbam", _FIGURES[part]),
+        anchors={p: f"cbam:make_{p}{_ANCHOR_SUFFIX[part]}"
+                 for p in ("jongchan", "luuuyi", "seed")},
     )
 
 

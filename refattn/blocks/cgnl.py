@@ -83,6 +83,7 @@ from refattn.backend import (
 )
 from refattn.blocks.spec import (
     MIN_MARGIN,
+    BenchCase,
     BlockSpec,
     check_arguments,
     draw_bias,
@@ -90,8 +91,6 @@ from refattn.blocks.spec import (
     draw_norm_affine,
     draw_weight,
 )
-from refattn.cuda import kernel_ops as _kernels
-from refattn.cuda.dispatch import use_kernel
 from refattn.ops.conv import (
     PointwiseConvCache,
     pointwise_conv_backward,
@@ -105,6 +104,7 @@ from refattn.ops.norm import (
     group_norm_backward,
     group_norm_forward,
 )
+from refattn.ops.overrides import overridable, routed_by_cache
 from refattn.params import is_buffer
 
 __all__ = [
@@ -531,11 +531,16 @@ def _dot_kernel_backward(
     return dt, ds3 * g, ds3 * p
 
 
+class MomentsCache(NamedTuple):
+    p_pow: Array  # (N, G, Q+1, M) φ^0 .. φ^Q
+    w: Array  # (N, G, M) the weights
+
+
 class TaylorKernelCache(NamedTuple):
     t: Array  # (N, G, M) θ
     p: Array  # (N, G, M) φ
     t_pow: Array  # (N, G, Q+1, M) θ^0 .. θ^Q
-    p_pow: Array | None  # (N, G, Q+1, M) φ^0 .. φ^Q; None: moments by raw kernel
+    moments: MomentsCache  # s_q = Σ_M φ^q w (CuPy: the raw kernel's cache)
     w: Array  # (N, G, M) g, or exp(−γ φ²) g (per_element)
     env_t: Array | None  # (N, G, M) exp(−γ θ²) (per_element), else None
     y: Array | None  # (N, G, M) the output (per_element), else None
@@ -556,6 +561,39 @@ def _powers(xp: Any, v: Array, order: int) -> Array:
     for q in range(1, order + 1):
         pows[:, :, q, :] = pows[:, :, q - 1, :] * v
     return pows  # (N, G, Q+1, M)
+
+
+@overridable("cgnl_moments")
+def _moments(p: Array, w: Array, order: int) -> tuple[Array, MomentsCache]:
+    """The raw moments of φ weighted by w: s_q = Σ_M φ^q w, q = 0..Q.
+
+    Shapes:
+        p, w (N, G, M) -> s (N, G, Q+1)
+    """
+    xp = namespace(p=p)
+    p_pow = _powers(xp, p, order)  # (N, G, Q+1, M)
+    s = xp.matmul(p_pow, xp.reshape(w, w.shape + (1,)))[..., 0]  # (N, G, Q+1)
+    return s, MomentsCache(p_pow, w)
+
+
+@routed_by_cache("cgnl_moments")
+def _moments_backward(ds: Array, cache: MomentsCache) -> tuple[Array, Array]:
+    """VJP of the moments: (dp, dw).
+
+    Math (q' = q − 1 runs over q >= 1):
+        dw = Σ_q ds_q φ^q,   dφ = w ⊙ Σ_q ds_q q φ^q'
+    """
+    xp = namespace(ds=ds)
+    p_pow, w = cache
+    N, G, Q1 = p_pow.shape[:3]  # Q1 = Q + 1
+    dw = xp.matmul(xp.reshape(ds, (N, G, 1, Q1)), p_pow)[..., 0, :]  # (N, G, M)
+    if Q1 == 1:
+        return xp.zeros_like(w), dw  # s_0 = Σ w does not depend on φ
+    q = xp.asarray([float(i) for i in range(1, Q1)], dtype=ds.dtype,
+                   device=device(ds))  # (Q,) = 1..Q
+    qm = xp.reshape(ds[..., 1:] * q, (N, G, 1, Q1 - 1))  # (N, G, 1, Q)
+    dp = w * xp.matmul(qm, p_pow[..., :-1, :])[..., 0, :]  # (N, G, M)
+    return dp, dw
 
 
 def _taylor_kernel_forward(
@@ -579,13 +617,7 @@ def _taylor_kernel_forward(
     if per_element:
         w = xp.exp(-gamma * (p * p)) * g  # (N, G, M)
         env_t = xp.exp(-gamma * (t * t))  # (N, G, M)
-    if use_kernel(p, w) and order <= _kernels.CGNL_MAX_ORDER:
-        # CuPy: the moments (and in the backward their VJP) by raw kernel
-        p_pow = None  # (refattn.cuda.dispatch)
-        s = _kernels.cgnl_moments_forward(p, w, order)  # (N, G, Q+1)
-    else:
-        p_pow = _powers(xp, p, order)  # (N, G, Q+1, M)
-        s = xp.matmul(p_pow, xp.reshape(w, w.shape + (1,)))[..., 0]  # (N, G, Q+1)
+    s, moments = _moments(p, w, order)  # (N, G, Q+1)
     if scale != 1.0:
         s = s * scale  # (N, G, Q+1)
     a = s * alpha  # (N, G, Q+1)
@@ -593,7 +625,8 @@ def _taylor_kernel_forward(
     u = xp.matmul(xp.reshape(a, a.shape[:2] + (1, order + 1)), t_pow)[..., 0, :]
     y = u if env_t is None else env_t * u  # (N, G, M)
     cache = TaylorKernelCache(
-        t, p, t_pow, p_pow, w, env_t, y if per_element else None, a, alpha, scale, gamma
+        t, p, t_pow, moments, w, env_t, y if per_element else None, a, alpha, scale,
+        gamma,
     )
     return y, s, cache
 
@@ -632,15 +665,7 @@ def _taylor_kernel_backward(
     dmom = da * c.alpha  # (N, G, Q+1) d(raw moment) before the scale
     if c.scale != 1.0:
         dmom = dmom * c.scale  # (N, G, Q+1)
-    if c.p_pow is None:  # the forward's moments came from the raw kernel
-        dp, dw = _kernels.cgnl_moments_backward(dmom, c.p, c.w)  # (N, G, M) each
-    else:
-        dw = xp.matmul(xp.reshape(dmom, (N, G, 1, order + 1)), c.p_pow)[..., 0, :]
-        if order > 0:
-            qm = xp.reshape((dmom * q)[..., 1:], (N, G, 1, order))  # (N, G, 1, Q)
-            dp = c.w * xp.matmul(qm, c.p_pow[..., :order, :])[..., 0, :]  # (N, G, M)
-        else:
-            dp = xp.zeros_like(du)  # (N, G, M)
+    dp, dw = _moments_backward(dmom, c.moments)  # (N, G, M) each
     if c.env_t is not None:
         dp = dp - (2.0 * c.gamma) * (c.p * c.w * dw)  # envelope exp(−γ φ²)
         dg = xp.exp(-c.gamma * (c.p * c.p)) * dw  # (N, G, M)
@@ -1072,6 +1097,15 @@ def fixture_shapes(cfg: CGNLConfig) -> dict[str, Shape]:
 
 
 
+def flops(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> int:
+    """The t, p, g projections (3·2·N·L·C·P), the dot kernel's s = Σ φ g and
+    y = s θ (3·N·P·L), and the grouped z conv (2·N·L·(P/G)·C)."""
+    N, C, *S = input_shapes["x"]
+    L = prod(S)
+    P, G = int(cfg.resolved(input_shapes).planes), cfg.groups  # type: ignore[arg-type]
+    return 3 * 2 * N * L * C * P + 3 * N * P * L + 2 * N * L * (P // G) * C
+
+
 SPECS: dict[str, BlockSpec] = {
     "cgnl": BlockSpec(
         name="cgnl",
@@ -1090,5 +1124,10 @@ SPECS: dict[str, BlockSpec] = {
         anchor_names=anchor_names,
         with_bn_mode=with_bn_mode,
         draw_scales=draw_scales,
+        flops=flops,
+        bench=BenchCase("yue", {"planes": 128}, {"x": (8, 256, 28, 28)},
+                        "x(8,256,28,28) dot kernel, planes 128, groups 8, GN"),
+        figure=("draw_cgnl", (11.0, 3.8)),
+        anchors={p: f"cgnl:make_{p}" for p in ("yue", "yue_gaussian")},
     )
 }

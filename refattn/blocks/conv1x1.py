@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from refattn import backend
 from refattn._typing import Array, Shape
-from refattn.blocks.spec import BlockSpec, draw_bias, draw_weight
+from refattn.blocks.spec import BenchCase, BlockSpec, draw_bias, draw_weight, pair
 from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
 
 if TYPE_CHECKING:  # host-side draws only; blocks compute through xp
@@ -366,6 +366,14 @@ def with_bn_mode(cfg: Conv1x1Config, mode: str) -> None:
     """No batch norm: None."""
 
 
+def flops(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]) -> int:
+    """2·N·Ho·Wo·O·(C/G): one multiply-add per output element and input channel."""
+    N, C, H, W = input_shapes["x"]
+    (sh, sw), (ph, pw) = pair(cfg.stride), pair(cfg.padding)
+    Ho, Wo = (H + 2 * ph - 1) // sh + 1, (W + 2 * pw - 1) // sw + 1
+    return 2 * N * Ho * Wo * cfg.out_channels * (C // cfg.groups)
+
+
 SPECS: dict[str, BlockSpec] = {
     "conv1x1": BlockSpec(
         name="conv1x1",
@@ -383,5 +391,9 @@ SPECS: dict[str, BlockSpec] = {
         accumulation=accumulation,
         anchor_names=anchor_names,
         with_bn_mode=with_bn_mode,
+        flops=flops,
+        bench=BenchCase(None, {"out_channels": 128}, {"x": (8, 256, 28, 28)},
+                        "x(8,256,28,28) -> 128, bias"),
+        anchors={None: "simple:make_conv1x1"},
     ),
 }

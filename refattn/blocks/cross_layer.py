@@ -78,6 +78,7 @@ from refattn.backend import (
     zeros_like_shape,
 )
 from refattn.blocks.spec import (
+    BenchCase,
     BlockSpec,
     check_arguments,
     draw_bias,
@@ -816,6 +817,22 @@ def fixture_shapes(cfg: CrossLayerConfig) -> dict[str, Shape]:
 
 
 
+def flops(cfg: CrossLayerConfig, input_shapes: Mapping[str, Shape]) -> int:
+    """θ on the query (2·N·Lq·Cq·P), and per key/value layer φ and g
+    (2·2·N·Lk·Ck·P), the two attention matmuls (2·2·N·Lq·Lk·P) and, with the
+    output projection, W (2·N·Lq·P·Cq)."""
+    cfg = cfg.resolved(input_shapes)
+    N, Cq, *Sq = input_shapes["x_q"]
+    Lq, P = prod(Sq), int(cfg.planes)  # type: ignore[arg-type]
+    total = 2 * N * Lq * Cq * P
+    for name, (_, Ck, *Sk) in input_shapes.items():
+        if name.startswith("x_kv"):
+            Lk = prod(Sk)
+            total += 4 * N * Lk * Ck * P + 4 * N * Lq * Lk * P
+            total += 2 * N * Lq * P * Cq if cfg.out_proj else 0
+    return total
+
+
 SPECS: dict[str, BlockSpec] = {
     "cross_layer": BlockSpec(
         name="cross_layer",
@@ -833,5 +850,13 @@ SPECS: dict[str, BlockSpec] = {
         accumulation=accumulation,
         anchor_names=anchor_names,
         with_bn_mode=with_bn_mode,
+        flops=flops,
+        bench=BenchCase("cnl", {"planes": 128},
+                        {"x_q": (8, 512, 14, 14), "x_kv": (8, 256, 28, 28)},
+                        "x_q(8,512,14,14) x_kv(8,256,28,28) planes 128, scale, BN(train)"),
+        figure=("draw_cross_layer", (13.0, 3.6)),
+        anchors={"cnl": "cross_layer:make_cnl",
+                 "cnl_official_noperm": "cross_layer:make_cnl",
+                 "seed_fixed": "cross_layer:make_seed_fixed"},
     )
 }

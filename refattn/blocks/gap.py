@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from refattn._typing import Array, Shape
 from refattn.blocks.conv1x1 import check_bool, check_douts, check_inputs, check_params
-from refattn.blocks.spec import BlockSpec
+from refattn.blocks.spec import BenchCase, BlockSpec
 from refattn.ops.pool import GlobalPoolCache, global_pool_backward, global_pool_forward
 
 __all__ = [
@@ -182,5 +182,8 @@ SPECS: dict[str, BlockSpec] = {
         accumulation=accumulation,
         anchor_names=anchor_names,
         with_bn_mode=with_bn_mode,
+        flops=lambda cfg, input_shapes: 0,  # no matmul: a memory-bound reduction
+        bench=BenchCase(None, {}, {"x": (8, 512, 14, 14)}, "x(8,512,14,14) -> (8,512)"),
+        anchors={None: "simple:make_gap"},
     ),
 }

@@ -45,7 +45,14 @@ from refattn.blocks.conv1x1 import (
     check_params,
     torch_default_init,
 )
-from refattn.blocks.spec import BlockSpec, draw_bias, draw_weight, relu_margin
+from refattn.blocks.spec import (
+    BenchCase,
+    BlockSpec,
+    draw_bias,
+    draw_weight,
+    pair,
+    relu_margin,
+)
 from refattn.ops.conv import (
     Conv2dCache,
     PointwiseConvCache,
@@ -545,6 +552,18 @@ def with_bn_mode(cfg: MlpconvConfig, mode: str) -> None:
     """No batch norm (the original NIN has none): None."""
 
 
+def flops(cfg: MlpconvConfig, input_shapes: Mapping[str, Shape]) -> int:
+    """The k x k conv, 2·N·Ho·Wo·C1·(C/G)·KH·KW, and each 1x1 conv after it,
+    2·N·Ho·Wo·C_{i+1}·C_i."""
+    N, C, H, W = input_shapes["x"]
+    (kh, kw), (sh, sw) = pair(cfg.kernel_size), pair(cfg.stride)
+    (ph, pw), (dh, dw) = pair(cfg.padding), pair(cfg.dilation)
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    chans = [C // cfg.groups * kh * kw, *cfg.channels]
+    return sum(2 * N * Ho * Wo * a * b for a, b in zip(chans, chans[1:]))
+
+
 def _common(**kwargs: Any) -> dict[str, Any]:
     return dict(
         fixture_shapes=fixture_shapes,
@@ -567,6 +586,12 @@ SPECS: dict[str, BlockSpec] = {
         forward=mlpconv_forward,
         backward=mlpconv_backward,
         accumulation=accumulation,
+        flops=flops,
+        bench=BenchCase("nin_cifar_1",
+                        {"channels": (96, 96, 96), "kernel_size": 3, "padding": 1},
+                        {"x": (8, 64, 32, 32)},
+                        "x(8,64,32,32) 3x3->96, 1x1->96, 1x1->96, bias, ReLU after each"),
+        anchors={"nin_cifar_1": "simple:make_mlpconv"},
         **_common(),
     ),
     "nin_head": BlockSpec(
@@ -579,6 +604,8 @@ SPECS: dict[str, BlockSpec] = {
         forward=nin_head_forward,
         backward=nin_head_backward,
         accumulation=nin_head_accumulation,
+        figure=("draw_class_maps", (11.0, 4.5)),
+        anchors={None: "simple:make_nin_head"},
         **_common(),
     ),
 }

@@ -77,6 +77,7 @@ from refattn.backend import (
     zeros_like_shape,
 )
 from refattn.blocks.spec import (
+    BenchCase,
     BlockSpec,
     check_arguments,
     draw_bias,
@@ -955,6 +956,21 @@ def fixture_shapes(cfg: NonLocalConfig) -> dict[str, Shape]:
 
 
 
+def flops(cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]) -> int:
+    """The θ projection at Lq positions, φ and g at the positions they are
+    computed on (Lk with pooling before the projection), the two attention
+    matmuls θᵀφ and A g (2·N·Lq·Lk·Ci each), and W."""
+    cfg = cfg.resolved(input_shapes)
+    N, C, *S = input_shapes["x"]
+    Lq = Lk = prod(S)
+    if cfg.sub_sample:  # kernel = stride = 2 on the last one or two spatial dims
+        pooled = S[-2:]
+        Lk = prod(S[: len(S) - len(pooled)]) * prod(d // 2 for d in pooled)
+    Ci = int(cfg.inter_channels)  # type: ignore[arg-type]
+    projected = Lk if cfg.pool_position == "before_proj" else Lq
+    return 2 * N * Ci * (Lq * C + 2 * projected * C + 2 * Lq * Lk + Lq * C)
+
+
 SPECS: dict[str, BlockSpec] = {
     "non_local": BlockSpec(
         name="non_local",
@@ -972,5 +988,11 @@ SPECS: dict[str, BlockSpec] = {
         accumulation=accumulation,
         anchor_names=anchor_names,
         with_bn_mode=with_bn_mode,
+        flops=flops,
+        bench=BenchCase("alexhex7", {"inter_channels": 128}, {"x": (4, 256, 28, 28)},
+                        "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "
+                        "BN(train)"),
+        figure=("draw_non_local", (13.0, 3.2)),
+        anchors={p: f"non_local:make_{p}" for p in ("alexhex7", "facebook", "cgnl_repo")},
     )
 }

@@ -2,7 +2,9 @@
 gradcheck, the docs and the parametrized tests read.
 
 Adding a block = one module exposing ``SPECS`` (name -> BlockSpec) and one
-line in ``_MODULES`` below.
+line in ``_MODULES`` below (CONTRIBUTING.md, "Adding a block").  Everything
+else that is per block (benchmark case, FLOP count, plot painter, test
+anchors) is a field of its BlockSpec.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from refattn.blocks.spec import BlockSpec, to_namespace
 from refattn.gradcheck import GradcheckReport, gradcheck
 from refattn.params import is_buffer
 
-__all__ = ["BLOCKS", "BlockSpec", "block_names", "get_block", "gradcheck_block", "run_block"]
+__all__ = ["BLOCKS", "BlockSpec", "draw_case", "gradcheck_block", "run_block"]
 
 _MODULES = (
     "refattn.blocks.conv1x1",
@@ -71,14 +73,6 @@ class _Registry(Mapping[str, BlockSpec]):
 
 
 BLOCKS: Mapping[str, BlockSpec] = _Registry()
-
-
-def block_names() -> list[str]:
-    return list(BLOCKS)
-
-
-def get_block(name: str) -> BlockSpec:
-    return BLOCKS[name]
 
 
 def draw_case(spec: BlockSpec, cfg: Any, shapes: Mapping[str, tuple[int, ...]] | None = None,

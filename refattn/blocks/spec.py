@@ -34,6 +34,20 @@ with named ``PRESETS`` and these functions, collected in its ``SPEC``:
     None when the config has no batch norm.
 ``fixture_shapes(cfg) -> {input name: shape}``
     The small default input shapes of golden fixtures and gradchecks.
+Optional, for the tools around the math (each None or empty by default):
+
+``flops(cfg, input_shapes) -> int``
+    Matmul and convolution FLOPs of one forward (2 per multiply-add; the
+    backward costs twice as much); the benchmarks report GFLOP/s from it.
+``bench``
+    The block's standard benchmark case (``BenchCase``: preset, overrides,
+    input shapes, a one-line description; DESIGN section 13).
+``figure``
+    ``(painter, (width, height))``: the function of ``refattn.plot`` that
+    draws a case's attention maps and gates, and the figure size in inches.
+``anchors``
+    ``{preset: "module:factory"}`` of the PyTorch module in the anchor's
+    structure under ``tests/anchors`` (None for the default config).
 ``draw_scales(cfg, input_shapes) -> {module: factor}`` (optional)
     Factors the fixture generator applies to the weights and biases of
     ``init_params``' draws, by module name, so that every fixture tensor is
@@ -69,6 +83,7 @@ from refattn.params import is_buffer
 
 __all__ = [
     "MIN_MARGIN",
+    "BenchCase",
     "BlockSpec",
     "check_arguments",
     "check_input_shapes",
@@ -79,6 +94,7 @@ __all__ = [
     "draw_norm_affine",
     "draw_weight",
     "json_ready",
+    "pair",
     "max_gap",
     "relu_margin",
     "to_namespace",
@@ -86,6 +102,16 @@ __all__ = [
 
 MIN_MARGIN = 1e-5
 """Fixture draws keep every ReLU input and max gap this far (relative) from a kink."""
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """A block's standard benchmark case (DESIGN section 13)."""
+
+    preset: str | None
+    overrides: Mapping[str, Any]
+    shapes: Mapping[str, Shape]
+    note: str  # what is measured, in one line: "x(8,512,14,14) -> (8,512)"
 
 
 @dataclass(frozen=True)
@@ -107,6 +133,10 @@ class BlockSpec:
     anchor_names: Callable[[str | None, Any, Mapping[str, Shape]], dict[str, str]]
     with_bn_mode: Callable[[Any, str], Any]
     draw_scales: Callable[[Any, Mapping[str, Shape]], dict[str, float]] | None = None
+    flops: Callable[[Any, Mapping[str, Shape]], int] | None = None
+    bench: BenchCase | None = None
+    figure: tuple[str, tuple[float, float]] | None = None
+    anchors: Mapping[str | None, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # the shared checks (module docstring); idempotent under dataclasses.replace
@@ -418,6 +448,11 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 
 # ---------------------------------------------------------------------------
 # parameter draws (host, float64)
+
+
+def pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    """A conv size option (an int, or one int per spatial dim) as two ints."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def draw_weight(rng: np.random.Generator, shape: Shape, fan_in: int | None = None) -> np.ndarray:

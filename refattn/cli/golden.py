@@ -10,15 +10,14 @@ from typing import Any
 
 import click
 
-from refattn.cli.main import signals_deferred
+from refattn.cli.common import signals_deferred
 from refattn.cli.options import (
     backend_option,
     config_options,
     require_block,
     resolve_backend,
 )
-
-FORMATS = ("safetensors", "npz")
+from refattn.golden.format import FORMATS
 
 
 def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -30,20 +29,6 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tu
             ctx, param,
         )
     return items
-
-
-def all_requests(dtypes: tuple[str, ...] = ("float64", "float32")) -> list[tuple[Any, Any]]:
-    """Every preset of every block (or its default config) in each dtype."""
-    from refattn.blocks.registry import BLOCKS
-    from refattn.golden.generate import expand_requests
-
-    out = []
-    for name, spec in BLOCKS.items():
-        presets = list(spec.presets) or [None]
-        for preset in presets:
-            for dtype in dtypes:
-                out += expand_requests(name, preset, {}, dtype=dtype)
-    return out
 
 
 @click.command()
@@ -70,7 +55,7 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     fixes the mode.  Existing cases are kept unless --force.
     """
     from refattn.golden.format import write_case
-    from refattn.golden.generate import expand_requests, generate_case
+    from refattn.golden.generate import all_requests, expand_requests, generate_case
 
     xp, device = resolve_backend(backend)
     if all_cases:

@@ -25,6 +25,7 @@ def describe_blocks(only: str | None = None) -> list[dict[str, Any]]:
             "presets": {p: config_to_dict(c) for p, c in spec.presets.items()},
             "config": config_to_dict(cfg),
             "fixture_shapes": {k: list(v) for k, v in spec.fixture_shapes(cfg).items()},
+            "plot": spec.figure is not None,
         })
     return out
 
@@ -46,6 +47,8 @@ def list_cmd(block: str | None, as_json: bool) -> None:
         click.echo(f"  presets: {presets or '-'}")
         shapes = ", ".join(f"{k}={tuple(v)}" for k, v in row["fixture_shapes"].items())
         click.echo(f"  fixture shapes: {shapes}")
+        if row["plot"]:
+            click.echo("  show --plot: draws its attention maps and gates")
         click.echo("  config keys (default):")
         for key, value in row["config"].items():
             click.echo(f"    {key} = {json.dumps(value)}")

@@ -1,4 +1,8 @@
-"""The click group, its global options and the error policy of every command."""
+"""The click group, its global options and the error policy of every command.
+
+Imports every subcommand module and registers its command; no subcommand
+imports this module (what they share is in ``common`` and ``options``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 import click
 
 from refattn import __version__
+from refattn.cli import golden, gradcheck, info, list_cmd, show, validate, verify
 
 
 class RefattnGroup(click.Group):
@@ -26,7 +31,7 @@ class RefattnGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Run with SIGTERM raising ``SystemExit(143)``, so that ``finally``
         blocks run instead of the process vanishing (a fixture write that has
-        started holds it back until it completes: ``signals_deferred``); a
+        started holds it back until it completes: ``common.signals_deferred``); a
         second SIGTERM kills at once."""
         import signal
         import threading
@@ -74,33 +79,6 @@ class RefattnGroup(click.Group):
             _one_line(err, prefix="internal error (please report; --debug shows "
                           "the traceback)")
             ctx.exit(1)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGTERM and SIGINT wait until the block is done (a fixture write
-    completes, then the process stops): an exception raised at an arbitrary
-    line of the writer, or of the shutil calls it makes, could abandon its
-    temporary directory or even close a descriptor twice."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-
-    def hold(signum: int, frame: Any) -> None:
-        pending.append(signum)
-
-    previous = {s: signal.signal(s, hold) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
 
 
 class _PipeSafeStdout:
@@ -195,19 +173,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _register() -> None:
-    from refattn.cli import golden, gradcheck, info, list_cmd, show, validate, verify
-
-    main.add_command(info.info)
-    main.add_command(list_cmd.list_cmd)
-    main.add_command(golden.golden)
-    main.add_command(gradcheck.gradcheck_cmd)
-    main.add_command(verify.verify)
-    main.add_command(show.show)
-    main.add_command(validate.validate)
-
-
-_register()
+main.add_command(info.info)
+main.add_command(list_cmd.list_cmd)
+main.add_command(golden.golden)
+main.add_command(gradcheck.gradcheck_cmd)
+main.add_command(verify.verify)
+main.add_command(show.show)
+main.add_command(validate.validate)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from refattn.cli.verify import BadInput
+from refattn.cli.common import BadInput
 
 
 def plot_option(help_text: str) -> Callable[[Any], Any]:

@@ -74,8 +74,8 @@ def show_text(case: GoldenCase, rows: list[dict[str, Any]]) -> list[str]:
 @click.command("show")
 @click.argument("case", metavar="CASE")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@plot_option("Also draw the case's attention maps and gates (cbam, non_local, "
-             "cross_layer, cgnl, nin_head) to this PNG.")
+@plot_option("Also draw the case's attention maps and gates to this PNG (blocks "
+             "with a figure in the registry; `refattn list` marks them).")
 def show(case: str, as_json: bool, plot_path: Path | None) -> None:
     """Summarize one fixture case: block, preset, config, dtype, mode, seed,
     digest, and per tensor its role, shape, dtype, min, max, mean |x|,

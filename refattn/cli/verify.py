@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from refattn.cli.common import BadInput  # also imported from here by cli/show.py
 from refattn.golden.format import (
     MANIFEST_NAME,
     FixtureError,
@@ -19,12 +20,6 @@ from refattn.golden.format import (
 
 _SHOWN = 3
 """Problems printed per failed case in text mode."""
-
-
-class BadInput(click.ClickException):
-    """Bad usage or input: one line ``Error: ...`` on stderr, exit status 2."""
-
-    exit_code = 2
 
 
 def case_dirs(path_arg: str, what: str) -> tuple[list[Path], list[tuple[Path, str]]]:

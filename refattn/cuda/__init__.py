@@ -13,8 +13,9 @@ with ``cupy.RawModule`` on first use, once per device, with ``COMPILE_OPTIONS``
 wrappers in ``refattn.cuda.launch`` take and return CuPy arrays.
 
 The ops of ``refattn.ops`` (and CGNL's moments) use the kernels on CuPy
-arrays through ``refattn.cuda.dispatch`` and the kernel variants of
-``refattn.cuda.kernel_ops``.  Kernels are used only where
+arrays through their override points (``refattn.ops.overrides``), into
+which ``refattn.cuda.kernel_ops`` registers its kernel variants the first
+time a CuPy array reaches one.  Kernels are used only where
 ``kernels_enabled()`` is true: the environment variable
 ``REFATTN_KERNELS=generic`` switches them off (the generic Array API path
 runs instead, so the two can be compared), and so do
@@ -231,8 +232,8 @@ def use_kernels(flag: bool) -> Iterator[None]:
 def wants_kernels(*arrays: Any) -> bool:
     """True when every given array is a CuPy array and kernels are enabled.
 
-    The dispatch predicate of the ops: cheap, and it never imports CuPy for
-    NumPy or array_api_strict inputs.
+    The predicate of the kernel overrides (``kernel_ops.OVERRIDES``): cheap,
+    and it never imports CuPy for NumPy or array_api_strict inputs.
     """
     arrays = tuple(a for a in arrays if a is not None)
     if not arrays or not all(type(a).__module__.startswith("cupy") for a in arrays):

@@ -1,13 +1,18 @@
-"""The raw-kernel variants of the ops, for CuPy arrays (see refattn.cuda.dispatch).
+"""The raw-kernel overrides of the ops' steps, for CuPy arrays.
 
-Each ``<op>_forward`` here computes what the op of the same name in
-``refattn.ops`` computes, with the memory-bound steps done by the kernels of
-``refattn.cuda.launch``, and returns the op's outputs with a cache of its own
-type (``<Op>KernelCache``), holding what the kernel backward needs.  The
-forwards take arguments the generic op has already validated; the
-backwards validate ``dout`` as the generic backwards do, so both paths
+Each ``<op>_forward`` here computes what the override point of the same
+name in ``refattn.ops`` computes (``refattn.ops.overrides``), from the same,
+already checked, arguments, with the memory-bound steps done by the kernels
+of ``refattn.cuda.launch``, and returns the step's outputs with a cache of
+its own type (``<Op>KernelCache``), holding what the kernel backward needs.
+The backwards validate ``dout`` as the generic backwards do, so both paths
 raise the same errors.  Fields a block reads from an op's cache (``kind``
 of a global pool, ``x`` and ``s`` of a gate) keep their generic names.
+
+``OVERRIDES`` says when each kernel is taken (``applies``; never when
+``refattn.cuda.kernels_enabled()`` is false) and ``register()``, called by
+``refattn.ops.overrides`` when a CuPy array first reaches an override
+point, puts them into the ops' table.  ``KERNEL_OPS`` describes the cases.
 
 Math, shapes and conventions are those of the generic ops (their docstrings
 are the specification); only what differs is noted here.  Sums are
@@ -20,8 +25,10 @@ from typing import Any, NamedTuple
 
 from refattn._typing import Array, Shape
 from refattn.backend import (
+    add_into,
     check_array,
     check_finite,
+    check_into,
     check_same_dtype,
     device,
     dtype_name,
@@ -30,11 +37,17 @@ from refattn.backend import (
     screen_finite,
 )
 from refattn.cuda import launch as K
+from refattn.cuda import wants_kernels
+from refattn.ops import overrides
+from refattn.ops.overrides import Override
 
 __all__ = [
     "CGNL_MAX_ORDER",
+    "KERNEL_OPS",
+    "OVERRIDES",
     "SMALL_CONV_MAX_CHANNELS",
     "BatchNormKernelCache",
+    "CgnlMomentsKernelCache",
     "ChannelPoolKernelCache",
     "Conv2dKernelCache",
     "GateMulKernelCache",
@@ -60,6 +73,7 @@ __all__ = [
     "is_small_conv",
     "max_pool_backward",
     "max_pool_forward",
+    "register",
     "softmax_backward",
     "softmax_forward",
 ]
@@ -81,9 +95,7 @@ class ChannelPoolKernelCache(NamedTuple):
     arg: Array  # (N, *S) int64 first arg-max channel (written for either kind)
 
 
-def channel_pool_forward(
-    x: Array, *, kind: str
-) -> tuple[Array, ChannelPoolKernelCache]:
+def channel_pool_forward(x: Array, kind: str) -> tuple[Array, ChannelPoolKernelCache]:
     """channel_pool by one kernel pass that writes the max and the mean planes.
 
     Shapes:
@@ -95,18 +107,21 @@ def channel_pool_forward(
     return out, ChannelPoolKernelCache(kind, tuple(x.shape), arg)
 
 
-def channel_pool_backward(dout: Array, cache: ChannelPoolKernelCache) -> Array:
+def channel_pool_backward(
+    dout: Array, cache: ChannelPoolKernelCache, *, into: Array | None = None
+) -> Array:
     """VJP of channel_pool by the kernel dx = [c = arg] dmax + dmean / C, with
     dout as the plane of its kind and zeros as the other (so for 'mean' the
-    arg-max selects nothing)."""
+    arg-max selects nothing); added into `into` when given."""
     kind, x_shape, arg = cache
+    check_into(into, x_shape, dout)
     n, c, spatial = x_shape[0], x_shape[1], tuple(x_shape[2:])
     _check_dout(dout, (n, 1) + spatial)
     xp = namespace(dout=dout)
     dm = xp.zeros((n, 2) + spatial, dtype=dout.dtype, device=device(dout))  # (N, 2, *S)
     plane = 0 if kind == "max" else 1
     dm[:, plane : plane + 1, ...] = dout
-    return K.channel_pool_backward(dm, arg, c)  # (N, C, *S)
+    return add_into(into, K.channel_pool_backward(dm, arg, c))  # (N, C, *S)
 
 
 # ---------------------------------------------------------------------------
@@ -123,7 +138,7 @@ class GlobalPoolKernelCache(NamedTuple):
 
 
 def global_pool_forward(
-    x: Array, *, kind: str, keepdim: bool
+    x: Array, kind: str, keepdim: bool
 ) -> tuple[Array, GlobalPoolKernelCache]:
     """global_pool with one block of threads per (n, c) map.
 
@@ -150,10 +165,14 @@ def global_pool_forward(
     return out, cache
 
 
-def global_pool_backward(dout: Array, cache: GlobalPoolKernelCache) -> Array:
+def global_pool_backward(
+    dout: Array, cache: GlobalPoolKernelCache, *, into: Array | None = None
+) -> Array:
     """VJP of global_pool (avg: dout/L, max: to the arg-max, lp: dout·x/‖x‖,
-    lse: dout·softmax(x)); dx is a fresh array for every kind."""
+    lse: dout·softmax(x)); dx is a fresh array for every kind, added into
+    `into` when given."""
     c = cache
+    check_into(into, c.x_shape, dout)
     n, ch = c.x_shape[0], c.x_shape[1]
     keep = (n, ch) + (1,) * (len(c.x_shape) - 2)
     _check_dout(dout, keep if c.keepdim else (n, ch))
@@ -161,7 +180,8 @@ def global_pool_backward(dout: Array, cache: GlobalPoolKernelCache) -> Array:
         check_same_dtype(dout=dout, x=c.x)
     xp = namespace(dout=dout)
     g = xp.reshape(dout, (n, ch))  # (N, C)
-    return K.global_pool_backward(g, c.kind, c.x_shape, x=c.x, out=c.out, arg=c.arg)
+    dx = K.global_pool_backward(g, c.kind, c.x_shape, x=c.x, out=c.out, arg=c.arg)
+    return add_into(into, dx)  # (N, C, *S)
 
 
 def _l2_in_range(xp: Any, x: Array, out: Array) -> Array:
@@ -212,7 +232,7 @@ class SoftmaxKernelCache(NamedTuple):
     axis: int  # always x.ndim - 1: the kernel normalises rows
 
 
-def softmax_forward(x: Array) -> tuple[Array, SoftmaxKernelCache]:
+def softmax_forward(x: Array, axis: int) -> tuple[Array, SoftmaxKernelCache]:
     """softmax over the last axis, one block of threads per row."""
     y = K.softmax_forward(x, axis=-1)  # like x
     return y, SoftmaxKernelCache(y, x.ndim - 1)
@@ -237,9 +257,9 @@ class MaxPoolKernelCache(NamedTuple):
 
 
 def max_pool_forward(
-    x: Array, *, kernel_size: tuple[int, ...], stride: tuple[int, ...]
+    x: Array, kernel_size: Shape, stride: Shape, out_size: Shape
 ) -> tuple[Array, MaxPoolKernelCache]:
-    """max_pool with one thread per output; kernel_size and stride validated."""
+    """max_pool with one thread per output (the kernel sizes its own output)."""
     out, arg = K.max_pool_forward(x, kernel_size, stride)  # (N, C, *So) twice
     return out, MaxPoolKernelCache(arg, tuple(x.shape))
 
@@ -286,9 +306,10 @@ class Conv2dKernelCache(NamedTuple):
 
 
 def conv2d_forward(
-    x: Array, weight: Array, bias: Array | None
+    x: Array, weight: Array, bias: Array | None, *geometry: Any
 ) -> tuple[Array, Conv2dKernelCache]:
-    """conv2d in the is_small_conv case: one thread per output element."""
+    """conv2d in the is_small_conv case, which fixes the geometry (stride,
+    padding, dilation, groups): one thread per output element."""
     out = K.small_conv_forward(x, weight, bias)  # (N, O, H, W)
     return out, Conv2dKernelCache(x, weight, bias is not None)
 
@@ -327,11 +348,10 @@ def batch_norm_forward(
     bias: Array | None,
     running_mean: Array | None,
     running_var: Array | None,
-    *,
     training: bool,
     momentum: float,
     eps: float,
-) -> tuple[Any, BatchNormKernelCache]:
+) -> tuple[tuple[Array, Array | None, Array | None], BatchNormKernelCache]:
     """batch_norm with the per-channel mean and biased variance (train) from
     one kernel launch (two passes over each channel, summed in double);
     normalisation, affine map and running averages as array expressions.
@@ -339,10 +359,8 @@ def batch_norm_forward(
     in train mode; finite x and non-negative running_var in eval mode) are
     made here too, with the same messages.
 
-    Returns ``(BatchNormOut(y, running_mean', running_var'), cache)``.
+    Returns ``((y, running_mean', running_var'), cache)``.
     """
-    from refattn.ops.norm import BatchNormOut  # the op's output type (no cycle)
-
     xp = namespace(x=x)
     N, C = x.shape[0], x.shape[1]
     M = N * prod(x.shape[2:])  # values per channel
@@ -377,7 +395,7 @@ def batch_norm_forward(
     xhat *= xp.reshape(inv_std, col)  # in place on the fresh difference
     y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
     cache = BatchNormKernelCache(xhat, inv_std, weight, bias is not None, training)
-    return BatchNormOut(y, new_mean, new_var), cache
+    return (y, new_mean, new_var), cache
 
 
 def batch_norm_backward(
@@ -416,7 +434,6 @@ def group_norm_forward(
     x: Array,
     weight: Array | None,
     bias: Array | None,
-    *,
     num_groups: int,
     eps: float,
 ) -> tuple[Array, GroupNormKernelCache]:
@@ -469,7 +486,14 @@ CGNL_MAX_ORDER = K.CGNL_MAX_ORDER
 """Highest Taylor order the moment kernels take; higher orders: generic."""
 
 
-def cgnl_moments_forward(p: Array, w: Array, order: int) -> Array:
+class CgnlMomentsKernelCache(NamedTuple):
+    p: Array  # (N, G, M) φ
+    w: Array  # (N, G, M) the weights of the moments
+
+
+def cgnl_moments_forward(
+    p: Array, w: Array, order: int
+) -> tuple[Array, CgnlMomentsKernelCache]:
     """The raw moments of one CGNL group, one block of threads per (n, group).
 
     Math:
@@ -482,10 +506,12 @@ def cgnl_moments_forward(p: Array, w: Array, order: int) -> Array:
     s = K.cgnl_moments_forward(
         xp.reshape(p, (N * G, M)), xp.reshape(w, (N * G, M)), order
     )  # (N·G, Q+1)
-    return xp.reshape(s, (N, G, order + 1))  # (N, G, Q+1)
+    return xp.reshape(s, (N, G, order + 1)), CgnlMomentsKernelCache(p, w)
 
 
-def cgnl_moments_backward(ds: Array, p: Array, w: Array) -> tuple[Array, Array]:
+def cgnl_moments_backward(
+    ds: Array, cache: CgnlMomentsKernelCache
+) -> tuple[Array, Array]:
     """VJP of cgnl_moments_forward, one thread per element.
 
     Math:
@@ -493,6 +519,7 @@ def cgnl_moments_backward(ds: Array, p: Array, w: Array) -> tuple[Array, Array]:
     Shapes:
         ds (N, G, Q+1), p, w (N, G, M) -> dp, dw (N, G, M)
     """
+    p, w = cache
     xp = namespace(ds=ds)
     N, G, M = (int(v) for v in p.shape)
     dp, dw = K.cgnl_moments_backward(
@@ -501,6 +528,98 @@ def cgnl_moments_backward(ds: Array, p: Array, w: Array) -> tuple[Array, Array]:
         xp.reshape(w, (N * G, M)),
     )  # (N·G, M) each
     return xp.reshape(dp, (N, G, M)), xp.reshape(dw, (N, G, M))
+
+
+# ---------------------------------------------------------------------------
+# the override table: when each kernel is taken
+
+
+def _on_device(*arrays: Array | None) -> bool:
+    """Every given array a CuPy array, kernels enabled, at most 3 spatial dims."""
+    return wants_kernels(*arrays) and arrays[0].ndim <= 5
+
+
+OVERRIDES: dict[str, Override] = {
+    "channel_pool": Override(
+        lambda x, kind: _on_device(x),
+        channel_pool_forward,
+        channel_pool_backward,
+        ChannelPoolKernelCache,
+        "kind 'max' or 'mean'; 1 to 3 spatial dims",
+    ),
+    "global_pool": Override(
+        lambda x, kind, keepdim: _on_device(x),
+        global_pool_forward,
+        global_pool_backward,
+        GlobalPoolKernelCache,
+        "kind 'avg', 'max', 'lp' or 'lse'; 1 to 3 spatial dims",
+    ),
+    "gate_mul": Override(
+        lambda x, z: _on_device(x, z) and gate_kind(x.shape, z.shape) is not None,
+        gate_mul_forward,
+        gate_mul_backward,
+        GateMulKernelCache,
+        "channel gate z (N, C, 1, ...) or spatial gate z (N, 1, *S); "
+        "x with 0 to 3 spatial dims",
+    ),
+    "softmax": Override(
+        lambda x, axis: wants_kernels(x) and axis == x.ndim - 1,
+        softmax_forward,
+        softmax_backward,
+        SoftmaxKernelCache,
+        "the last axis",
+    ),
+    "max_pool": Override(
+        lambda x, *geometry: wants_kernels(x),
+        max_pool_forward,
+        max_pool_backward,
+        MaxPoolKernelCache,
+        "1, 2 and 3 spatial dims (every case the op accepts)",
+    ),
+    "conv2d": Override(
+        lambda x, weight, bias, *geometry: (
+            wants_kernels(x, weight, bias) and is_small_conv(weight.shape, *geometry)
+        ),
+        conv2d_forward,
+        conv2d_backward,
+        Conv2dKernelCache,
+        f"C_in, C_out <= {SMALL_CONV_MAX_CHANNELS}, odd square k >= 3, padding "
+        "(k - 1) / 2, stride 1, dilation 1, groups 1 (CBAM's spatial conv)",
+    ),
+    "batch_norm": Override(
+        lambda x, weight, bias, mean, var, *options: wants_kernels(
+            x, weight, bias, mean, var
+        ),
+        batch_norm_forward,
+        batch_norm_backward,
+        BatchNormKernelCache,
+        "train and eval; statistics and backward sums by kernel",
+    ),
+    "group_norm": Override(
+        lambda x, weight, bias, *options: wants_kernels(x, weight, bias),
+        group_norm_forward,
+        group_norm_backward,
+        GroupNormKernelCache,
+        "statistics and backward sums by kernel",
+    ),
+    "cgnl_moments": Override(
+        lambda p, w, order: wants_kernels(p, w) and order <= CGNL_MAX_ORDER,
+        cgnl_moments_forward,
+        cgnl_moments_backward,
+        CgnlMomentsKernelCache,
+        f"CGNL's Taylor moments Σ φ^q w and their VJP, order <= {CGNL_MAX_ORDER}",
+    ),
+}
+"""Override point -> its kernel variant and when it is taken."""
+
+KERNEL_OPS: dict[str, str] = {name: o.description for name, o in OVERRIDES.items()}
+"""Override point -> the cases that take its raw kernel on CuPy (others: generic)."""
+
+
+def register() -> None:
+    """Put the kernels into the ops' override table (refattn.ops.overrides)."""
+    for name, override in OVERRIDES.items():
+        overrides.register(name, override)
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ The recipe (DESIGN sections 5 and 7):
    ``output.*``, ``output.state.*``, ``grad.input.*``, ``grad.param.*``,
    ``aux.*``), stored in the case's dtype.
 4. Give each tensor a tolerance for a consumer computing in that dtype
-   (``refattn.golden.format.tolerance_for``, from the tensor's accumulation
+   (``refattn.golden.tolerance.tolerance_for``, from the tensor's accumulation
    length); a gradient that is analytically zero (pure round-off in the
    float64 reference) is compared with an absolute tolerance on the scale of
    its tensor family instead (check kind ``"zero"``), and a tensor whose
@@ -51,10 +51,11 @@ from refattn.blocks.spec import (
     config_to_dict,
     to_namespace,
 )
-from refattn.golden.format import tolerance_for
 from refattn.golden.strength import MAX_RTOL, case_weaknesses
+from refattn.golden.tolerance import tolerance_for
 
-__all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "expand_requests", "generate_case"]
+__all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "all_requests",
+           "expand_requests", "generate_case"]
 
 MAX_REDRAWS = 100
 MIN_MARGIN_FLOAT32 = 2e-5
@@ -155,6 +156,19 @@ def expand_requests(block: str, preset: str | None, overrides: Mapping[str, Any]
     if mode is None or _sets_bn(spec, cfg, overrides):
         return [(req, cfg)]
     return [(req, spec.with_bn_mode(cfg, m)) for m in ("train", "eval")]
+
+
+def all_requests(dtypes: tuple[str, ...] = ("float64", "float32")
+                 ) -> list[tuple[CaseRequest, Any]]:
+    """Every preset of every block (or its default config) in each dtype: the
+    cases of ``refattn golden --all`` and of the committed golden/ set."""
+    out = []
+    for name, spec in BLOCKS.items():
+        presets = list(spec.presets) or [None]
+        for preset in presets:
+            for dtype in dtypes:
+                out += expand_requests(name, preset, {}, dtype=dtype)
+    return out
 
 
 def _sets_bn(spec: BlockSpec, cfg: Any, overrides: Mapping[str, Any]) -> bool:

@@ -34,8 +34,7 @@ from refattn.backend import (
     window,
     zeros_like_shape,
 )
-from refattn.cuda import kernel_ops as _kernels
-from refattn.cuda.dispatch import use_kernel
+from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = [
     "Conv2dCache",
@@ -87,23 +86,31 @@ def conv2d_forward(
         out     (N, O, Ho, Wo)
     stride, padding and dilation are an int or an (h, w) pair.
     """
-    xp = namespace(x=x, weight=weight, bias=bias)
-    stride_, padding_, dilation_, groups = _check_conv2d_args(
-        x, weight, bias, stride, padding, dilation, groups
-    )
+    namespace(x=x, weight=weight, bias=bias)  # arrays of one library and device
+    checked = _check_conv2d_args(x, weight, bias, stride, padding, dilation, groups)
+    return _conv2d(x, weight, bias, *checked)  # stride, padding, dilation, groups
+
+
+@overridable("conv2d")
+def _conv2d(
+    x: Array,
+    weight: Array,
+    bias: Array | None,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+) -> tuple[Array, Conv2dCache]:
+    xp = namespace(x=x)
     N, C, H, W = x.shape
     Cout, _, KH, KW = weight.shape
-    ho, wo = _conv2d_out_hw((H, W), (KH, KW), stride_, padding_, dilation_)
-    if use_kernel(x, weight, bias) and _kernels.is_small_conv(
-        weight.shape, stride_, padding_, dilation_, groups
-    ):  # CuPy, few channels (CBAM's spatial conv): the raw kernel (cuda.dispatch)
-        return _kernels.conv2d_forward(x, weight, bias)
-    xpad = pad_spatial(x, padding_)  # (N, C, H + 2p_h, W + 2p_w)
+    ho, wo = _conv2d_out_hw((H, W), (KH, KW), stride, padding, dilation)
+    xpad = pad_spatial(x, padding)  # (N, C, H + 2p_h, W + 2p_w)
     if (KH, KW) == (1, 1):
-        xs = xpad[:, :, window(0, stride_[0], ho), window(0, stride_[1], wo)]
+        xs = xpad[:, :, window(0, stride[0], ho), window(0, stride[1], wo)]
         cols = xp.reshape(xs, (N, C, ho * wo))  # (N, C, L)
     else:
-        cols = _im2col(xp, xpad, (KH, KW), stride_, dilation_, (ho, wo))
+        cols = _im2col(xp, xpad, (KH, KW), stride, dilation, (ho, wo))
     w2 = xp.reshape(weight, (Cout, cols.shape[1] // groups))  # (O, C/G*KH*KW)
     out = _mix_forward(xp, cols, w2, bias, groups)  # (N, O, L)
     out = xp.reshape(out, (N, Cout, ho, wo))  # (N, O, Ho, Wo)
@@ -111,15 +118,16 @@ def conv2d_forward(
         cols=cols,
         weight=weight,
         x_shape=(N, C, H, W),
-        stride=stride_,
-        padding=padding_,
-        dilation=dilation_,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
         groups=groups,
         has_bias=bias is not None,
     )
     return out, cache
 
 
+@routed_by_cache("conv2d")
 def conv2d_backward(
     dout: Array, cache: Conv2dCache
 ) -> tuple[Array, Array, Array | None]:
@@ -140,8 +148,6 @@ def conv2d_backward(
         dweight  (O, C/G, KH, KW)
         dbias    (O,) or None
     """
-    if isinstance(cache, _kernels.Conv2dKernelCache):  # from the raw-kernel forward
-        return _kernels.conv2d_backward(dout, cache)
     xp = namespace(dout=dout)
     c = cache
     N, C, H, W = c.x_shape

@@ -19,8 +19,7 @@ from refattn.backend import (
     sum_product_to_shape,
     sum_to_shape,
 )
-from refattn.cuda import kernel_ops as _kernels
-from refattn.cuda.dispatch import use_kernel
+from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = [
     "AddCache",
@@ -164,13 +163,17 @@ def gate_mul_forward(x: Array, z: Array) -> tuple[Array, GateMulCache]:
             f"z: expected a shape that broadcasts to x's shape {tuple(x.shape)}, "
             f"got {tuple(z.shape)}"
         )
-    if use_kernel(x, z) and x.ndim <= 5 and _kernels.gate_kind(x.shape, z.shape):
-        return _kernels.gate_mul_forward(x, z)  # CuPy: the raw kernel (cuda.dispatch)
+    return _gate_mul(x, z)
+
+
+@overridable("gate_mul")
+def _gate_mul(x: Array, z: Array) -> tuple[Array, GateMulCache]:
     s = sigmoid(z)  # like z
     out = x * s  # like x
     return out, GateMulCache(x, s)
 
 
+@routed_by_cache("gate_mul")
 def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
     """VJP of gate_mul.
 
@@ -181,8 +184,6 @@ def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
         dout, dx  like x; dx is always a fresh array (callers may add into it)
         dz        like z
     """
-    if isinstance(cache, _kernels.GateMulKernelCache):  # from the raw-kernel forward
-        return _kernels.gate_mul_backward(dout, cache)
     x, s = cache
     _check_dout(dout, x)
     xp = namespace(dout=dout)

@@ -24,8 +24,7 @@ from refattn.backend import (
     prod,
     screen_finite,
 )
-from refattn.cuda import kernel_ops as _kernels
-from refattn.cuda.dispatch import use_kernel
+from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = [
     "BatchNormCache",
@@ -85,7 +84,7 @@ def batch_norm_forward(
                                    (the returned ones are then None too)
     """
     check_array("x", x, ndim=_NDIM)
-    xp = namespace(
+    namespace(  # arrays of one library and device
         x=x,
         weight=weight,
         bias=bias,
@@ -121,14 +120,19 @@ def batch_norm_forward(
         running_var=running_var,
     )
     _check_nonempty(x)
-    if use_kernel(x, weight, bias, running_mean, running_var):
-        # CuPy: statistics and backward sums by raw kernels (refattn.cuda.dispatch)
-        return _kernels.batch_norm_forward(
-            x, weight, bias, running_mean, running_var,
-            training=training, momentum=momentum, eps=eps,
-        )
+    out, cache = _batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+    return BatchNormOut(*out), cache
 
-    N = x.shape[0]
+
+@overridable("batch_norm")
+def _batch_norm(
+    x: Array, weight: Array | None, bias: Array | None, running_mean: Array | None,
+    running_var: Array | None, training: bool, momentum: float, eps: float,
+) -> tuple[tuple[Array, Array | None, Array | None], BatchNormCache]:
+    xp = namespace(x=x)
+    N, C = x.shape[0], x.shape[1]
     L = prod(x.shape[2:])  # positions per sample
     M = N * L  # values per channel
     x3 = xp.reshape(x, (N, C, L))  # (N, C, L)
@@ -165,10 +169,11 @@ def batch_norm_forward(
         new_mean, new_var = running_mean, running_var
     xhat = xp.reshape(xc, tuple(x.shape))  # (N, C, *S)
     y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
-    out = BatchNormOut(y, new_mean, new_var)
-    return out, BatchNormCache(xhat, inv_std, weight, bias is not None, training)
+    cache = BatchNormCache(xhat, inv_std, weight, bias is not None, training)
+    return (y, new_mean, new_var), cache
 
 
+@routed_by_cache("batch_norm")
 def batch_norm_backward(
     dout: Array, cache: BatchNormCache
 ) -> tuple[Array, Array | None, Array | None]:
@@ -186,8 +191,6 @@ def batch_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
-    if isinstance(cache, _kernels.BatchNormKernelCache):  # from the raw-kernel forward
-        return _kernels.batch_norm_backward(dout, cache)
     xhat, inv_std, weight, has_bias, training = cache
     check_array("dout", dout, shape=tuple(xhat.shape))
     check_same_dtype(dout=dout, forward=xhat)
@@ -240,8 +243,8 @@ def group_norm_forward(
         weight, bias  (C,) or None
     """
     check_array("x", x, ndim=_NDIM)
-    xp = namespace(x=x, weight=weight, bias=bias)
-    N, C = x.shape[0], x.shape[1]
+    namespace(x=x, weight=weight, bias=bias)  # arrays of one library and device
+    C = x.shape[1]
     _check_affine(weight, bias, C)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
@@ -250,13 +253,18 @@ def group_norm_forward(
             f"num_groups: expected a positive divisor of the channel count C={C}, "
             f"got {num_groups}"
         )
-    G = int(num_groups)
     eps = _check_real("eps", eps, low=0.0, low_open=True)
     check_same_dtype(x=x, weight=weight, bias=bias)
     _check_nonempty(x)
-    if use_kernel(x, weight, bias):  # CuPy: raw kernels (refattn.cuda.dispatch)
-        return _kernels.group_norm_forward(x, weight, bias, num_groups=G, eps=eps)
+    return _group_norm(x, weight, bias, int(num_groups), eps)
 
+
+@overridable("group_norm")
+def _group_norm(
+    x: Array, weight: Array | None, bias: Array | None, G: int, eps: float
+) -> tuple[Array, GroupNormCache]:
+    xp = namespace(x=x)
+    N = x.shape[0]
     K = prod(x.shape) // (N * G)  # values per (n, group)
     xg = xp.reshape(x, (N, G, K))  # (N, G, K)
     mean = xp.mean(xg, axis=-1)  # (N, G)
@@ -271,6 +279,7 @@ def group_norm_forward(
     return y, GroupNormCache(xhat, inv_std, weight, bias is not None)
 
 
+@routed_by_cache("group_norm")
 def group_norm_backward(
     dout: Array, cache: GroupNormCache
 ) -> tuple[Array, Array | None, Array | None]:
@@ -288,8 +297,6 @@ def group_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
-    if isinstance(cache, _kernels.GroupNormKernelCache):  # from the raw-kernel forward
-        return _kernels.group_norm_backward(dout, cache)
     xhat, inv_std, weight, has_bias = cache
     check_array("dout", dout, shape=tuple(xhat.shape))
     check_same_dtype(dout=dout, forward=xhat)

@@ -39,8 +39,10 @@ from refattn._typing import Array, Shape
 from refattn.backend import (
     accumulate,
     add_along_axis,
+    add_into,
     as_tuple,
     check_array,
+    check_into,
     check_same_dtype,
     device,
     namespace,
@@ -49,8 +51,7 @@ from refattn.backend import (
     screen_finite,
     window,
 )
-from refattn.cuda import kernel_ops as _kernels
-from refattn.cuda.dispatch import use_kernel
+from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = [
     "CHANNEL_POOL_KINDS",
@@ -104,16 +105,21 @@ def max_pool_forward(
         kernel_size: K, an int or a tuple with one entry per spatial dim.
         stride: s, likewise; None means stride = kernel_size.
     """
-    xp = namespace(x=x)
     _check_input(x, "max_pool", ndims=(3, 4, 5))
-    k, s, so = _geometry(x.shape, kernel_size, stride)
-    if use_kernel(x):  # CuPy: the raw kernel (refattn.cuda.dispatch)
-        return _kernels.max_pool_forward(x, kernel_size=k, stride=s)
+    return _max_pool(x, *_geometry(x.shape, kernel_size, stride))
+
+
+@overridable("max_pool")
+def _max_pool(
+    x: Array, k: tuple[int, ...], s: tuple[int, ...], so: tuple[int, ...]
+) -> tuple[Array, MaxPoolCache]:
+    xp = namespace(x=x)
     it = _index_dtype(xp, prod(k))
     out, idx = _window_max(xp, x, k, s, so, it)  # (N, C, *So) twice
     return out, MaxPoolCache(idx, tuple(x.shape), k, s)
 
 
+@routed_by_cache("max_pool")
 def max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
     """VJP of max_pool: each dout element goes to its window's arg-max.
 
@@ -127,8 +133,6 @@ def max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
         row-major window order, never split; this matches PyTorch's CPU
         max_pool1d/2d/3d.
     """
-    if isinstance(cache, _kernels.MaxPoolKernelCache):  # from the raw-kernel forward
-        return _kernels.max_pool_backward(dout, cache)
     xp = namespace(dout=dout)
     idx, x_shape, k, s = cache
     _check_dout(dout, tuple(idx.shape))
@@ -222,13 +226,16 @@ def global_pool_forward(
         x   (N, C, *S), any number (>= 1) of spatial dims
         out (N, C), or (N, C, 1, ..., 1) with keepdim
     """
-    xp = namespace(x=x)
     _check_input(x, "global_pool", ndims=None)
     _check_kind(kind, GLOBAL_POOL_KINDS)
     if not isinstance(keepdim, bool):
         raise TypeError(f"keepdim: expected a bool, got {keepdim!r}")
-    if use_kernel(x) and x.ndim <= 5:  # CuPy: the raw kernel (refattn.cuda.dispatch)
-        return _kernels.global_pool_forward(x, kind=kind, keepdim=keepdim)
+    return _global_pool(x, kind, keepdim)
+
+
+@overridable("global_pool")
+def _global_pool(x: Array, kind: str, keepdim: bool) -> tuple[Array, GlobalPoolCache]:
+    xp = namespace(x=x)
     n, c = x.shape[:2]
     xf = xp.reshape(x, (n, c, prod(x.shape[2:])))  # (N, C, L)
     cache = GlobalPoolCache(kind, tuple(x.shape), keepdim)
@@ -256,6 +263,7 @@ def global_pool_forward(
     return out, cache
 
 
+@routed_by_cache("global_pool")
 def global_pool_backward(
     dout: Array, cache: GlobalPoolCache, *, into: Array | None = None
 ) -> Array:
@@ -280,9 +288,7 @@ def global_pool_backward(
         map, where the norm has no derivative) the gradient is defined as 0, the
         minimum-norm subgradient.
     """
-    _check_into(into, cache.x_shape, dout)
-    if isinstance(cache, _kernels.GlobalPoolKernelCache):  # from the raw-kernel forward
-        return _add_into(into, _kernels.global_pool_backward(dout, cache))
+    check_into(into, cache.x_shape, dout)
     xp = namespace(dout=dout)
     c = cache
     n, ch = c.x_shape[:2]
@@ -291,7 +297,7 @@ def global_pool_backward(
     length = prod(c.x_shape[2:])
     if c.kind == "avg":
         g = xp.reshape(g / length, _keep_shape(c.x_shape))  # (N, C, 1, ..., 1)
-        return _add_into(into, xp.broadcast_to(g, c.x_shape))  # (N, C, *S)
+        return add_into(into, xp.broadcast_to(g, c.x_shape))  # (N, C, *S)
     if c.kind == "max" and into is not None:
         total = xp.reshape(into, (n, ch, length))  # (N, C, L)
         total = add_along_axis(total, c.idx[..., None], g, -1)  # (N, C, L)
@@ -307,7 +313,7 @@ def global_pool_backward(
     else:
         check_same_dtype(dout=dout, x=c.e)
         dx = c.e * (g / c.sum_e[..., None])  # (N, C, L) = g · softmax
-    return _add_into(into, xp.reshape(dx, c.x_shape))  # (N, C, *S)
+    return add_into(into, xp.reshape(dx, c.x_shape))  # (N, C, *S)
 
 
 # ---------------------------------------------------------------------------
@@ -332,11 +338,14 @@ def channel_pool_forward(
         x   (N, C, *S), any number (>= 1) of spatial dims
         out (N, 1, *S)
     """
-    xp = namespace(x=x)
     _check_input(x, "channel_pool", ndims=None)
     _check_kind(kind, CHANNEL_POOL_KINDS)
-    if use_kernel(x) and x.ndim <= 5:  # CuPy: the raw kernel (refattn.cuda.dispatch)
-        return _kernels.channel_pool_forward(x, kind=kind)
+    return _channel_pool(x, kind)
+
+
+@overridable("channel_pool")
+def _channel_pool(x: Array, kind: str) -> tuple[Array, ChannelPoolCache]:
+    xp = namespace(x=x)
     if kind == "mean":
         out = xp.mean(x, axis=1, keepdims=True)  # (N, 1, *S)
         return out, ChannelPoolCache(kind, tuple(x.shape))
@@ -346,6 +355,7 @@ def channel_pool_forward(
     return out, ChannelPoolCache(kind, tuple(x.shape), xp.astype(idx, small))
 
 
+@routed_by_cache("channel_pool")
 def channel_pool_backward(
     dout: Array, cache: ChannelPoolCache, *, into: Array | None = None
 ) -> Array:
@@ -365,34 +375,16 @@ def channel_pool_backward(
         max: on a tie the whole gradient goes to the FIRST arg-max channel, as
         torch.max(x, dim=1) does.
     """
-    _check_into(into, cache.x_shape, dout)
-    if isinstance(cache, _kernels.ChannelPoolKernelCache):  # from the kernel forward
-        return _add_into(into, _kernels.channel_pool_backward(dout, cache))
+    check_into(into, cache.x_shape, dout)
     xp = namespace(dout=dout)
     kind, x_shape, idx = cache
     n, c = x_shape[:2]
     _check_dout(dout, (n, 1) + tuple(x_shape[2:]))
     if kind == "mean":
-        return _add_into(into, xp.broadcast_to(dout / c, x_shape))  # (N, C, *S)
+        return add_into(into, xp.broadcast_to(dout / c, x_shape))  # (N, C, *S)
     if into is not None:
         return add_along_axis(into, idx, dout, 1)  # (N, C, *S)
     return route_along_axis(dout, idx, 1, c)  # (N, C, *S)
-
-
-def _add_into(into: Array | None, dx: Array) -> Array:
-    """dx, or `into` + dx accumulated in place into the caller's array."""
-    if into is None:
-        return dx
-    into += dx
-    return into
-
-
-def _check_into(into: Array | None, x_shape: Shape, dout: Array) -> None:
-    if into is None:
-        return
-    check_array("into", into, shape=tuple(x_shape))
-    check_array("dout", dout)
-    check_same_dtype(into=into, dout=dout)
 
 
 # ---------------------------------------------------------------------------

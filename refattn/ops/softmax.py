@@ -7,8 +7,7 @@ from typing import NamedTuple
 
 from refattn._typing import Array
 from refattn.backend import check_array, check_same_dtype, namespace, screen_finite
-from refattn.cuda import kernel_ops as _kernels
-from refattn.cuda.dispatch import use_kernel
+from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = ["SoftmaxCache", "softmax_backward", "softmax_forward"]
 
@@ -28,16 +27,20 @@ def softmax_forward(x: Array, *, axis: int = -1) -> tuple[Array, SoftmaxCache]:
         x, y  any shape with at least one axis; `axis` may be negative
     """
     check_array("x", x)
-    xp = namespace(x=x)
     axis = _normalise_axis(axis, x.ndim)
     screen_finite("x", x)
-    if use_kernel(x) and axis == x.ndim - 1:  # CuPy: the raw kernel (cuda.dispatch)
-        return _kernels.softmax_forward(x)
+    return _softmax(x, axis)
+
+
+@overridable("softmax")
+def _softmax(x: Array, axis: int) -> tuple[Array, SoftmaxCache]:
+    xp = namespace(x=x)
     y = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
     y /= xp.sum(y, axis=axis, keepdims=True)  # in place on the fresh exp
     return y, SoftmaxCache(y, axis)
 
 
+@routed_by_cache("softmax")
 def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
     """VJP of softmax, from the saved output.
 
@@ -48,8 +51,6 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
     Shapes:
         dout, dx  like x
     """
-    if isinstance(cache, _kernels.SoftmaxKernelCache):  # from the raw-kernel forward
-        return _kernels.softmax_backward(dout, cache)
     y, axis = cache
     check_array("dout", dout, shape=tuple(y.shape))
     check_same_dtype(dout=dout, forward=y)

@@ -16,6 +16,8 @@ What is checked:
 * the cases a kernel does not cover stay generic (no launch);
 * ``REFATTN_KERNELS=generic`` and ``set_kernels_enabled(False)`` switch every
   kernel off;
+* the first CuPy array that reaches an override point registers every
+  kernel of ``kernel_ops.OVERRIDES`` into ``refattn.ops.overrides``, once;
 * every block preset, kernels on and off, float32 and float64, matches NumPy;
 * golden cases generated with the CuPy backend (``generate_case(..., xp=)``
   and ``refattn golden --backend cupy``) match the NumPy ones within the
@@ -39,7 +41,7 @@ from refattn.blocks.registry import BLOCKS
 from refattn.cuda import kernel_ops
 from refattn.cuda._runner import CupyRunner
 from refattn.golden.generate import MAX_REDRAWS, expand_requests, generate_case
-from refattn.ops import conv, elementwise, linear, norm, pool, softmax
+from refattn.ops import conv, elementwise, linear, norm, overrides, pool, softmax
 
 __all__ = [
     "test_block_presets_match_numpy",
@@ -47,6 +49,7 @@ __all__ = [
     "test_cbam_launches_every_kernel_of_its_gates",
     "test_cgnl_taylor_moments_take_their_kernel",
     "test_every_op_is_covered",
+    "test_first_cupy_array_registers_the_kernels_once",
     "test_golden_case_with_the_cupy_backend_matches_numpy",
     "test_golden_cli_with_backend_cupy",
     "test_kernels_off_by_environment_or_api",
@@ -400,9 +403,7 @@ def test_every_op_is_covered() -> None:
     covered = {case.id.split("-")[0] for case in WIRED + UNWIRED}
     assert set(OPS) <= covered, sorted(set(OPS) - covered)
     wired = {case.id.split("-")[0] for case in WIRED}
-    from refattn.cuda.dispatch import KERNEL_OPS
-
-    assert wired == {op for op in KERNEL_OPS if " " not in op}
+    assert wired | {"cgnl_moments"} == set(kernel_ops.KERNEL_OPS)
 
 
 def _draw(case: OpCase, dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -450,8 +451,11 @@ def _numpy_reference(case: OpCase, host: dict[str, np.ndarray]) -> tuple[Any, ..
     return _run(case, host, None, lambda v: v.copy(), cnp)
 
 
+KERNEL_CACHES = {o.cache for o in kernel_ops.OVERRIDES.values()}
+
+
 def _kernel_cache(cache: Any) -> bool:
-    return type(cache).__module__ == kernel_ops.__name__
+    return type(cache) in KERNEL_CACHES
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -514,6 +518,32 @@ def test_kernels_off_by_environment_or_api(gpu: Gpu, monkeypatch: pytest.MonkeyP
     _, _, cache, _ = _run(cases[0], _draw(cases[0], "float64"), None, gpu.to_device,
                           gpu.xp)
     assert gpu.launched and _kernel_cache(cache)
+
+
+def test_first_cupy_array_registers_the_kernels_once(
+    gpu: Gpu, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From an empty override table, the first CuPy array that reaches an
+    override point calls kernel_ops.register (named in overrides.LOADERS),
+    once, and every kernel is in the table."""
+    calls = []
+    register = kernel_ops.register
+
+    def counting_register() -> None:
+        calls.append("register")
+        register()
+
+    monkeypatch.setattr(kernel_ops, "register", counting_register)
+    monkeypatch.setattr(overrides, "OVERRIDES", {})
+    monkeypatch.setattr(overrides, "_loaded", False)
+    case = WIRED[0]
+    for _ in range(2):
+        gpu.launched.clear()
+        _, _, cache, _ = _run(case, _draw(case, "float64"), None, gpu.to_device,
+                              gpu.xp)
+        assert tuple(gpu.launched) == case.fwd + case.bwd and _kernel_cache(cache)
+    assert calls == ["register"]
+    assert overrides.OVERRIDES == kernel_ops.OVERRIDES
 
 
 def test_bad_dout_raises_the_same_error_on_both_paths(gpu: Gpu) -> None:

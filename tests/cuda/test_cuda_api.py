@@ -106,3 +106,19 @@ def test_wants_kernels_only_for_cupy_arrays(monkeypatch) -> None:
 
 def test_cupy_available_is_a_safe_predicate() -> None:
     assert isinstance(rc.cupy_available(), bool)
+
+
+def test_register_fills_the_ops_table_with_every_kernel(monkeypatch) -> None:
+    """kernel_ops.OVERRIDES: one override point per entry, each described
+    (KERNEL_OPS) and with its own cache type; register() installs them all."""
+    from refattn.cuda import kernel_ops
+    from refattn.ops import OPS, overrides
+
+    monkeypatch.setattr(overrides, "OVERRIDES", {})
+    kernel_ops.register()
+    assert overrides.OVERRIDES == kernel_ops.OVERRIDES
+    assert set(kernel_ops.OVERRIDES) - set(OPS) == {"cgnl_moments"}
+    assert kernel_ops.KERNEL_OPS.keys() == kernel_ops.OVERRIDES.keys()
+    caches = [o.cache for o in kernel_ops.OVERRIDES.values()]
+    assert len(set(caches)) == len(caches)
+    assert all(kernel_ops.KERNEL_OPS.values())

@@ -2,11 +2,11 @@
 
 ``cupy_standin.install`` makes ``cupy`` a NumPy-backed stand-in whose
 ``RawModule`` runs the kernels through the C++ host shim, so the ops see CuPy
-arrays and take their raw-kernel path through the production code
-(``refattn.cuda.dispatch``, ``kernel_ops``, ``launch``, ``CupyRunner``,
-``get_module``).  The checks themselves live in dispatch_checks.py and run
-again on a real GPU in test_gpu.py (tier 3, which alone certifies GPU
-behaviour).  The default runner uses 32 threads and at most 3 blocks here,
+arrays and take their raw-kernel path through the production code (the
+override points of ``refattn.ops.overrides``, ``kernel_ops``, ``launch``,
+``CupyRunner``, ``get_module``).  The checks themselves live in
+dispatch_checks.py and run again on a real GPU in test_gpu.py (tier 3, which
+alone certifies GPU behaviour).  The default runner uses 32 threads and at most 3 blocks here,
 so reduction tails and grid-stride loops run; one test uses the GPU
 defaults (256 threads, a full grid).
 """

@@ -11,7 +11,12 @@ import pytest
 from refattn.blocks.registry import BLOCKS
 from refattn.blocks.spec import config_from_dict
 from refattn.golden.format import find_cases, read_case, verify_case
-from refattn.golden.generate import CaseRequest, bn_mode_of, generate_case
+from refattn.golden.generate import (
+    CaseRequest,
+    all_requests,
+    bn_mode_of,
+    generate_case,
+)
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 CASES = find_cases(GOLDEN) if GOLDEN.is_dir() else []
@@ -24,8 +29,6 @@ def test_the_committed_set_exists_and_is_small():
 
 
 def test_every_preset_of_every_block_in_both_dtypes():
-    from refattn.cli.golden import all_requests
-
     want = {
         (req.block, req.case_id(bn_mode_of(BLOCKS[req.block], cfg)))
         for req, cfg in all_requests()

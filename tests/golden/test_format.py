@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from refattn.golden import format as fmt
+from refattn.golden import publish
 from refattn.golden.format import (
     SCHEMA,
     CaseExistsError,
@@ -424,7 +425,7 @@ def test_force_replaces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
 ) -> None:
     if not exchange:
-        monkeypatch.setattr(fmt, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
     case = write(tmp_path)
     old = read_case(case).manifest["digest"]
     assert write(tmp_path, seed=3, force=True) == case
@@ -766,6 +767,25 @@ def test_malformed_safetensors_headers(tmp_path: Path) -> None:
         read_case(case)
 
 
+def test_duplicated_tensor_key_in_safetensors_header(tmp_path: Path) -> None:
+    """A header that names a tensor twice is ambiguous (a reader keeping the
+    first entry reads other data than one keeping the last) and is refused.
+    safetensors' own reader (0.8) accepts it and keeps the last entry."""
+    case = write(tmp_path)
+    path = case / "tensors.safetensors"
+    good = path.read_bytes()
+    (n,) = struct.unpack("<Q", good[:8])
+    header = good[8 : 8 + n].rstrip(b" ")
+    decoy = json.dumps(json.loads(header)["input.x"]).encode()
+    text = b'{"output.out": ' + decoy + b", " + header[1:]
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + n :])
+    with pytest.raises(FixtureError, match="duplicate key 'output.out'") as info:
+        read_case(case)
+    assert_names(info.value, "tensors.safetensors")
+    assert not verify_case(case).ok
+
+
 def test_missing_and_extra_tensors_in_file(tmp_path: Path) -> None:
     tensors = make_tensors()
     case = write_case(tmp_path, "cgnl", "case-a", tensors, make_manifest())
@@ -995,12 +1015,12 @@ def test_forced_replacement_never_leaves_the_path_empty(
     probe_a.mkdir()
     probe_b.mkdir()
     (probe_a / "f").write_text("a")
-    if not fmt._exchange(probe_a, probe_b):
+    if not publish._exchange(probe_a, probe_b):
         pytest.skip("no atomic directory exchange on this platform/file system")
     assert (probe_b / "f").read_text() == "a"
     case = write(tmp_path / "root")
     seen: list[bool] = []
-    real_rename, real_exchange = os.rename, fmt._exchange
+    real_rename, real_exchange = os.rename, publish._exchange
 
     def rename(a: Any, b: Any) -> None:
         real_rename(a, b)
@@ -1012,7 +1032,7 @@ def test_forced_replacement_never_leaves_the_path_empty(
         return done
 
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(fmt, "_exchange", exchange)
+    monkeypatch.setattr(publish, "_exchange", exchange)
     write(tmp_path / "root", seed=1, force=True)
     assert seen and all(seen), seen
     assert (

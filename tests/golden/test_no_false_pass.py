@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from refattn.cli.main import main
 from refattn.golden.format import find_cases, read_case, write_case
-from refattn.golden.generate import generate_case
+from refattn.golden.generate import all_requests, generate_case
 from refattn.golden.strength import (
     MAX_RTOL,
     case_weaknesses,
@@ -85,8 +85,6 @@ def test_the_committed_set_has_no_weak_tolerance() -> None:
 
 
 def test_fresh_cases_of_every_block_and_preset_reject_every_mutant(tmp_path) -> None:
-    from refattn.cli.golden import all_requests
-
     total = 0
     for req, cfg in all_requests():
         gen = generate_case(req, cfg)

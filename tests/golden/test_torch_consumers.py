@@ -24,33 +24,12 @@ from typing import Any
 import pytest
 
 from refattn.blocks.registry import BLOCKS
-from refattn.cli.golden import all_requests
-from refattn.golden.generate import bn_mode_of, expand_requests
+from refattn.golden.generate import all_requests, bn_mode_of, expand_requests
 
-# the anchor factory of every block's preset (None: the block's default config)
-FACTORIES = {
-    ("conv1x1", None): "simple:make_conv1x1",
-    ("gap", None): "simple:make_gap",
-    ("mlpconv", "nin_cifar_1"): "simple:make_mlpconv",
-    ("nin_head", None): "simple:make_nin_head",
-    ("cbam", "jongchan"): "cbam:make_jongchan",
-    ("cbam", "luuuyi"): "cbam:make_luuuyi",
-    ("cbam", "seed"): "cbam:make_seed",
-    ("cbam_channel", "jongchan"): "cbam:make_jongchan_channel",
-    ("cbam_channel", "luuuyi"): "cbam:make_luuuyi_channel",
-    ("cbam_channel", "seed"): "cbam:make_seed_channel",
-    ("cbam_spatial", "jongchan"): "cbam:make_jongchan_spatial",
-    ("cbam_spatial", "luuuyi"): "cbam:make_luuuyi_spatial",
-    ("cbam_spatial", "seed"): "cbam:make_seed_spatial",
-    ("non_local", "alexhex7"): "non_local:make_alexhex7",
-    ("non_local", "facebook"): "non_local:make_facebook",
-    ("non_local", "cgnl_repo"): "non_local:make_cgnl_repo",
-    ("cgnl", "yue"): "cgnl:make_yue",
-    ("cgnl", "yue_gaussian"): "cgnl:make_yue_gaussian",
-    ("cross_layer", "cnl"): "cross_layer:make_cnl",
-    ("cross_layer", "cnl_official_noperm"): "cross_layer:make_cnl",
-    ("cross_layer", "seed_fixed"): "cross_layer:make_seed_fixed",
-}
+# the anchor factory of every block's preset (None: the block's default
+# config), from the registry (BlockSpec.anchors)
+FACTORIES = {(name, preset): factory for name, spec in BLOCKS.items()
+             for preset, factory in spec.anchors.items()}
 
 
 def _requests() -> dict[str, tuple[Any, Any]]:

@@ -2,7 +2,8 @@
 process of test_interrupt.py, run as ``python interrupt_driver.py ARGS``).
 
 The driver prepares one case write, counts the Python lines executed by the
-writer (refattn/golden/format.py and the shutil calls it makes) and then, for
+writer (its functions in refattn/golden/format.py, publish.py and
+containers.py, and the shutil calls they make) and then, for
 every k, forks a child that performs the same write and kills itself with
 SIGKILL (or sends itself SIGTERM, through the CLI's handler) at its k-th
 line.  After each child the parent checks:
@@ -37,6 +38,11 @@ TRACED = {
 }
 
 
+WRITER_FILES = tuple(os.path.join("golden", f)
+                     for f in ("format.py", "publish.py", "containers.py"))
+"""The modules of refattn/golden that hold the TRACED functions."""
+
+
 def _tracer(limit: int | None, sig: int | None, counter: list[int]) -> Any:
     """A sys.settrace function counting lines of the writer (and of shutil when
     the writer calls it); at line `limit` it delivers `sig` to this process."""
@@ -51,7 +57,7 @@ def _tracer(limit: int | None, sig: int | None, counter: list[int]) -> Any:
     def global_(frame: Any, event: str, arg: Any) -> Any:
         code = frame.f_code
         name = code.co_filename
-        writer = name.endswith(os.path.join("golden", "format.py"))
+        writer = name.endswith(WRITER_FILES)
         if writer and code.co_name in TRACED:
             return local
         if name.endswith("shutil.py") and _called_from_writer(frame):
@@ -64,7 +70,7 @@ def _tracer(limit: int | None, sig: int | None, counter: list[int]) -> Any:
 def _called_from_writer(frame: Any) -> bool:
     f = frame.f_back
     while f is not None:
-        if f.f_code.co_filename.endswith(os.path.join("golden", "format.py")):
+        if f.f_code.co_filename.endswith(WRITER_FILES):
             return True
         f = f.f_back
     return False
@@ -104,10 +110,11 @@ def main() -> None:
     import numpy as np
 
     from refattn.golden import format as fmt
+    from refattn.golden import publish
     from refattn.golden.generate import expand_requests, generate_case
 
     if args.no_exchange:
-        fmt._exchange = lambda a, b: False  # type: ignore[assignment]
+        publish._exchange = lambda a, b: False  # type: ignore[assignment]
     root = Path(args.root)
     block, shapes, over = "conv1x1", {"x": (1, 2, 2, 3)}, {"out_channels": 2}
     new = generate_case(*expand_requests(block, None, over, shapes=shapes, seed=0)[0])

@@ -3,11 +3,12 @@
 Two complementary attacks on ``refattn golden``:
 
 * interrupt_driver.py forks a writer and stops it at *every* line the writer
-  executes (refattn/golden/format.py's write path and the shutil calls it
-  makes), with SIGKILL, or with SIGTERM through the CLI (which lets a
-  started write finish, then exits 143), over an existing case (--force)
-  or into an empty block directory, with the atomic exchange (Linux
-  renameat2) and with the fallback (old case moved aside, then replaced);
+  executes (the write path in refattn/golden/format.py, publish.py and
+  containers.py, and the shutil calls it makes), with SIGKILL, or with
+  SIGTERM through the CLI (which lets a started write finish, then exits
+  143), over an existing case (--force) or into an empty block directory,
+  with the atomic exchange (Linux renameat2) and with the fallback (old case
+  moved aside, then replaced);
 * real ``refattn golden --all`` processes killed after random delays.
 
 Afterwards the case directory holds the complete old case or the complete

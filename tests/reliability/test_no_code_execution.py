@@ -50,6 +50,7 @@ IMPORT_MODULE_ALLOWED = {
     "refattn/blocks/registry.py": "refattn's own block modules (_MODULES)",
     "refattn/cli/info.py": "optional backends, a constant tuple",
     "refattn/adapters/torch.py": "the module the user names with --torch",
+    "refattn/ops/overrides.py": "the kernel tiers' loaders (LOADERS), a constant tuple",
 }
 
 

@@ -1,0 +1,113 @@
+"""Override points: where a faster implementation may replace a step's math.
+
+The generic Array API code of the ops is the specification.  A step that
+another implementation may replace (CuPy's raw CUDA kernels) is marked at
+its boundary, and its body holds only the math:
+
+.. code-block:: python
+
+    @overridable("softmax")
+    def _softmax(x, axis):                  # checked arguments -> (y, cache)
+        ...
+
+    @routed_by_cache("softmax")
+    def softmax_backward(dout, cache):      # routed by the cache's type
+        ...
+
+``OVERRIDES`` maps a step's name to its ``Override``.  The forward takes the
+override when the first argument is a CuPy array (one check of its type's
+module name, so NumPy and array_api_strict pay nothing more) and
+``applies(*args)`` agrees; the override's forward takes the step's
+arguments and returns the step's outputs with a cache of its own type,
+``cache``.  The backward takes the override exactly when it gets a cache of
+that type.
+
+The table is filled lazily: the first CuPy array that reaches an override
+point calls the loaders of ``LOADERS`` (``"module:function"``), once.  This
+module imports nothing of ``refattn.cuda``; ``refattn.cuda.kernel_ops``
+registers the kernels (its ``register``), and its ``applies`` functions
+honour ``REFATTN_KERNELS=generic`` and ``refattn.cuda.use_kernels``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+__all__ = [
+    "LOADERS",
+    "OVERRIDES",
+    "Override",
+    "overridable",
+    "register",
+    "routed_by_cache",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+LOADERS: tuple[str, ...] = ("refattn.cuda.kernel_ops:register",)
+"""What fills the table, called once when a CuPy array first reaches a step."""
+
+
+class Override(NamedTuple):
+    applies: Callable[..., bool]  # (the step's arguments) -> take the override?
+    forward: Callable[..., Any]  # the step's arguments -> (outputs, cache)
+    backward: Callable[..., Any]  # (dout, cache, ...) -> the step's gradients
+    cache: type  # the type of the caches `forward` returns
+    description: str  # the cases `applies` accepts, for the docs
+
+
+OVERRIDES: dict[str, Override] = {}
+"""Step name -> its override (filled by the loaders)."""
+
+_loaded = False
+
+
+def register(name: str, override: Override) -> None:
+    """Make `override` replace the step `name` where it applies."""
+    OVERRIDES[name] = override
+
+
+def _load() -> None:
+    global _loaded
+    for loader in LOADERS:
+        module, function = loader.split(":")
+        getattr(importlib.import_module(module), function)()
+    _loaded = True
+
+
+def overridable(name: str) -> Callable[[F], F]:
+    """Mark a forward step as replaceable by the override registered as `name`."""
+
+    def decorate(math: F) -> F:
+        @functools.wraps(math)
+        def step(*args: Any) -> Any:
+            if type(args[0]).__module__.startswith("cupy"):
+                if not _loaded:
+                    _load()
+                override = OVERRIDES.get(name)
+                if override is not None and override.applies(*args):
+                    return override.forward(*args)
+            return math(*args)
+
+        return step  # type: ignore[return-value]
+
+    return decorate
+
+
+def routed_by_cache(name: str) -> Callable[[F], F]:
+    """Mark a backward: a cache of the override's type goes to its backward."""
+
+    def decorate(math: F) -> F:
+        @functools.wraps(math)
+        def backward(dout: Any, cache: Any, *args: Any, **kwargs: Any) -> Any:
+            override = OVERRIDES.get(name)
+            if override is not None and type(cache) is override.cache:
+                return override.backward(dout, cache, *args, **kwargs)
+            return math(dout, cache, *args, **kwargs)
+
+        return backward  # type: ignore[return-value]
+
+    return decorate
