@@ -73,23 +73,22 @@ from typing import Any, Literal, NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_same_dtype,
     device,
     host_rng,
     namespace,
     prod,
-    screen_finite,
     zeros_like_shape,
 )
 from refattn.blocks.spec import (
-    MIN_MARGIN,
     BenchCase,
     BlockSpec,
     check_arguments,
+    check_douts,
     draw_bias,
     draw_bn_state,
     draw_norm_affine,
     draw_weight,
+    is_real,
 )
 from refattn.ops.conv import (
     PointwiseConvCache,
@@ -195,7 +194,7 @@ class CGNLConfig:
                 f"(2γ)^q / q! needs q! finite in float64), got {self.order}"
             )
         gamma = self.gamma
-        if not _is_real(gamma) or not math.isfinite(gamma):
+        if not is_real(gamma) or not math.isfinite(gamma):
             raise ValueError(f"gamma: expected a finite float, got {gamma!r}")
         if self.kernel == "gaussian" and gamma <= 0:
             raise ValueError(
@@ -221,10 +220,10 @@ class CGNLConfig:
         if self.gn_groups is not None:
             _check_int("gn_groups", self.gn_groups, minimum=1, none_ok=True)
         eps = self.eps
-        if not _is_real(eps) or not (math.isfinite(eps) and eps > 0):
+        if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
         m = self.bn_momentum
-        if not _is_real(m) or not 0.0 <= m <= 1.0:
+        if not is_real(m) or not 0.0 <= m <= 1.0:
             raise ValueError(f"bn_momentum: expected a float in [0, 1], got {m!r}")
 
     def resolved(self, input_shapes: Mapping[str, Shape]) -> CGNLConfig:
@@ -248,10 +247,6 @@ class CGNLConfig:
         cfg = dataclasses.replace(self, planes=planes, gn_groups=gn_groups)
         _check_channels(cfg, C)
         return cfg
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _check_int(name: str, value: Any, *, minimum: int, none_ok: bool = False) -> None:
@@ -810,7 +805,7 @@ def backward(
     """
     c = cache
     cfg = c.cfg
-    dout = _check_douts(douts, c)
+    dout = check_douts("cgnl", douts, shape=c.x_shape, like=c.proj.conv.x3)
     xp = namespace(dout=dout)
     N, C = c.x_shape[0], c.x_shape[1]
     spatial = tuple(c.x_shape[2:])
@@ -925,21 +920,6 @@ def _check_forward_args(
             f"values per channel, which needs N·|S| >= 2, got shape {x_shape}"
         )
     return x, params, state, cfg, xp
-
-
-def _check_douts(douts: Mapping[str, Array], c: CGNLCache) -> Array:
-    if not isinstance(douts, Mapping) or "out" not in douts:
-        raise ValueError("douts: expected a dict with the cotangent of 'out'")
-    extra = sorted(k for k in douts if k != "out")
-    if extra:
-        raise ValueError(
-            f"douts: only 'out' is differentiable, got cotangents for {extra}"
-        )
-    dout = douts["out"]
-    check_array("douts['out']", dout, shape=c.x_shape)
-    check_same_dtype(dout=dout, forward=c.proj.conv.x3)
-    screen_finite("douts['out']", dout)  # once: the contract checked it
-    return dout
 
 
 # ---------------------------------------------------------------------------

@@ -28,14 +28,26 @@ This module also holds the array validation every block of this family
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from refattn import backend
 from refattn._typing import Array, Shape
-from refattn.blocks.spec import BenchCase, BlockSpec, draw_bias, draw_weight, pair
+from refattn.blocks.spec import (
+    BenchCase,
+    BlockSpec,
+    check_bool,
+    check_douts,
+    check_inputs,
+    check_int,
+    check_pair,
+    check_params,
+    draw_bias,
+    draw_weight,
+    pair,
+    torch_default_init,
+)
 from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
 
 if TYPE_CHECKING:  # host-side draws only; blocks compute through xp
@@ -49,45 +61,17 @@ __all__ = [
     "accumulation",
     "anchor_names",
     "backward",
-    "check_bool",
-    "check_douts",
-    "check_inputs",
-    "check_int",
-    "check_pair",
-    "check_params",
     "fixture_shapes",
     "forward",
     "init_params",
     "kink_margin",
     "param_shapes",
-    "torch_default_init",
     "with_bn_mode",
 ]
 
 
 # ---------------------------------------------------------------------------
 # config
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
-
-
-def check_pair(obj: Any, name: str, minimum: int) -> None:
-    """Validate an int-or-pair field; a list is stored as a tuple (hashable)."""
-    value = getattr(obj, name)
-    if isinstance(value, list):
-        value = tuple(value)
-        object.__setattr__(obj, name, value)
-    backend.as_tuple(name, value, 2, minimum=minimum)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -162,19 +146,6 @@ def param_shapes(
     return shapes
 
 
-def torch_default_init(
-    rng: np.random.Generator, weight_shape: Shape, bias: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """PyTorch's ``nn.Conv2d.reset_parameters``: weight and bias both
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C/G·KH·KW (the Kaiming-uniform
-    rule with a = sqrt(5) works out to exactly this bound)."""
-    fan_in = math.prod(weight_shape[1:])
-    bound = 1.0 / math.sqrt(fan_in)
-    w = rng.uniform(-bound, bound, weight_shape)
-    b = rng.uniform(-bound, bound, weight_shape[:1]) if bias else None
-    return w, b
-
-
 def init_params(
     cfg: Conv1x1Config,
     input_shapes: Mapping[str, Shape],
@@ -199,68 +170,6 @@ def init_params(
 
 # ---------------------------------------------------------------------------
 # validation shared by conv1x1, gap, mlpconv and nin_head
-
-
-def check_inputs(
-    block: str, inputs: Mapping[str, Any], ndims: Mapping[str, Any]
-) -> None:
-    """Exactly the input names of `ndims`, each a finite float array of an
-    allowed rank."""
-    if set(inputs) != set(ndims):
-        raise ValueError(f"inputs: {block} takes {sorted(ndims)}, got {sorted(inputs)}")
-    for name, ndim in ndims.items():
-        backend.check_array(name, inputs[name], ndim=ndim)
-        backend.check_finite(name, inputs[name])
-
-
-def check_params(
-    block: str,
-    params: Mapping[str, Any],
-    state: Mapping[str, Any],
-    shapes: Mapping[str, Shape],
-    x: Array,
-    rule: str = "",
-) -> None:
-    """`params` has exactly the keys of `shapes` with those shapes, x's dtype
-    and finite values; `state` is empty (these blocks have no buffers).
-
-    `rule` says which config flag decides the keys, for the error message.
-    """
-    listing = ", ".join(f"{k} {tuple(s)}" for k, s in shapes.items()) or "none"
-    missing = [k for k in shapes if k not in params]
-    unexpected = sorted(set(params) - set(shapes))
-    if missing or unexpected:
-        what = []
-        if missing:
-            what.append(f"missing {', '.join(missing)}")
-        if unexpected:
-            what.append(f"unexpected {', '.join(unexpected)}")
-        raise ValueError(
-            f"params: {'; '.join(what)} for {block}{rule} (expected keys: {listing})"
-        )
-    if state:
-        raise ValueError(
-            f"state: {block} has no buffers, got {', '.join(sorted(state))}"
-        )
-    for k, s in shapes.items():
-        backend.check_array(f"params[{k!r}]", params[k], shape=tuple(s))
-    backend.check_same_dtype(x=x, **{f"params[{k!r}]": v for k, v in params.items()})
-    for k in shapes:
-        backend.check_finite(f"params[{k!r}]", params[k])
-
-
-def check_douts(block: str, douts: Mapping[str, Any]) -> Array:
-    """The cotangent of ``out`` (the only differentiable output)."""
-    if "out" not in douts:
-        raise ValueError(
-            f"douts: {block} backward needs the cotangent 'out', got {sorted(douts)}"
-        )
-    extra = sorted(set(douts) - {"out"})
-    if extra:
-        raise ValueError(
-            f"douts: {block} differentiates only 'out', got also {', '.join(extra)}"
-        )
-    return douts["out"]
 
 
 # ---------------------------------------------------------------------------

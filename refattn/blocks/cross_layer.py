@@ -71,7 +71,6 @@ from typing import Any, Literal, NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_same_dtype,
     host_rng,
     namespace,
     prod,
@@ -81,10 +80,12 @@ from refattn.blocks.spec import (
     BenchCase,
     BlockSpec,
     check_arguments,
+    check_douts,
     draw_bias,
     draw_bn_state,
     draw_norm_affine,
     draw_weight,
+    is_real,
 )
 from refattn.ops.conv import (
     PointwiseConvCache,
@@ -160,10 +161,10 @@ class CrossLayerConfig:
         if self.bn not in BN_MODES:
             raise ValueError(f"bn: expected None, 'train' or 'eval', got {self.bn!r}")
         eps = self.bn_eps
-        if not _is_real(eps) or not (math.isfinite(eps) and eps > 0):
+        if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"bn_eps: expected a finite float > 0, got {eps!r}")
         m = self.bn_momentum
-        if not _is_real(m) or not 0.0 <= m <= 1.0:
+        if not is_real(m) or not 0.0 <= m <= 1.0:
             raise ValueError(f"bn_momentum: expected a float in [0, 1], got {m!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(
@@ -189,10 +190,6 @@ class CrossLayerConfig:
                 f"is the output"
             )
         return cfg
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 PRESETS: dict[str, CrossLayerConfig] = {
@@ -560,7 +557,7 @@ def backward(
     """
     c = cache
     cfg = c.cfg
-    dout = _check_douts(douts, c)
+    dout = check_douts("cross_layer", douts, shape=c.q_shape, like=c.theta.x3)
     xp = namespace(dout=dout)
     N, cq, hq, wq = c.q_shape
     lq, P = hq * wq, int(cfg.planes)  # type: ignore[arg-type]
@@ -686,20 +683,6 @@ def _check_forward_args(
             f"{input_shapes['x_q']}"
         )
     return arrays["x_q"], [arrays[n] for n in names], names, params, state, cfg, xp
-
-
-def _check_douts(douts: Mapping[str, Array], c: CrossLayerCache) -> Array:
-    if not isinstance(douts, Mapping) or "out" not in douts:
-        raise ValueError("douts: expected a dict with the cotangent of 'out'")
-    extra = sorted(k for k in douts if k != "out")
-    if extra:
-        raise ValueError(
-            f"douts: only 'out' is differentiable, got cotangents for {extra}"
-        )
-    dout = douts["out"]
-    check_array("douts['out']", dout, shape=c.q_shape)
-    check_same_dtype(dout=dout, forward=c.theta.x3)
-    return dout
 
 
 # ---------------------------------------------------------------------------

@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from refattn._typing import Array, Shape
-from refattn.blocks.conv1x1 import check_bool, check_douts, check_inputs, check_params
-from refattn.blocks.spec import BenchCase, BlockSpec
+from refattn.blocks.spec import (
+    BenchCase,
+    BlockSpec,
+    check_bool,
+    check_douts,
+    check_inputs,
+    check_params,
+)
 from refattn.ops.pool import GlobalPoolCache, global_pool_backward, global_pool_forward
 
 __all__ = [

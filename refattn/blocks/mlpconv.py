@@ -36,22 +36,20 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from refattn import backend
 from refattn._typing import Array, Shape
-from refattn.blocks.conv1x1 import (
+from refattn.blocks.spec import (
+    BenchCase,
+    BlockSpec,
     check_bool,
     check_douts,
     check_inputs,
     check_int,
     check_pair,
     check_params,
-    torch_default_init,
-)
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
     draw_bias,
     draw_weight,
     pair,
     relu_margin,
+    torch_default_init,
 )
 from refattn.ops.conv import (
     Conv2dCache,

@@ -69,7 +69,6 @@ from typing import Any, Literal, NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
-    check_same_dtype,
     host_rng,
     namespace,
     prod,
@@ -80,10 +79,12 @@ from refattn.blocks.spec import (
     BenchCase,
     BlockSpec,
     check_arguments,
+    check_douts,
     draw_bias,
     draw_bn_state,
     draw_norm_affine,
     draw_weight,
+    is_real,
     max_gap,
     relu_margin,
 )
@@ -196,10 +197,10 @@ class NonLocalConfig:
         if self.bn not in BN_MODES:
             raise ValueError(f"bn: expected None, 'train' or 'eval', got {self.bn!r}")
         eps = self.bn_eps
-        if not _is_real(eps) or not (math.isfinite(eps) and eps > 0):
+        if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"bn_eps: expected a finite float > 0, got {eps!r}")
         m = self.bn_momentum
-        if not _is_real(m) or not 0.0 <= m <= 1.0:
+        if not is_real(m) or not 0.0 <= m <= 1.0:
             raise ValueError(f"bn_momentum: expected a float in [0, 1], got {m!r}")
         if self.use_scale and self.mode not in SOFTMAX_MODES:
             raise ValueError(
@@ -214,10 +215,6 @@ class NonLocalConfig:
         if self.inter_channels is not None:
             return self
         return dataclasses.replace(self, inter_channels=max(x_shape[1] // 2, 1))
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 PRESETS: dict[str, NonLocalConfig] = {
@@ -588,7 +585,7 @@ def backward(
     """
     c = cache
     cfg = c.cfg
-    dout = _check_douts(douts, c)
+    dout = check_douts("non_local", douts, shape=c.x_shape, like=c.w.x3)
     xp = namespace(dout=dout)
     N, C = c.x_shape[0], c.x_shape[1]
     spatial = tuple(c.x_shape[2:])
@@ -799,20 +796,6 @@ def _check_forward_args(
             f"N·|S| values per channel, which needs N·|S| >= 2, got shape {x_shape}"
         )
     return x, params, state, cfg, xp
-
-
-def _check_douts(douts: Mapping[str, Array], c: NonLocalCache) -> Array:
-    if not isinstance(douts, Mapping) or "out" not in douts:
-        raise ValueError("douts: expected a dict with the cotangent of 'out'")
-    extra = sorted(k for k in douts if k != "out")
-    if extra:
-        raise ValueError(
-            f"douts: only 'out' is differentiable, got cotangents for {extra}"
-        )
-    dout = douts["out"]
-    check_array("douts['out']", dout, shape=c.x_shape)
-    check_same_dtype(dout=dout, forward=c.w.x3)
-    return dout
 
 
 # ---------------------------------------------------------------------------

@@ -82,22 +82,30 @@ from refattn._typing import Array, Params, Shape
 from refattn.params import is_buffer
 
 __all__ = [
-    "MIN_MARGIN",
     "BenchCase",
     "BlockSpec",
+    "MIN_MARGIN",
     "check_arguments",
+    "check_bool",
+    "check_douts",
     "check_input_shapes",
+    "check_inputs",
+    "check_int",
+    "check_pair",
+    "check_params",
     "config_from_dict",
     "config_to_dict",
     "draw_bias",
     "draw_bn_state",
     "draw_norm_affine",
     "draw_weight",
+    "is_real",
     "json_ready",
-    "pair",
     "max_gap",
+    "pair",
     "relu_margin",
     "to_namespace",
+    "torch_default_init",
 ]
 
 MIN_MARGIN = 1e-5
@@ -240,6 +248,110 @@ def _sizes_first(init: Callable[..., Any], shapes_of: Callable[..., Any]
     checked._refattn_checked = True  # type: ignore[attr-defined]
     checked._refattn_sizes = True  # type: ignore[attr-defined]
     return checked
+
+
+# ---------------------------------------------------------------------------
+# config fields, inputs and cotangents
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_pair(obj: Any, name: str, minimum: int) -> None:
+    """Validate an int-or-pair field; a list is stored as a tuple (hashable)."""
+    value = getattr(obj, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(obj, name, value)
+    backend.as_tuple(name, value, 2, minimum=minimum)
+
+
+def check_inputs(
+    block: str, inputs: Mapping[str, Any], ndims: Mapping[str, Any]
+) -> None:
+    """Exactly the input names of `ndims`, each a finite float array of an
+    allowed rank."""
+    if set(inputs) != set(ndims):
+        raise ValueError(f"inputs: {block} takes {sorted(ndims)}, got {sorted(inputs)}")
+    for name, ndim in ndims.items():
+        backend.check_array(name, inputs[name], ndim=ndim)
+        backend.check_finite(name, inputs[name])
+
+
+def check_params(
+    block: str,
+    params: Mapping[str, Any],
+    state: Mapping[str, Any],
+    shapes: Mapping[str, Shape],
+    x: Array,
+    rule: str = "",
+) -> None:
+    """`params` has exactly the keys of `shapes` with those shapes, x's dtype
+    and finite values; `state` is empty (these blocks have no buffers).
+
+    `rule` says which config flag decides the keys, for the error message.
+    """
+    listing = ", ".join(f"{k} {tuple(s)}" for k, s in shapes.items()) or "none"
+    missing = [k for k in shapes if k not in params]
+    unexpected = sorted(set(params) - set(shapes))
+    if missing or unexpected:
+        what = []
+        if missing:
+            what.append(f"missing {', '.join(missing)}")
+        if unexpected:
+            what.append(f"unexpected {', '.join(unexpected)}")
+        raise ValueError(
+            f"params: {'; '.join(what)} for {block}{rule} (expected keys: {listing})"
+        )
+    if state:
+        raise ValueError(
+            f"state: {block} has no buffers, got {', '.join(sorted(state))}"
+        )
+    for k, s in shapes.items():
+        backend.check_array(f"params[{k!r}]", params[k], shape=tuple(s))
+    backend.check_same_dtype(x=x, **{f"params[{k!r}]": v for k, v in params.items()})
+    for k in shapes:
+        backend.check_finite(f"params[{k!r}]", params[k])
+
+
+def check_douts(block: str, douts: Any, *, shape: Shape | None = None,
+                like: Array | None = None) -> Array:
+    """The cotangent of ``out``, the only differentiable output of every block.
+
+    `douts` must be a dict holding exactly it; with `shape`, of that shape,
+    and with `like` (an array of the forward), of its dtype.
+    """
+    if not isinstance(douts, Mapping) or "out" not in douts:
+        got = sorted(douts) if isinstance(douts, Mapping) else type(douts).__name__
+        raise ValueError(
+            f"douts: {block} backward needs a dict with the cotangent 'out', got {got}"
+        )
+    extra = sorted(k for k in douts if k != "out")
+    if extra:
+        raise ValueError(
+            f"douts: {block} differentiates only 'out', got cotangents for "
+            f"{', '.join(extra)}"
+        )
+    dout = douts["out"]
+    if shape is not None:
+        backend.check_array("douts['out']", dout, shape=tuple(shape))
+    if like is not None:
+        backend.check_same_dtype(dout=dout, forward=like)
+    return dout
+
+
+def is_real(v: Any) -> bool:
+    """A real number (int, float, NumPy scalar), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check_input_shapes(input_shapes: Any) -> dict[str, Shape]:
@@ -453,6 +565,19 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 def pair(v: int | tuple[int, int]) -> tuple[int, int]:
     """A conv size option (an int, or one int per spatial dim) as two ints."""
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def torch_default_init(
+    rng: np.random.Generator, weight_shape: Shape, bias: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """PyTorch's ``nn.Conv2d.reset_parameters``: weight and bias both
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C/G·KH·KW (the Kaiming-uniform
+    rule with a = sqrt(5) works out to exactly this bound)."""
+    fan_in = math.prod(weight_shape[1:])
+    bound = 1.0 / math.sqrt(fan_in)
+    w = rng.uniform(-bound, bound, weight_shape)
+    b = rng.uniform(-bound, bound, weight_shape[:1]) if bias else None
+    return w, b
 
 
 def draw_weight(rng: np.random.Generator, shape: Shape, fan_in: int | None = None) -> np.ndarray:

@@ -292,7 +292,7 @@ def test_bad_arrays() -> None:
     _, cache = SPEC.forward(inputs, params, state, cfg)
     with pytest.raises(ValueError, match=r"douts\['out'\]: expected shape"):
         SPEC.backward({"out": inputs["x_q"][:, :3]}, cache)
-    with pytest.raises(ValueError, match="only 'out' is differentiable"):
+    with pytest.raises(ValueError, match="cross_layer differentiates only 'out'"):
         SPEC.backward({"out": inputs["x_q"], "aux.attention.0": np.zeros(1)}, cache)
 
 

@@ -253,9 +253,9 @@ def test_bad_douts() -> None:
     cfg = cfg_of()
     inputs, params, state = draw_case(SPEC, cfg, {"x": (2, 4, 3, 5)})
     _, cache = SPEC.forward(inputs, params, state, cfg)
-    with pytest.raises(ValueError, match="douts: expected a dict"):
+    with pytest.raises(ValueError, match="douts: non_local backward needs a dict"):
         SPEC.backward({}, cache)
-    with pytest.raises(ValueError, match="only 'out' is differentiable"):
+    with pytest.raises(ValueError, match="non_local differentiates only 'out'"):
         SPEC.backward({"out": inputs["x"], "aux.attention": inputs["x"]}, cache)
     with pytest.raises(ValueError, match=r"expected shape \(2, 4, 3, 5\)"):
         SPEC.backward({"out": inputs["x"][:1]}, cache)
