@@ -40,6 +40,7 @@ __all__ = [
     "accumulate",
     "add_along_axis",
     "add_into",
+    "all_finite",
     "as_tuple",
     "check_array",
     "check_finite",
@@ -51,6 +52,7 @@ __all__ = [
     "host_rng",
     "is_cupy",
     "is_numpy",
+    "mean_last_axis",
     "namespace",
     "operands_checked",
     "pad_spatial",
@@ -82,7 +84,7 @@ def namespace(*arrays: Any, **named: Any) -> Any:
         TypeError: an argument is not an array of a supported library, or the
             arrays come from different libraries or devices.
     """
-    if _all_ndarrays(arrays, named):  # the common case, without the generic walk
+    if _all_plain_numpy((*arrays, *named.values())):
         return _NUMPY
     items = [(f"argument {i}", a) for i, a in enumerate(arrays)] + list(named.items())
     found = []
@@ -108,15 +110,29 @@ def namespace(*arrays: Any, **named: Any) -> Any:
 _NUMPY = array_api_compat.array_namespace(np.empty(0))
 
 
-def _all_ndarrays(arrays: tuple[Any, ...], named: dict[str, Any]) -> bool:
-    """True when every non-None argument is a plain NumPy ndarray (and one is)."""
+def _all_plain_numpy(arrays: tuple[Any, ...]) -> bool:
+    """True when every non-None argument is a plain NumPy ndarray, and one is.
+
+    Their namespace is then ``array_api_compat``'s NumPy namespace, the one
+    the generic walk of ``namespace`` would find, found without the walk.
+    """
     seen = False
-    for a in (*arrays, *named.values()):
-        if type(a) is np.ndarray:
+    for a in arrays:
+        if _is_plain_numpy(a):
             seen = True
         elif a is not None:
             return False
     return seen
+
+
+def _is_plain_numpy(a: Any) -> bool:
+    """True when `a` is exactly a ``numpy.ndarray`` (no subclass, no other
+    library's array): the one test behind every NumPy-only route of this
+    module.  Each such route lives inside a named function that computes the
+    same thing on every namespace and is tested against its plain formula
+    (``tests/test_backend.py``); what each saves is in docs/benchmarks.md.
+    """
+    return type(a) is np.ndarray
 
 
 def is_numpy(xp: Any) -> bool:
@@ -178,16 +194,24 @@ def from_host(a: np.ndarray, xp: Any, *, device: Any = None) -> Array:
 # validation and dtype policy
 
 
-_NUMPY_DTYPE_NAMES = {np.dtype(n): n for n in ("float32", "float64")}
-_NUMPY_DTYPE_TYPES = tuple({type(d) for d in _NUMPY_DTYPE_NAMES})
+_NUMPY_FLOAT_NAMES = {np.dtype(n): n for n in FLOAT_DTYPES}
+
+
+def _numpy_float_name(a: Any) -> str | None:
+    """'float32' or 'float64' when `a` is a plain NumPy array of that dtype,
+    else None (the caller then asks the generic way).
+
+    A dictionary look-up: NumPy computes ``dtype.name`` anew on every access.
+    """
+    return _NUMPY_FLOAT_NAMES.get(a.dtype) if _is_plain_numpy(a) else None
 
 
 def dtype_name(a: Array) -> str:
     """'float32', 'float64', 'int64', ... for any namespace's array."""
+    known = _numpy_float_name(a)
+    if known is not None:
+        return known
     dt = a.dtype
-    # numpy's dtype.name is Python code: look the float dtypes up instead
-    if type(dt) in _NUMPY_DTYPE_TYPES and dt in _NUMPY_DTYPE_NAMES:
-        return _NUMPY_DTYPE_NAMES[dt]
     name = getattr(dt, "name", None)
     if isinstance(name, str):
         return name
@@ -205,8 +229,7 @@ def check_array(
 
     ``shape`` entries of ``-1`` match any size.
     """
-    numpy_float = type(a) is np.ndarray and a.dtype in _NUMPY_DTYPE_NAMES
-    if not numpy_float:  # the generic lookups, skipped in the common case
+    if _numpy_float_name(a) is None:  # else a float NumPy array: nothing to look up
         if not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float)):
             raise TypeError(
                 f"{name}: expected a float32 or float64 array, "
@@ -256,32 +279,15 @@ class NonFiniteError(ValueError):
     """
 
 
-_SMALL = 4096  # arrays up to this size are screened element by element
-
-
 def check_finite(name: str, a: Array) -> None:
-    """Refuse NaN and +-Inf, reporting how many elements are bad.
-
-    One reduction screens first (any NaN or Inf makes it non-finite); only
-    then, or if the reduction overflowed, is every element looked at, so valid
-    inputs cost a single pass.  A NumPy array of at most ``_SMALL`` elements
-    is tested element by element at once: at that size the screen's fixed
-    costs (an error-state context, a BLAS call) exceed the test itself.
-    """
+    """Refuse NaN and +-Inf, reporting how many elements are bad."""
+    if all_finite(a):
+        return
     xp = namespace(a)
-    if type(a) is np.ndarray and a.size <= _SMALL:
-        if np.isfinite(a).all():  # small: one elementwise test, nothing can overflow
-            return
-    else:
-        with np.errstate(all="ignore"):  # NaN/Inf in the screen are the signal
-            if bool(xp.isfinite(_screen(xp, a))):
-                return
-    ok = xp.isfinite(a)
-    if not bool(xp.all(ok)):
-        bad = int(xp.sum(xp.astype(xp.logical_not(ok), xp.int64)))
-        raise NonFiniteError(
-            f"{name}: expected finite values, got {bad} NaN/Inf of {_size(a)} elements"
-        )
+    bad = int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(a)), xp.int64)))
+    raise NonFiniteError(
+        f"{name}: expected finite values, got {bad} NaN/Inf of {_size(a)} elements"
+    )
 
 
 _OPERANDS_CHECKED: ContextVar[bool] = ContextVar("refattn_operands_checked", default=False)
@@ -294,8 +300,8 @@ def operands_checked() -> Iterator[None]:
     A block checks its own arguments once, names them in its errors, and its
     results are checked on the way out (``refattn.blocks.spec``); a NaN or Inf
     born inside, an overflow, reaches those results and is reported there.
-    Screening every operand of every op again costs one pass over memory per
-    operand: 10-20% of a block's time.
+    Screening every operand of every op again would cost one more pass over
+    memory per operand (measured in docs/benchmarks.md).
     """
     token = _OPERANDS_CHECKED.set(True)
     try:
@@ -311,15 +317,43 @@ def screen_finite(name: str, a: Array) -> None:
         check_finite(name, a)
 
 
-def _screen(xp: Any, a: Array) -> Array:
-    """A scalar that is finite when `a` holds no NaN/Inf (unless it overflows).
+# The size up to which all_finite tests a plain NumPy array element by element
+# at once, rather than screening it with one reduction first: below it the
+# screen's fixed costs (an error-state context, a BLAS call) exceed the test
+# itself (docs/benchmarks.md, "The screen itself is cheaper").
+_ISFINITE_WITHOUT_SCREEN_UP_TO = 4096
 
-    A contiguous NumPy array takes Σ a² through BLAS (both cores, half the
-    time of ``np.sum`` in float64); anything else takes ``xp.sum``.  A NumPy
-    broadcast view is screened on one slice of each stride-0 axis, which holds
-    every distinct element (gap's input gradient is such a view).
+
+def all_finite(a: Array) -> bool:
+    """True when `a` holds no NaN and no +-Inf: ``bool(xp.all(xp.isfinite(a)))``.
+
+    Finite arrays are the common case, so one reduction screens first: a NaN
+    or an Inf makes ``_finite_screen(a)`` non-finite, and only a non-finite
+    screen (a NaN/Inf, or finite values whose screen overflowed) is followed
+    by the element-by-element test.  A finite array thus costs one pass.  A
+    plain NumPy array of at most ``_ISFINITE_WITHOUT_SCREEN_UP_TO`` elements
+    takes the element-by-element test alone.
     """
-    if type(a) is np.ndarray:
+    xp = namespace(a)
+    if _is_plain_numpy(a) and a.size <= _ISFINITE_WITHOUT_SCREEN_UP_TO:
+        return bool(np.isfinite(a).all())
+    with np.errstate(all="ignore"):  # NaN/Inf in the screen are the signal
+        if bool(xp.isfinite(_finite_screen(xp, a))):
+            return True
+    return bool(xp.all(xp.isfinite(a)))
+
+
+def _finite_screen(xp: Any, a: Array) -> Array:
+    """A scalar that is NaN or +-Inf when `a` holds a NaN or an Inf (and may
+    be +Inf when finite values overflow it).
+
+    A plain NumPy array gives Σ a² (one BLAS ``dot``, which uses every core)
+    when it is C-contiguous after reducing each stride-0 (broadcast) axis to
+    one slice, which holds every distinct element; otherwise the screen is
+    Σ a (``xp.sum``).  Squares are never negative, so a +Inf term cannot be
+    cancelled by a -Inf one.
+    """
+    if _is_plain_numpy(a):
         if 0 in a.strides:
             a = a[tuple(slice(0, 1) if st == 0 else slice(None) for st in a.strides)]
         if a.flags.c_contiguous:
@@ -387,32 +421,74 @@ def _summed_axes(g_shape: Shape, shape: Shape) -> tuple[int, ...]:
     )
 
 
-_EINSUM_TERMS = 4096  # the longest reduction sum_product_to_shape hands to einsum
+# The longest sum per output that sum_product_to_shape hands to np.einsum:
+# einsum adds in a few running sums, whose rounding error grows with the
+# number of terms, where ``xp.sum`` sums pairwise; past this length the
+# pairwise sum is kept.
+_EINSUM_MAX_TERMS = 4096
 
 
 def sum_product_to_shape(a: Array, b: Array, shape: Shape) -> Array:
-    """``sum_to_shape(a * b, shape)`` for `a`, `b` of one shape, without the
-    full-size product where the namespace allows.
+    """``sum_to_shape(a * b, shape)`` for `a` and `b` of one shape, equal to it
+    up to the order of the additions, without the full-size product where it
+    can.
 
-    NumPy contracts with ``np.einsum``, one pass that multiplies and sums
-    (half the time of the product and the sum at CBAM's spatial-gate
-    shape), when each output sums at most ``_EINSUM_TERMS`` products:
-    einsum accumulates in a few running sums, and longer reductions keep
-    the pairwise summation of ``xp.sum``.  Other namespaces multiply, then
-    sum.
+    Three routes to the same sums:
+
+    * `shape` is a leading part of ``a.shape`` followed by ones (a channel
+      gate's (N, C, 1, 1) against (N, C, H, W), a keep-dims reduction over
+      the last axis): each output is the dot product of one row of `a` with
+      the same row of `b`, ``xp.vecdot``, on every namespace;
+    * otherwise, for plain NumPy arrays summing at most
+      ``_EINSUM_MAX_TERMS`` products per output (CBAM's spatial gate, a sum
+      over channels): one ``np.einsum`` contraction;
+    * otherwise the product, then ``sum_to_shape`` (pairwise sums).
     """
     shape = tuple(shape)
-    if (
-        type(a) is not np.ndarray
-        or type(b) is not np.ndarray
-        or a.shape != b.shape
-        or a.size > _EINSUM_TERMS * max(prod(shape), 1)
+    if a.shape != b.shape:
+        return sum_to_shape(a * b, shape)
+    k = _leading_rank(tuple(a.shape), shape)
+    if k is not None:
+        xp = namespace(a=a, b=b)
+        rows = (prod(a.shape[:k]), prod(a.shape[k:]))
+        dots = xp.vecdot(xp.reshape(a, rows), xp.reshape(b, rows), axis=-1)  # (rows,)
+        return xp.reshape(dots, shape)
+    if not (_is_plain_numpy(a) and _is_plain_numpy(b)) or (
+        a.size > _EINSUM_MAX_TERMS * max(prod(shape), 1)
     ):
         return sum_to_shape(a * b, shape)
     summed = _summed_axes(a.shape, shape)
     letters = "abcdefghijklmnopqrstuvwxyz"[: a.ndim]
     kept = "".join(v for i, v in enumerate(letters) if i not in summed)
     return np.reshape(np.einsum(f"{letters},{letters}->{kept}", a, b), shape)
+
+
+def _leading_rank(a_shape: Shape, shape: Shape) -> int | None:
+    """k < len(a_shape) when `shape` is ``a_shape[:k]`` followed by ones (k as
+    small as the trailing ones allow), else None."""
+    if len(shape) != len(a_shape):
+        return None
+    k = len(shape)
+    while k and shape[k - 1] == 1:
+        k -= 1
+    return k if k < len(shape) and shape[:k] == a_shape[:k] else None
+
+
+def mean_last_axis(a: Array) -> Array:
+    """The mean over the last axis, (..., L) -> (...), for L >= 1 and at
+    least one leading axis.
+
+    Computed as the matrix-vector product ``a @ w`` with w = (1/L, ..., 1/L):
+    each term is scaled by the rounded 1/L before the sum, so the result can
+    differ from ``xp.mean`` (Σ, then / L) in the last bits.  The product is a
+    BLAS call, which uses every core.
+    """
+    length = int(a.shape[-1])
+    if length == 0:
+        raise ValueError(f"a: expected a non-empty last axis, got shape {tuple(a.shape)}")
+    xp = namespace(a=a)
+    w = xp.full((length,), 1.0 / length, dtype=a.dtype, device=device(a))  # (L,)
+    return xp.matmul(a, w)  # (...)
 
 
 def zeros_like_shape(ref: Array, shape: Shape) -> Array:
@@ -498,7 +574,7 @@ def add_along_axis(total: Array, idx: Array, values: Array, axis: int) -> Array:
     the indexed entries (``np.take_along_axis`` / ``np.put_along_axis``);
     other namespaces add the dense routed array.  Returns `total`.
     """
-    if type(total) is np.ndarray:
+    if _is_plain_numpy(total):
         at = np.astype(idx, np.intp)
         np.put_along_axis(total, at, np.take_along_axis(total, at, axis=axis) + values,
                           axis=axis)
@@ -513,13 +589,12 @@ def route_along_axis(values: Array, idx: Array, axis: int, size: int) -> Array:
     ``out[..., j, ...] = values[..., 0, ...] if j == idx[..., 0, ...] else 0``
     along `axis`, where `values` and `idx` have length 1 there: the gradient of
     a max, routed to its arg-max.  NumPy writes the few values into zeros
-    (``np.put_along_axis``: one pass, 3-4x faster than building the dense
-    comparison); other namespaces compare positions and select.
+    (``np.put_along_axis``); other namespaces compare positions and select.
     """
     xp = namespace(values=values)
     shape = list(values.shape)
     shape[axis] = size
-    if type(values) is np.ndarray:
+    if _is_plain_numpy(values):
         out = np.zeros(tuple(shape), dtype=values.dtype)
         np.put_along_axis(out, np.astype(idx, np.intp), values, axis=axis)
         return out

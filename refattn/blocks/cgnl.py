@@ -56,9 +56,10 @@ the t/p/g convs, ``residual=False``, and any Taylor ``order`` and ``gamma``.
 GroupNorm cancels the dot-kernel attention (blocks.md 6.3): when every GN
 group lies inside one z group (``gn_groups`` a multiple of ``groups``), GN
 sees s_k·(W_z θ)_k and GN(s u) = sign(s) GN_{eps/s²}(u), so the output
-depends on W_φ, W_g only through sign(s_k) and eps; their gradients are
-eps-small.  ``accumulation`` widens the fixture tolerances of those
-gradients accordingly (docs/blocks/cgnl.md).
+depends on W_φ, W_g only through sign(s_k) and eps; at unit-scale draws
+their gradients are eps-small.  Fixtures draw W_g small enough that GN does
+not saturate (``draw_scales``), so every gradient stays checkable
+(docs/blocks/cgnl.md, "Tolerances and conditioning").
 """
 
 from __future__ import annotations
@@ -1076,7 +1077,6 @@ def fixture_shapes(cfg: CGNLConfig) -> dict[str, Shape]:
     return {"x": (2, C, 5, 7)}
 
 
-
 def flops(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> int:
     """The t, p, g projections (3·2·N·L·C·P), the dot kernel's s = Σ φ g and
     y = s θ (3·N·P·L), and the grouped z conv (2·N·L·(P/G)·C)."""
@@ -1087,22 +1087,14 @@ def flops(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> int:
 
 
 SPECS: dict[str, BlockSpec] = {
-    "cgnl": BlockSpec(
+    "cgnl": BlockSpec.of_module(
+        __name__,
         name="cgnl",
         summary="compact generalized non-local block (Yue et al. 2018): dot and "
         "Taylor-expanded Gaussian kernels per channel group, GroupNorm",
         config_cls=CGNLConfig,
         presets=PRESETS,
         default_preset="yue",
-        fixture_shapes=fixture_shapes,
-        param_shapes=param_shapes,
-        init_params=init_params,
-        forward=forward,
-        backward=backward,
-        kink_margin=kink_margin,
-        accumulation=accumulation,
-        anchor_names=anchor_names,
-        with_bn_mode=with_bn_mode,
         draw_scales=draw_scales,
         flops=flops,
         bench=BenchCase("yue", {"planes": 128}, {"x": (8, 256, 28, 28)},

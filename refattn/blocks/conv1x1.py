@@ -284,22 +284,14 @@ def flops(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]) -> int:
 
 
 SPECS: dict[str, BlockSpec] = {
-    "conv1x1": BlockSpec(
+    "conv1x1": BlockSpec.of_module(
+        __name__,
         name="conv1x1",
         summary="1x1 convolution (per-position linear layer) with stride, "
         "padding and groups",
         config_cls=Conv1x1Config,
         presets=PRESETS,
         default_preset=None,
-        fixture_shapes=fixture_shapes,
-        param_shapes=param_shapes,
-        init_params=init_params,
-        forward=forward,
-        backward=backward,
-        kink_margin=kink_margin,
-        accumulation=accumulation,
-        anchor_names=anchor_names,
-        with_bn_mode=with_bn_mode,
         flops=flops,
         bench=BenchCase(None, {"out_channels": 128}, {"x": (8, 256, 28, 28)},
                         "x(8,256,28,28) -> 128, bias"),

@@ -817,22 +817,14 @@ def flops(cfg: CrossLayerConfig, input_shapes: Mapping[str, Shape]) -> int:
 
 
 SPECS: dict[str, BlockSpec] = {
-    "cross_layer": BlockSpec(
+    "cross_layer": BlockSpec.of_module(
+        __name__,
         name="cross_layer",
         summary="cross-layer non-local (Ye et al. 2020, CNL): queries from x_q, "
         "keys/values from one or several other layers x_kv.m",
         config_cls=CrossLayerConfig,
         presets=PRESETS,
         default_preset="cnl",
-        fixture_shapes=fixture_shapes,
-        param_shapes=param_shapes,
-        init_params=init_params,
-        forward=forward,
-        backward=backward,
-        kink_margin=kink_margin,
-        accumulation=accumulation,
-        anchor_names=anchor_names,
-        with_bn_mode=with_bn_mode,
         flops=flops,
         bench=BenchCase("cnl", {"planes": 128},
                         {"x_q": (8, 512, 14, 14), "x_kv": (8, 256, 28, 28)},

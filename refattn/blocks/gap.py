@@ -173,21 +173,13 @@ def with_bn_mode(cfg: GapConfig, mode: str) -> None:
 
 
 SPECS: dict[str, BlockSpec] = {
-    "gap": BlockSpec(
+    "gap": BlockSpec.of_module(
+        __name__,
         name="gap",
         summary="global average pooling over all spatial positions",
         config_cls=GapConfig,
         presets=PRESETS,
         default_preset=None,
-        fixture_shapes=fixture_shapes,
-        param_shapes=param_shapes,
-        init_params=init_params,
-        forward=forward,
-        backward=backward,
-        kink_margin=kink_margin,
-        accumulation=accumulation,
-        anchor_names=anchor_names,
-        with_bn_mode=with_bn_mode,
         flops=lambda cfg, input_shapes: 0,  # no matmul: a memory-bound reduction
         bench=BenchCase(None, {}, {"x": (8, 512, 14, 14)}, "x(8,512,14,14) -> (8,512)"),
         anchors={None: "simple:make_gap"},

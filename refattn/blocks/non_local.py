@@ -955,22 +955,14 @@ def flops(cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]) -> int:
 
 
 SPECS: dict[str, BlockSpec] = {
-    "non_local": BlockSpec(
+    "non_local": BlockSpec.of_module(
+        __name__,
         name="non_local",
         summary="non-local block (Wang et al. 2018): embedded Gaussian, Gaussian, "
         "dot product and concatenation; 1-, 2- and 3-D",
         config_cls=NonLocalConfig,
         presets=PRESETS,
         default_preset="alexhex7",
-        fixture_shapes=fixture_shapes,
-        param_shapes=param_shapes,
-        init_params=init_params,
-        forward=forward,
-        backward=backward,
-        kink_margin=kink_margin,
-        accumulation=accumulation,
-        anchor_names=anchor_names,
-        with_bn_mode=with_bn_mode,
         flops=flops,
         bench=BenchCase("alexhex7", {"inter_channels": 128}, {"x": (4, 256, 28, 28)},
                         "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "

@@ -84,6 +84,7 @@ from refattn.params import is_buffer
 __all__ = [
     "BenchCase",
     "BlockSpec",
+    "CONTRACT",
     "MIN_MARGIN",
     "check_arguments",
     "check_bool",
@@ -110,6 +111,12 @@ __all__ = [
 
 MIN_MARGIN = 1e-5
 """Fixture draws keep every ReLU input and max gap this far (relative) from a kink."""
+
+
+CONTRACT = ("fixture_shapes", "param_shapes", "init_params", "forward", "backward",
+            "kink_margin", "accumulation", "anchor_names", "with_bn_mode")
+"""The functions every block module defines under these names (module
+docstring); ``BlockSpec.of_module`` collects them."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,17 @@ class BlockSpec:
         wrap(self, "init_params", _sizes_first(self.init_params, self.param_shapes))
         wrap(self, "forward", _forward_checked(self.name, self.forward))
         wrap(self, "backward", _backward_checked(self.name, self.backward))
+
+    @classmethod
+    def of_module(cls, module: str, **fields: Any) -> BlockSpec:
+        """A spec whose contract functions (``CONTRACT``) are the functions of
+        those names in the block module `module` (``__name__``), unless given
+        in `fields`; the other fields come from `fields`."""
+        import sys
+
+        namespace = vars(sys.modules[module])
+        return cls(**{name: namespace[name] for name in CONTRACT if name not in fields},
+                   **fields)
 
     def config(self, preset: str | None = None, **overrides: Any) -> Any:
         """Build a validated config from a preset (default: the block's) and

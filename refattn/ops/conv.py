@@ -258,9 +258,7 @@ def _mix_forward(
 ) -> Array:
     """out[n] = W2 · cols[n] per group (+ bias): (N, K, L) -> (N, O, L).
 
-    One batched matmul: measured as fast as a single flat (O, K) @ (K, N·L)
-    product in float32 and float64 (which must first copy cols into a
-    (K, N, L) layout and leaves its output transposed).
+    One matmul batched over n (and over the groups), in cols' own layout.
     """
     N, K, L = cols.shape
     Cout = w2.shape[0]
@@ -281,9 +279,8 @@ def _mix_backward(
 ) -> tuple[Array, Array, Array | None]:
     """VJP of _mix_forward: (dcols, dW2, db).
 
-    dW2 is one batched matmul then a sum over N: measured faster in NumPy than
-    a tensordot over (N, L), which has to copy both operands into (O, N·L) and
-    (N·L, K) layouts first.
+    dcols[n] = W2ᵀ · dout[n] and dW2 = Σ_n dout[n] · cols[n]ᵀ: one batched
+    matmul each, the second followed by the sum over n.
     """
     N, K, L = cols.shape
     Cout = w2.shape[0]

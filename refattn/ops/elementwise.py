@@ -14,7 +14,6 @@ from refattn.backend import (
     check_array,
     check_same_dtype,
     namespace,
-    prod,
     screen_finite,
     sum_product_to_shape,
     sum_to_shape,
@@ -50,8 +49,7 @@ def sigmoid(z: Array) -> Array:
         σ(z) = e/(1 + e)   where z < 0
     Both branches are evaluated at once as exp(min(z, 0)) / (1 + e): the
     numerator is exactly 1 where z ≥ 0 and exactly e where z < 0, so the result
-    is the same bits as the select, without a data-dependent `where` (which is
-    several times slower than arithmetic on NumPy).
+    is the same bits as the select, written as arithmetic on whole arrays.
     Shapes:
         z, σ(z)  any shape; the dtype of `z` is kept
     """
@@ -97,7 +95,7 @@ def relu_backward(dout: Array, cache: ReluCache) -> Array:
     out = cache.out
     _check_dout(dout, out)
     xp = namespace(dout=dout)
-    return dout * xp.astype(out > 0, dout.dtype)  # mask as 0/1: no `where`
+    return dout * xp.astype(out > 0, dout.dtype)  # 1[x > 0] as 0.0 / 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -186,28 +184,10 @@ def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
     """
     x, s = cache
     _check_dout(dout, x)
-    xp = namespace(dout=dout)
     dx = dout * s  # like x
-    k = _gate_rank(tuple(x.shape), tuple(s.shape))
-    if k is not None and k < x.ndim:  # s = x.shape[:k] + (1, ...): row dot products
-        rows = (prod(x.shape[:k]), prod(x.shape[k:]))
-        ds = xp.vecdot(xp.reshape(dout, rows), xp.reshape(x, rows), axis=-1)  # (rows,)
-        ds = xp.reshape(ds, tuple(s.shape))  # like z, without a dout ⊙ x temporary
-    else:
-        ds = sum_product_to_shape(dout, x, tuple(s.shape))  # undo the broadcast: like z
+    ds = sum_product_to_shape(dout, x, tuple(s.shape))  # undo the broadcast: like z
     dz = ds * s * (1 - s)  # like z; σ′ = s(1 − s)
     return dx, dz
-
-
-def _gate_rank(x_shape: Shape, s_shape: Shape) -> int | None:
-    """k when s_shape is x_shape[:k] followed by ones (a channel gate has k = 2),
-    else None."""
-    if len(s_shape) != len(x_shape):
-        return None
-    k = len(s_shape)
-    while k and s_shape[k - 1] == 1:
-        k -= 1
-    return k if s_shape[:k] == x_shape[:k] else None
 
 
 # ---------------------------------------------------------------------------

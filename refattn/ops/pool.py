@@ -45,6 +45,7 @@ from refattn.backend import (
     check_into,
     check_same_dtype,
     device,
+    mean_last_axis,
     namespace,
     prod,
     route_along_axis,
@@ -240,14 +241,11 @@ def _global_pool(x: Array, kind: str, keepdim: bool) -> tuple[Array, GlobalPoolC
     xf = xp.reshape(x, (n, c, prod(x.shape[2:])))  # (N, C, L)
     cache = GlobalPoolCache(kind, tuple(x.shape), keepdim)
     if kind == "avg":
-        # the mean as a matrix-vector product: BLAS uses every core, a ufunc one
-        weights = xp.full((xf.shape[-1],), 1.0 / xf.shape[-1], dtype=x.dtype,
-                          device=device(x))  # (L,)
-        out = xp.matmul(xf, weights)  # (N, C)
+        out = mean_last_axis(xf)  # (N, C)
     elif kind == "max":
         idx = xp.argmax(xf, axis=-1, keepdims=True)  # (N, C, 1)
         out = xp.take_along_axis(xf, idx, axis=-1)[..., 0]  # (N, C)
-        small = _index_dtype(xp, xf.shape[-1])  # cheaper compares in the backward
+        small = _index_dtype(xp, xf.shape[-1])  # the smallest int dtype for L
         cache = cache._replace(idx=xp.astype(idx[..., 0], small))
     elif kind == "lp":
         out = _l2_norm(xp, xf)  # (N, C)
@@ -351,7 +349,7 @@ def _channel_pool(x: Array, kind: str) -> tuple[Array, ChannelPoolCache]:
         return out, ChannelPoolCache(kind, tuple(x.shape))
     idx = xp.argmax(x, axis=1, keepdims=True)  # (N, 1, *S)
     out = xp.take_along_axis(x, idx, axis=1)  # (N, 1, *S)
-    small = _index_dtype(xp, x.shape[1])  # cheaper compares in the backward
+    small = _index_dtype(xp, x.shape[1])  # the smallest int dtype for C
     return out, ChannelPoolCache(kind, tuple(x.shape), xp.astype(idx, small))
 
 

@@ -6,7 +6,13 @@ import operator
 from typing import NamedTuple
 
 from refattn._typing import Array
-from refattn.backend import check_array, check_same_dtype, namespace, screen_finite
+from refattn.backend import (
+    check_array,
+    check_same_dtype,
+    namespace,
+    screen_finite,
+    sum_product_to_shape,
+)
 from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = ["SoftmaxCache", "softmax_backward", "softmax_forward"]
@@ -54,12 +60,8 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
     y, axis = cache
     check_array("dout", dout, shape=tuple(y.shape))
     check_same_dtype(dout=dout, forward=y)
-    xp = namespace(dout=dout)
-    if axis == y.ndim - 1:
-        # rows along the last axis: Σ(dout ⊙ y) as a dot product, no temporary
-        dot = xp.expand_dims(xp.vecdot(dout, y, axis=-1), axis=-1)  # (..., 1)
-    else:
-        dot = xp.sum(dout * y, axis=axis, keepdims=True)  # x's shape, 1 at axis
+    kept = tuple(1 if i == axis else n for i, n in enumerate(y.shape))
+    dot = sum_product_to_shape(dout, y, kept)  # Σ_axis dout ⊙ y: x's shape, 1 at axis
     dx = dout - dot  # like x
     dx *= y  # in place on the fresh difference
     return dx
