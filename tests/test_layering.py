@@ -1,5 +1,6 @@
-"""The modules of refattn/golden and refattn/cli import each other without a
-cycle: each is a layer that can be read (and loaded) after the ones it uses.
+"""The layers of refattn (CONTRIBUTING.md): no module imports another in a
+cycle, each is a layer that can be read (and loaded) after the ones it uses,
+and the math (ops and block modules) imports none of the tools around it.
 
 Every module under the two packages is parsed with ``ast``.  Each ``import``
 and ``from ... import`` in it, at module level or inside a function, that
@@ -132,3 +133,40 @@ def test_find_cycles_finds_planted_cycles() -> None:
              "f": {"g"}, "g": set()}
     assert find_cycles(graph) == [["a", "b", "c", "a"], ["e", "e"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Module name -> the refattn modules it imports, for all of refattn."""
+    return {_module_name(p): _imports(p, _module_name(p))
+            for p in sorted((REPO / "refattn").rglob("*.py"))}
+
+
+def test_no_import_cycle_anywhere_in_refattn() -> None:
+    assert find_cycles(package_graph()) == []
+
+
+TOOLS = ("refattn.golden", "refattn.cli", "refattn.cuda", "refattn.validate",
+         "refattn.gradcheck", "refattn.testing", "refattn.adapters", "refattn.plot")
+
+
+def tool_imports(graph: Mapping[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, tool) for every tool a math module imports: ops and the block
+    modules (the math, and the spec section each ends with) see only the
+    backend, params, the override table, blocks/spec.py and each other; the
+    registry, which runs gradchecks, is the one exception."""
+    math = [m for m in graph if m.startswith(("refattn.ops", "refattn.blocks"))
+            and m != "refattn.blocks.registry"]
+    assert len(math) >= 14
+    return sorted((m, d) for m in math for d in graph[m] if d.startswith(TOOLS))
+
+
+def test_the_math_imports_no_tool() -> None:
+    assert tool_imports(package_graph()) == []
+
+
+def test_the_package_scan_finds_a_planted_tool_import_and_cycle() -> None:
+    graph = package_graph()
+    graph["refattn.ops.softmax"] = graph["refattn.ops.softmax"] | {"refattn.golden.format"}
+    assert tool_imports(graph) == [("refattn.ops.softmax", "refattn.golden.format")]
+    graph["refattn.backend"] = graph["refattn.backend"] | {"refattn.ops.softmax"}
+    assert ["refattn.backend", "refattn.ops.softmax", "refattn.backend"] in find_cycles(graph)
