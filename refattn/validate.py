@@ -135,8 +135,8 @@ class ValidationReport:
 
     @property
     def verdict(self) -> str:
-        """"PASS" (everything checked and passed), "PARTIAL" (what was
-        checked passed, something was not checked) or "FAIL"."""
+        """The verdict: "PASS" (everything checked and passed), "PARTIAL"
+        (what was checked passed, something was not checked) or "FAIL"."""
         if self.failed or not self.checked:
             return "FAIL"
         return "PASS" if self.complete else "PARTIAL"
@@ -320,14 +320,12 @@ def check_real_float(name: str, value: Any, subject: str) -> np.ndarray:
             silent cast: a complex result would lose its imaginary part, a
             string array would be parsed as numbers).
     """
-    a = np.asarray(value) if isinstance(value, np.ndarray) else None
-    if a is None:
-        try:
-            a = np.asarray(value)
-        except Exception as err:  # an object numpy cannot take
-            raise ValidationInputError(
-                f"{subject}: {name}: expected a real floating-point array, got "
-                f"{type(value).__name__} ({err})") from None
+    try:
+        a = np.asarray(value)
+    except Exception as err:  # an object NumPy cannot take
+        raise ValidationInputError(
+            f"{subject}: {name}: expected a real floating-point array, got "
+            f"{type(value).__name__} ({err})") from None
     if a.dtype.kind != "f":
         kinds = {"c": "complex", "i": "integer", "u": "unsigned integer",
                  "b": "boolean", "U": "string", "S": "bytes", "V": "structured",
