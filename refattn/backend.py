@@ -24,9 +24,7 @@ argument.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
@@ -54,11 +52,9 @@ __all__ = [
     "is_numpy",
     "mean_last_axis",
     "namespace",
-    "operands_checked",
     "pad_spatial",
     "prod",
     "route_along_axis",
-    "screen_finite",
     "sum_product_to_shape",
     "sum_to_shape",
     "to_host",
@@ -288,33 +284,6 @@ def check_finite(name: str, a: Array) -> None:
     raise NonFiniteError(
         f"{name}: expected finite values, got {bad} NaN/Inf of {_size(a)} elements"
     )
-
-
-_OPERANDS_CHECKED: ContextVar[bool] = ContextVar("refattn_operands_checked", default=False)
-
-
-@contextlib.contextmanager
-def operands_checked() -> Iterator[None]:
-    """Inside this context, ops skip their finiteness screens (``screen_finite``).
-
-    A block checks its own arguments once, names them in its errors, and its
-    results are checked on the way out (``refattn.blocks.spec``); a NaN or Inf
-    born inside, an overflow, reaches those results and is reported there.
-    Screening every operand of every op again would cost one more pass over
-    memory per operand (measured in docs/benchmarks.md).
-    """
-    token = _OPERANDS_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _OPERANDS_CHECKED.reset(token)
-
-
-def screen_finite(name: str, a: Array) -> None:
-    """An op's check of an operand: ``check_finite`` unless the caller already
-    checked (inside ``operands_checked()``)."""
-    if not _OPERANDS_CHECKED.get():
-        check_finite(name, a)
 
 
 # The size up to which all_finite tests a plain NumPy array element by element

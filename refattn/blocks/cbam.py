@@ -70,7 +70,6 @@ from refattn.backend import (
     check_same_dtype,
     host_rng,
     namespace,
-    screen_finite,
     zeros_like_shape,
 )
 from refattn.blocks.spec import (
@@ -83,24 +82,24 @@ from refattn.blocks.spec import (
     max_gap,
     relu_margin,
 )
-from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
+from refattn.ops.conv import Conv2dCache, _conv2d, _conv2d_backward
 from refattn.ops.elementwise import (
     GateMulCache,
     ReluCache,
-    gate_mul_backward,
-    gate_mul_forward,
-    relu_backward,
-    relu_forward,
+    _gate_mul,
+    _gate_mul_backward,
+    _relu,
+    _relu_backward,
 )
-from refattn.ops.linear import LinearCache, linear_backward, linear_forward
-from refattn.ops.norm import BatchNormCache, batch_norm_backward, batch_norm_forward
+from refattn.ops.linear import LinearCache, _linear, _linear_backward
+from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
 from refattn.ops.pool import (
     ChannelPoolCache,
     GlobalPoolCache,
-    channel_pool_backward,
-    channel_pool_forward,
-    global_pool_backward,
-    global_pool_forward,
+    _channel_pool,
+    _channel_pool_backward,
+    _global_pool,
+    _global_pool_backward,
 )
 from refattn.params import is_buffer, sub_params, with_prefix
 
@@ -467,18 +466,17 @@ def channel_gate_forward(
     mlp = sub_params(params, "mlp")
     # 1. squeeze: one descriptor per pool type, stacked so that the shared MLP
     #    runs on all of them as the rows of one product
-    # (x was screened for NaN/Inf once by `forward`; inside the block contract
-    # the ops skip that scan, see backend.operands_checked)
-    pooled = [global_pool_forward(x, kind=t) for t in cfg.pool_types]
+    # (x was checked once by `forward`: the ops' math steps check nothing)
+    pooled = [_global_pool(x, t, False) for t in cfg.pool_types]
     d = xp.stack([p[0] for p in pooled], axis=0)  # (T, N, C)
     # 2. shared MLP, applied to every descriptor separately
     w1, b1 = mlp["fc1.weight"], mlp.get("fc1.bias")
-    hidden, fc1 = linear_forward(d, w1, b1)  # (T, N, Cr)
-    r, act = relu_forward(hidden)  # (T, N, Cr)
-    o, fc2 = linear_forward(r, mlp["fc2.weight"], mlp.get("fc2.bias"))  # (T, N, C)
+    hidden, fc1 = _linear(d, w1, b1)  # (T, N, Cr)
+    r, act = _relu(hidden)  # (T, N, Cr)
+    o, fc2 = _linear(r, mlp["fc2.weight"], mlp.get("fc2.bias"))  # (T, N, C)
     # 3. excite: gate x by σ of the summed logits
     z = xp.reshape(xp.sum(o, axis=0), (N, C, 1, 1))  # (N, C, 1, 1)
-    x1, gate = gate_mul_forward(x, z)  # (N, C, H, W)
+    x1, gate = _gate_mul(x, z)  # (N, C, H, W)
     a = xp.reshape(gate.s, (N, C))  # (N, C)
     cache = ChannelGateCache(tuple(p[1] for p in pooled), fc1, hidden, act, fc2, gate)
     return x1, a, cache
@@ -505,13 +503,13 @@ def channel_gate_backward(dx1: Array, cache: ChannelGateCache) -> tuple[Array, P
     T = len(c.pools)
     N, C = dx1.shape[0], dx1.shape[1]
     # 3. excite; z = Σ_t o_t, so every o_t receives the same dz
-    dx_gate, dz = gate_mul_backward(dx1, c.gate)  # (N, C, H, W), (N, C, 1, 1)
+    dx_gate, dz = _gate_mul_backward(dx1, c.gate)  # (N, C, H, W), (N, C, 1, 1)
     do = xp.broadcast_to(xp.reshape(dz, (1, N, C)), (T, N, C))  # (T, N, C)
     # 2. shared MLP: the T applications are rows of one product, so each linear
     #    backward's sum over rows adds the T branches' gradients (shared weights)
-    dr, dw2, db2 = linear_backward(do, c.fc2)  # (T, N, Cr), (C, Cr), (C,)
-    dhidden = relu_backward(dr, c.act)  # (T, N, Cr)
-    dd, dw1, db1 = linear_backward(dhidden, c.fc1)  # (T, N, C), (Cr, C), (Cr,)
+    dr, dw2, db2 = _linear_backward(do, c.fc2)  # (T, N, Cr), (C, Cr), (C,)
+    dhidden = _relu_backward(dr, c.act)  # (T, N, Cr)
+    dd, dw1, db1 = _linear_backward(dhidden, c.fc1)  # (T, N, C), (Cr, C), (Cr,)
     dmlp = {"fc1.weight": dw1, "fc2.weight": dw2}
     if db1 is not None:
         dmlp |= {"fc1.bias": db1, "fc2.bias": db2}
@@ -520,7 +518,7 @@ def channel_gate_backward(dx1: Array, cache: ChannelGateCache) -> tuple[Array, P
     #    entries)
     dx = dx_gate  # (N, C, H, W)
     for t in range(T):
-        dx = global_pool_backward(dd[t, ...], c.pools[t], into=dx)  # (N, C, H, W)
+        dx = _global_pool_backward(dd[t, ...], c.pools[t], into=dx)  # (N, C, H, W)
     return dx, with_prefix("mlp", dmlp)
 
 
@@ -561,36 +559,35 @@ def spatial_gate_forward(
     k = cfg.spatial_kernel
     # 1. compress: two channel pools per position, in channel_pool_order
     kinds = ("max", "mean") if cfg.channel_pool_order == "max_mean" else ("mean", "max")
-    pooled = [channel_pool_forward(x1, kind=t) for t in kinds]
+    pooled = [_channel_pool(x1, t) for t in kinds]
     m = xp.concat([p[0] for p in pooled], axis=1)  # (N, 2, H, W)
     # 2. k x k conv to one logit map, size kept by the padding
-    s, conv = conv2d_forward(
+    p = (k - 1) // 2
+    s, conv = _conv2d(
         m, params["spatial.conv.weight"], params.get("spatial.conv.bias"),
-        padding=(k - 1) // 2,
+        (1, 1), (p, p), (1, 1), 1,  # stride, padding, dilation, groups
     )  # (N, 1, H, W)
     # 3. batch norm of the logit map (optional)
     bn = None
     new_state: Params = {}
     if cfg.spatial_bn is not None:
-        bn_out, bn = batch_norm_forward(
+        (s, new_mean, new_var), bn = _batch_norm(
             s, params["spatial.bn.weight"], params["spatial.bn.bias"],
             state["spatial.bn.running_mean"], state["spatial.bn.running_var"],
-            training=cfg.spatial_bn == "train", momentum=cfg.bn_momentum,
-            eps=cfg.bn_eps,
-        )
-        s = bn_out.y  # (N, 1, H, W)
+            cfg.spatial_bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
+        )  # training, momentum, eps; y (N, 1, H, W)
         if cfg.spatial_bn == "train":
             new_state = {
-                "spatial.bn.running_mean": bn_out.running_mean,
-                "spatial.bn.running_var": bn_out.running_var,
+                "spatial.bn.running_mean": new_mean,
+                "spatial.bn.running_var": new_var,
             }
     # 4. ReLU (optional; off in every anchor)
     pre_relu = act = None
     if cfg.spatial_relu:
         pre_relu = s
-        s, act = relu_forward(s)  # (N, 1, H, W)
+        s, act = _relu(s)  # (N, 1, H, W)
     # 5. gate x1 by σ(s), broadcast over the channels
-    out, gate = gate_mul_forward(x1, s)  # (N, C, H, W)
+    out, gate = _gate_mul(x1, s)  # (N, C, H, W)
     cache = SpatialGateCache(tuple(p[1] for p in pooled), conv, bn, pre_relu, act, gate)
     return out, gate.s, m, new_state, cache
 
@@ -614,16 +611,16 @@ def spatial_gate_backward(dout: Array, cache: SpatialGateCache) -> tuple[Array, 
     c = cache
     dparams: Params = {}
     # 5. gate
-    dx1_gate, ds = gate_mul_backward(dout, c.gate)  # (N, C, H, W), (N, 1, H, W)
+    dx1_gate, ds = _gate_mul_backward(dout, c.gate)  # (N, C, H, W), (N, 1, H, W)
     # 4. ReLU
     if c.act is not None:
-        ds = relu_backward(ds, c.act)  # (N, 1, H, W)
+        ds = _relu_backward(ds, c.act)  # (N, 1, H, W)
     # 3. batch norm
     if c.bn is not None:
-        ds, dgamma, dbeta = batch_norm_backward(ds, c.bn)  # (N, 1, H, W), (1,), (1,)
+        ds, dgamma, dbeta = _batch_norm_backward(ds, c.bn)  # (N, 1, H, W), (1,), (1,)
         dparams |= {"spatial.bn.weight": dgamma, "spatial.bn.bias": dbeta}
     # 2. conv
-    dm, dw, db = conv2d_backward(ds, c.conv)  # (N, 2, H, W), (1, 2, k, k), (1,)|None
+    dm, dw, db = _conv2d_backward(ds, c.conv)  # (N, 2, H, W), (1, 2, k, k), (1,)|None
     dparams["spatial.conv.weight"] = dw
     if db is not None:
         dparams["spatial.conv.bias"] = db
@@ -631,7 +628,8 @@ def spatial_gate_backward(dout: Array, cache: SpatialGateCache) -> tuple[Array, 
     #    paths, each pool's into the gate's dx1 (a fresh array)
     dx1 = dx1_gate  # (N, C, H, W)
     for t, pool in enumerate(c.pools):
-        dx1 = channel_pool_backward(dm[:, t:t + 1, ...], pool, into=dx1)  # (N, C, H, W)
+        dm_t = dm[:, t:t + 1, ...]  # (N, 1, H, W)
+        dx1 = _channel_pool_backward(dm_t, pool, into=dx1)  # (N, C, H, W)
     return dx1, dparams
 
 
@@ -737,8 +735,7 @@ def backward(
     dout = douts["out"]
     x = cache.channel.gate.x if isinstance(cache, CBAMCache) else cache.gate.gate.x
     check_array("douts['out']", dout, shape=tuple(x.shape))
-    check_same_dtype(dout=dout, x=x)
-    screen_finite("douts['out']", dout)  # once: the contract checked it
+    check_same_dtype(dout=dout, x=x)  # finite: checked by the block contract
     if isinstance(cache, CBAMCache):
         dx, dparams = cbam_backward(dout, cache)
     elif cache.part == "channel":

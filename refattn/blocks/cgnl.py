@@ -93,16 +93,16 @@ from refattn.blocks.spec import (
 )
 from refattn.ops.conv import (
     PointwiseConvCache,
-    pointwise_conv_backward,
-    pointwise_conv_forward,
+    _pointwise_conv,
+    _pointwise_conv_backward,
 )
 from refattn.ops.norm import (
     BatchNormCache,
     GroupNormCache,
-    batch_norm_backward,
-    batch_norm_forward,
-    group_norm_backward,
-    group_norm_forward,
+    _batch_norm,
+    _batch_norm_backward,
+    _group_norm,
+    _group_norm_backward,
 )
 from refattn.ops.overrides import overridable, routed_by_cache
 from refattn.params import is_buffer
@@ -746,32 +746,28 @@ def forward(
 
     # 4. z: grouped 1x1 conv P -> C, G groups, no bias
     w_z = xp.reshape(params["z.weight"], (C, P // G))  # (C, P/G)
-    z, z_cache = pointwise_conv_forward(y3, w_z, groups=G)  # (N, C, L)
+    z, z_cache = _pointwise_conv(y3, w_z, None, G)  # (N, C, L)
 
     # 5. normalisation
     outputs: dict[str, Array] = {}
     gn_cache = bn_cache = None
     if cfg.norm == "gn":
-        z, gn_cache = group_norm_forward(
+        z, gn_cache = _group_norm(
             z, params["gn.weight"], params["gn.bias"],
-            num_groups=int(cfg.gn_groups),  # type: ignore[arg-type]
-            eps=cfg.eps,
+            int(cfg.gn_groups), float(cfg.eps),  # type: ignore[arg-type]
         )  # (N, C, L)
     elif cfg.norm is not None:
-        bn_out, bn_cache = batch_norm_forward(
+        (z, new_mean, new_var), bn_cache = _batch_norm(
             z,
             params["bn.weight"],
             params["bn.bias"],
             state["bn.running_mean"],
             state["bn.running_var"],
-            training=cfg.norm == "bn_train",
-            momentum=cfg.bn_momentum,
-            eps=cfg.eps,
-        )
-        z = bn_out.y  # (N, C, L)
+            cfg.norm == "bn_train", float(cfg.bn_momentum), float(cfg.eps),
+        )  # training, momentum, eps; y (N, C, L)
         if cfg.norm == "bn_train":
-            outputs["state.bn.running_mean"] = bn_out.running_mean
-            outputs["state.bn.running_var"] = bn_out.running_var
+            outputs["state.bn.running_mean"] = new_mean
+            outputs["state.bn.running_var"] = new_var
 
     # 6. residual
     out = z + x3 if cfg.residual else z  # (N, C, L)
@@ -824,12 +820,12 @@ def backward(
 
     # 5. normalisation
     if c.gn is not None:
-        dz, dparams["gn.weight"], dparams["gn.bias"] = group_norm_backward(dz, c.gn)
+        dz, dparams["gn.weight"], dparams["gn.bias"] = _group_norm_backward(dz, c.gn)
     elif c.bn is not None:
-        dz, dparams["bn.weight"], dparams["bn.bias"] = batch_norm_backward(dz, c.bn)
+        dz, dparams["bn.weight"], dparams["bn.bias"] = _batch_norm_backward(dz, c.bn)
 
     # 4. z
-    dy3, dw_z, _ = pointwise_conv_backward(dz, c.z)  # (N, P, L), (C, P/G)
+    dy3, dw_z, _ = _pointwise_conv_backward(dz, c.z)  # (N, P, L), (C, P/G)
     dparams["z.weight"] = xp.reshape(dw_z, (C, P // G) + ones)  # (C, P/G, *k)
     dy = xp.reshape(dy3, (N, G, M))  # (N, G, M)
     del dz, dy3
@@ -872,7 +868,7 @@ def _stacked_conv_forward(
     b = None
     if "t.bias" in params:
         b = xp.concat([params[f"{n}.bias"] for n in ("t", "p", "g")], axis=0)  # (3P,)
-    out, conv = pointwise_conv_forward(x3, w, b)  # (N, 3P, L)
+    out, conv = _pointwise_conv(x3, w, b, 1)  # (N, 3P, L)
     return out, StackedConvCache(conv, shape)
 
 
@@ -881,7 +877,7 @@ def _stacked_conv_backward(
 ) -> tuple[Array, dict[str, Array]]:
     """VJP of _stacked_conv_forward: dx, and each projection's weight/bias rows."""
     xp = namespace(dout=dout)
-    dx, dw, db = pointwise_conv_backward(dout, cache.conv)  # (N, C, L), (3P, C)
+    dx, dw, db = _pointwise_conv_backward(dout, cache.conv)  # (N, C, L), (3P, C)
     P = cache.weight_shape[0]
     grads: dict[str, Array] = {}
     for i, name in enumerate(("t", "p", "g")):

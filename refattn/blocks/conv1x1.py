@@ -48,7 +48,7 @@ from refattn.blocks.spec import (
     pair,
     torch_default_init,
 )
-from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
+from refattn.ops.conv import Conv2dCache, _conv2d, conv2d_backward
 
 if TYPE_CHECKING:  # host-side draws only; blocks compute through xp
     import numpy as np
@@ -203,13 +203,14 @@ def forward(
     shapes = param_shapes(cfg, {"x": tuple(x.shape)})
     check_params("conv1x1", params, state, shapes, x, f" with bias={cfg.bias}")
     # 1. pad, subsample by the stride, mix channels: one (grouped) matmul
-    out, conv = conv2d_forward(
+    out, conv = _conv2d(
         x,
         params["weight"],
         params.get("bias"),
-        stride=cfg.stride,
-        padding=cfg.padding,
-        groups=cfg.groups,
+        pair(cfg.stride),
+        pair(cfg.padding),
+        (1, 1),  # dilation
+        cfg.groups,
     )  # (N, O, Ho, Wo)
     return {"out": out}, Conv1x1Cache(conv, cfg.bias)
 
@@ -229,7 +230,7 @@ def backward(
     """
     dout = check_douts("conv1x1", douts)
     # 1. channel mixing, striding and padding, reversed
-    dx, dweight, dbias = conv2d_backward(dout, cache.conv)  # (N, C, H, W)
+    dx, dweight, dbias = conv2d_backward(dout, cache.conv)  # (N, C, H, W); checks dout
     dparams = {"weight": dweight}
     if cache.has_bias:
         dparams["bias"] = dbias

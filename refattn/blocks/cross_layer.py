@@ -89,12 +89,12 @@ from refattn.blocks.spec import (
 )
 from refattn.ops.conv import (
     PointwiseConvCache,
-    pointwise_conv_backward,
-    pointwise_conv_forward,
+    _pointwise_conv,
+    _pointwise_conv_backward,
 )
-from refattn.ops.linear import MatmulCache, matmul_backward, matmul_forward
-from refattn.ops.norm import BatchNormCache, batch_norm_backward, batch_norm_forward
-from refattn.ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
+from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
+from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
 from refattn.params import add_params, is_buffer
 
 __all__ = [
@@ -459,7 +459,7 @@ def forward(
     # 1. θ on the query layer, computed once and shared by every layer m;
     #    the scale is folded into Q (Lq·P values, not Lq·Lk_m per layer)
     w_theta = xp.reshape(params["theta.weight"], (P, cq))  # (P, Cq)
-    theta, theta_cache = pointwise_conv_forward(xq3, w_theta, params.get("theta.bias"))
+    theta, theta_cache = _pointwise_conv(xq3, w_theta, params.get("theta.bias"), 1)
     scale = 1.0 / math.sqrt(P) if cfg.use_scale else 1.0
     q = theta.mT * scale if cfg.use_scale else theta.mT  # (N, Lq, P)
 
@@ -480,18 +480,18 @@ def forward(
         b_kv = None
         if cfg.bias:
             b_kv = xp.concat([params[f"kv{m}.phi.bias"], params[f"kv{m}.g.bias"]])
-        kv, kv_cache = pointwise_conv_forward(xk3, w_kv, b_kv)  # (N, 2P, Lk)
+        kv, kv_cache = _pointwise_conv(xk3, w_kv, b_kv, 1)  # (N, 2P, Lk)
         phi, g = kv[:, :P, :], kv[:, P:, :]  # (N, P, Lk) each
 
         # 3. affinity of every query position with every key position of layer m
-        f, affinity_cache = matmul_forward(q, phi)  # (N, Lq, Lk)
+        f, affinity_cache = _matmul(q, phi)  # (N, Lq, Lk)
 
         # 4. softmax over the keys (the last axis)
-        attention, softmax_cache = softmax_forward(f, axis=-1)  # (N, Lq, Lk)
+        attention, softmax_cache = _softmax(f, f.ndim - 1)  # (N, Lq, Lk)
         aux[f"aux.attention.{m}"] = attention
 
         # 5. A_m V_m: each query position's weighted mean of the values
-        y_t, attend_cache = matmul_forward(attention, g.mT)  # (N, Lq, P)
+        y_t, attend_cache = _matmul(attention, g.mT)  # (N, Lq, P)
 
         # 6. back to channel-first (N, P, Lq): transpose, or the official code's
         #    reinterpretation of the (Lq, P) buffer as (P, Lq)
@@ -504,25 +504,22 @@ def forward(
         w_cache = None
         z = y  # (N, P = Cq, Lq) without W
         if cfg.out_proj:
-            z, w_cache = pointwise_conv_forward(y, w_out, b_out)  # (N, Cq, Lq)
+            z, w_cache = _pointwise_conv(y, w_out, b_out, 1)  # (N, Cq, Lq)
 
         # 8. BN_m
         bn_cache = None
         if cfg.bn is not None:
-            bn_out, bn_cache = batch_norm_forward(
+            (z, new_mean, new_var), bn_cache = _batch_norm(
                 z,
                 params[f"kv{m}.bn.weight"],
                 params[f"kv{m}.bn.bias"],
                 state[f"kv{m}.bn.running_mean"],
                 state[f"kv{m}.bn.running_var"],
-                training=cfg.bn == "train",
-                momentum=cfg.bn_momentum,
-                eps=cfg.bn_eps,
-            )
-            z = bn_out.y  # (N, Cq, Lq)
+                cfg.bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
+            )  # training, momentum, eps; y (N, Cq, Lq)
             if cfg.bn == "train":
-                new_state[f"state.kv{m}.bn.running_mean"] = bn_out.running_mean
-                new_state[f"state.kv{m}.bn.running_var"] = bn_out.running_var
+                new_state[f"state.kv{m}.bn.running_mean"] = new_mean
+                new_state[f"state.kv{m}.bn.running_var"] = new_var
 
         total = z if total is None else total + z  # (N, Cq, Lq)
         layers.append(
@@ -575,13 +572,13 @@ def backward(
 
         # 8. BN_m
         if layer.bn is not None:
-            dz, dgamma, dbeta = batch_norm_backward(dz, layer.bn)  # (N, Cq, Lq)
+            dz, dgamma, dbeta = _batch_norm_backward(dz, layer.bn)  # (N, Cq, Lq)
             dparams[f"kv{m}.bn.weight"], dparams[f"kv{m}.bn.bias"] = dgamma, dbeta
 
         # 7. W
         dy = dz  # (N, P, Lq) without W
         if layer.w is not None:
-            dy, dw2, db_w = pointwise_conv_backward(dz, layer.w)  # (N, P, Lq)
+            dy, dw2, db_w = _pointwise_conv_backward(dz, layer.w)  # (N, P, Lq)
             dw = {"W.weight": xp.reshape(dw2, (cq, P, 1, 1))}
             if db_w is not None:
                 dw["W.bias"] = db_w
@@ -595,22 +592,22 @@ def backward(
             dy_t = xp.reshape(dy, (N, lq, P))  # (N, Lq, P)
 
         # 5. A_m V_m
-        dattention, dg_t = matmul_backward(dy_t, layer.attend)  # (N,Lq,Lk), (N,Lk,P)
+        dattention, dg_t = _matmul_backward(dy_t, layer.attend)  # (N,Lq,Lk), (N,Lk,P)
         del dy, dy_t
 
         # 4. softmax over the keys
-        df = softmax_backward(dattention, layer.softmax)  # (N, Lq, Lk)
+        df = _softmax_backward(dattention, layer.softmax)  # (N, Lq, Lk)
         del dattention
 
         # 3. Q K_m
-        dq, dphi = matmul_backward(df, layer.affinity)  # (N, Lq, P), (N, P, Lk)
+        dq, dphi = _matmul_backward(df, layer.affinity)  # (N, Lq, P), (N, P, Lk)
         dqs.append(dq)
         del df, dq
 
         # 2. φ_m and g_m (stacked rows, as in the forward)
         dkv = xp.concat([dphi, dg_t.mT], axis=1)  # (N, 2P, Lk)
         del dphi, dg_t
-        dxk3, dw_kv, db_kv = pointwise_conv_backward(dkv, layer.kv)  # (N, Ck, Lk)
+        dxk3, dw_kv, db_kv = _pointwise_conv_backward(dkv, layer.kv)  # (N, Ck, Lk)
         del dkv
         ck = layer.x_shape[1]
         for row, n in enumerate(("phi", "g")):
@@ -629,7 +626,7 @@ def backward(
 
     # 1. θ (Q = s θᵀ)
     dtheta = dq.mT * c.scale if cfg.use_scale else dq.mT  # (N, P, Lq)
-    dxq3, dw_theta, db_theta = pointwise_conv_backward(dtheta, c.theta)  # (N, Cq, Lq)
+    dxq3, dw_theta, db_theta = _pointwise_conv_backward(dtheta, c.theta)  # (N, Cq, Lq)
     del dq, dtheta
     dparams["theta.weight"] = xp.reshape(dw_theta, (P, cq, 1, 1))
     if db_theta is not None:

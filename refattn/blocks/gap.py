@@ -34,7 +34,7 @@ from refattn.blocks.spec import (
     check_inputs,
     check_params,
 )
-from refattn.ops.pool import GlobalPoolCache, global_pool_backward, global_pool_forward
+from refattn.ops.pool import GlobalPoolCache, _global_pool, global_pool_backward
 
 __all__ = [
     "PRESETS",
@@ -127,7 +127,7 @@ def forward(
     x = inputs["x"]
     check_params("gap", params, state, {}, x)
     # 1. average every map
-    out, pool = global_pool_forward(x, kind="avg", keepdim=cfg.keepdim)  # (N, C)
+    out, pool = _global_pool(x, "avg", cfg.keepdim)  # (N, C)
     return {"out": out}, GapCache(pool)
 
 
@@ -143,7 +143,7 @@ def backward(
     """
     dout = check_douts("gap", douts)
     # 1. spread dy / L over the positions
-    dx = global_pool_backward(dout, cache.pool)  # (N, C, *S)
+    dx = global_pool_backward(dout, cache.pool)  # (N, C, *S); checks dout
     return {"x": dx}, {}
 
 

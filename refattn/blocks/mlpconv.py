@@ -54,13 +54,15 @@ from refattn.blocks.spec import (
 from refattn.ops.conv import (
     Conv2dCache,
     PointwiseConvCache,
+    _conv2d,
+    _conv2d_backward,
+    _pointwise_conv,
+    _pointwise_conv_backward,
     conv2d_backward,
-    conv2d_forward,
     pointwise_conv_backward,
-    pointwise_conv_forward,
 )
-from refattn.ops.elementwise import ReluCache, relu_backward, relu_forward
-from refattn.ops.pool import GlobalPoolCache, global_pool_backward, global_pool_forward
+from refattn.ops.elementwise import ReluCache, _relu, _relu_backward, relu_backward
+from refattn.ops.pool import GlobalPoolCache, _global_pool, global_pool_backward
 
 if TYPE_CHECKING:  # host-side draws only; blocks compute through xp
     import numpy as np
@@ -323,44 +325,54 @@ def _stack_forward(
     convs: list[Conv2dCache | PointwiseConvCache] = []
     relus: list[ReluCache | None] = []
     # 1. the spatial k x k conv (stride, padding, dilation, groups), then ReLU
-    f, conv = conv2d_forward(
+    f, conv = _conv2d(
         x,
         params["convs.0.weight"],
         params.get("convs.0.bias"),
-        stride=cfg.stride,
-        padding=cfg.padding,
-        dilation=cfg.dilation,
-        groups=cfg.groups,
+        pair(cfg.stride),
+        pair(cfg.padding),
+        pair(cfg.dilation),
+        cfg.groups,
     )  # (N, C0, Ho, Wo)
     convs.append(conv)
-    f, relu = relu_forward(f) if _relu_after(0, cfg) else (f, None)
+    f, relu = _relu(f) if _relu_after(0, cfg) else (f, None)
     relus.append(relu)
     # 2. the 1x1 "cccp" convs, a per-position MLP: each one matmul over
     #    (N, C, Ho*Wo), then ReLU (after the last conv only with relu_last)
     for i in range(1, len(cfg.channels)):
-        f, conv = pointwise_conv_forward(
-            f, params[f"convs.{i}.weight"], params.get(f"convs.{i}.bias")
+        f, conv = _pointwise_conv(
+            f, params[f"convs.{i}.weight"], params.get(f"convs.{i}.bias"), 1
         )  # (N, Ci, Ho, Wo)
         convs.append(conv)
-        f, relu = relu_forward(f) if _relu_after(i, cfg) else (f, None)
+        f, relu = _relu(f) if _relu_after(i, cfg) else (f, None)
         relus.append(relu)
     cache = MlpconvCache(tuple(convs), tuple(relus), cfg.bias, x, dict(params), cfg)
     return f, cache
 
 
 def _stack_backward(df: Array, cache: MlpconvCache) -> tuple[Array, dict[str, Array]]:
-    """Steps 2 and 1 reversed; dparams ordered like the parameters."""
+    """Steps 2 and 1 reversed; dparams ordered like the parameters.
+
+    `df` enters the first op backward, the checked one, which checks its shape
+    and dtype against the forward's output (the block's dout); the rest are
+    the ops' math steps.
+    """
     grads: dict[int, tuple[Array, Array | None]] = {}
+    first = True  # df not yet checked
     # 2. the 1x1 convs, last to first: ReLU mask, then the transposed matmul
     for i in range(len(cache.convs) - 1, 0, -1):
         if cache.relus[i] is not None:
-            df = relu_backward(df, cache.relus[i])  # (N, Ci, Ho, Wo)
-        df, dw, db = pointwise_conv_backward(df, cache.convs[i])  # (N, C(i-1), Ho, Wo)
+            relu_bw = relu_backward if first else _relu_backward
+            df, first = relu_bw(df, cache.relus[i]), False  # (N, Ci, Ho, Wo)
+        conv_bw = pointwise_conv_backward if first else _pointwise_conv_backward
+        (df, dw, db), first = conv_bw(df, cache.convs[i]), False  # (N, C(i-1), Ho, Wo)
         grads[i] = (dw, db)
     # 1. the spatial conv: ReLU mask, then col2im of the transposed product
     if cache.relus[0] is not None:
-        df = relu_backward(df, cache.relus[0])  # (N, C0, Ho, Wo)
-    dx, dw, db = conv2d_backward(df, cache.convs[0])  # (N, Cin, H, W)
+        relu_bw = relu_backward if first else _relu_backward
+        df, first = relu_bw(df, cache.relus[0]), False  # (N, C0, Ho, Wo)
+    conv0_bw = conv2d_backward if first else _conv2d_backward
+    dx, dw, db = conv0_bw(df, cache.convs[0])  # (N, Cin, H, W)
     grads[0] = (dw, db)
     dparams: dict[str, Array] = {}
     for i in range(len(cache.convs)):
@@ -438,7 +450,7 @@ def nin_head_forward(
     x = _check(inputs, params, state, cfg)
     maps, stack = _stack_forward(x, params, cfg)  # (N, K, Ho, Wo)
     # 3. global average pooling of each class map: the logits
-    logits, pool = global_pool_forward(maps, kind="avg")  # (N, K)
+    logits, pool = _global_pool(maps, "avg", False)  # (N, K)
     return {"out": logits, "aux.class_maps": maps}, NinHeadCache(stack, pool)
 
 
@@ -456,7 +468,7 @@ def nin_head_backward(
     """
     dout = check_douts("nin_head", douts)
     # 3. the pool spreads each logit's gradient evenly over its class map
-    dmaps = global_pool_backward(dout, cache.pool)  # (N, K, Ho, Wo)
+    dmaps = global_pool_backward(dout, cache.pool)  # (N, K, Ho, Wo); checks dout
     dx, dparams = _stack_backward(dmaps, cache.stack)  # (N, Cin, H, W)
     return {"x": dx}, dparams
 
@@ -476,17 +488,11 @@ def _pre_activations(cache: MlpconvCache) -> list[Array]:
         if relu is None:
             break  # the last conv without relu_last: no kink
         if i == 0:
-            z, _ = conv2d_forward(
-                f,
-                w,
-                b,
-                stride=c.stride,
-                padding=c.padding,
-                dilation=c.dilation,
-                groups=c.groups,
+            z, _ = _conv2d(
+                f, w, b, pair(c.stride), pair(c.padding), pair(c.dilation), c.groups
             )  # (N, C0, Ho, Wo)
         else:
-            z, _ = pointwise_conv_forward(f, w, b)  # (N, Ci, Ho, Wo)
+            z, _ = _pointwise_conv(f, w, b, 1)  # (N, Ci, Ho, Wo)
         pres.append(z)
         f = relu.out
     return pres

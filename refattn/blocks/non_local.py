@@ -90,21 +90,21 @@ from refattn.blocks.spec import (
 )
 from refattn.ops.conv import (
     PointwiseConvCache,
-    pointwise_conv_backward,
-    pointwise_conv_forward,
+    _pointwise_conv,
+    _pointwise_conv_backward,
 )
 from refattn.ops.elementwise import (
     AddCache,
     ReluCache,
-    add_backward,
-    add_forward,
-    relu_backward,
-    relu_forward,
+    _add,
+    _add_backward,
+    _relu,
+    _relu_backward,
 )
-from refattn.ops.linear import MatmulCache, matmul_backward, matmul_forward
-from refattn.ops.norm import BatchNormCache, batch_norm_backward, batch_norm_forward
-from refattn.ops.pool import MaxPoolCache, max_pool_backward, max_pool_forward
-from refattn.ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
+from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
+from refattn.ops.pool import MaxPoolCache, _geometry, _max_pool, _max_pool_backward
+from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
 from refattn.params import is_buffer
 
 __all__ = [
@@ -490,7 +490,8 @@ def forward(
     if cfg.sub_sample:
         pooled = xp.reshape(kv_full, (N, K) + spatial)  # (N, K, *S)
         kernel = POOL_KERNELS[len(spatial)]
-        kv, pool_cache = max_pool_forward(pooled, kernel_size=kernel)  # (N, K, *P(S))
+        geometry = _geometry(pooled.shape, kernel, None)  # kernel, stride, out size
+        kv, pool_cache = _max_pool(pooled, *geometry)  # (N, K, *P(S))
         kv = xp.reshape(kv, (N, K, lk))  # (N, K, Lk)
     else:
         kv = kv_full  # (N, K, Lk = Lq)
@@ -511,7 +512,7 @@ def forward(
     if cfg.mode == "concatenation":
         f, concat_cache = _concat_forward(theta, phi, params["concat_project.weight"])
     else:
-        f, affinity_cache = matmul_forward(theta.mT, phi)  # (N, Lq, Lk)
+        f, affinity_cache = _matmul(theta.mT, phi)  # (N, Lq, Lk)
         if cfg.use_scale:
             scale = 1.0 / math.sqrt(theta.shape[1])  # Ci, or C in gaussian mode
             f = f * scale  # (N, Lq, Lk)
@@ -519,36 +520,33 @@ def forward(
     # 5. normalise over the keys (last axis)
     softmax_cache = None
     if cfg.mode in SOFTMAX_MODES:
-        attention, softmax_cache = softmax_forward(f, axis=-1)  # (N, Lq, Lk)
+        attention, softmax_cache = _softmax(f, f.ndim - 1)  # (N, Lq, Lk)
     else:
         attention = f * (1.0 / lk)  # (N, Lq, Lk)
 
     # 6. Y = A Gᵀ, transposed back to channel-first: (N, Ci, Lq)
-    y_t, attend_cache = matmul_forward(attention, g.mT)  # (N, Lq, Ci)
+    y_t, attend_cache = _matmul(attention, g.mT)  # (N, Lq, Ci)
     y = y_t.mT  # (N, Ci, Lq)
 
     # 7. W: Ci -> C
     w2 = xp.reshape(params["W.weight"], (C, ci))  # (C, Ci)
-    z, w_cache = pointwise_conv_forward(y, w2, params.get("W.bias"))  # (N, C, Lq)
+    z, w_cache = _pointwise_conv(y, w2, params.get("W.bias"), 1)  # (N, C, Lq)
 
     # 8. batch norm after W
     outputs: dict[str, Array] = {}
     bn_cache = None
     if cfg.bn is not None:
-        bn_out, bn_cache = batch_norm_forward(
+        (z, new_mean, new_var), bn_cache = _batch_norm(
             z,
             params["W_bn.weight"],
             params["W_bn.bias"],
             state["W_bn.running_mean"],
             state["W_bn.running_var"],
-            training=cfg.bn == "train",
-            momentum=cfg.bn_momentum,
-            eps=cfg.bn_eps,
-        )
-        z = bn_out.y  # (N, C, Lq)
+            cfg.bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
+        )  # training, momentum, eps; y (N, C, Lq)
         if cfg.bn == "train":
-            outputs["state.W_bn.running_mean"] = bn_out.running_mean
-            outputs["state.W_bn.running_var"] = bn_out.running_var
+            outputs["state.W_bn.running_mean"] = new_mean
+            outputs["state.W_bn.running_var"] = new_var
 
     # 9. residual
     out = z + x3 if cfg.residual else z  # (N, C, Lq)
@@ -603,23 +601,24 @@ def backward(
 
     # 8. batch norm
     if c.bn is not None:
-        dz, dparams["W_bn.weight"], dparams["W_bn.bias"] = batch_norm_backward(dz, c.bn)
+        dz, dgamma, dbeta = _batch_norm_backward(dz, c.bn)  # (N, C, Lq), (C,), (C,)
+        dparams["W_bn.weight"], dparams["W_bn.bias"] = dgamma, dbeta
 
     # 7. W
-    dy, dw2, db_w = pointwise_conv_backward(dz, c.w)  # (N, Ci, Lq), (C, Ci), (C,)
+    dy, dw2, db_w = _pointwise_conv_backward(dz, c.w)  # (N, Ci, Lq), (C, Ci), (C,)
     del dz
     dparams["W.weight"] = xp.reshape(dw2, (C, ci) + (1,) * len(spatial))
     if db_w is not None:
         dparams["W.bias"] = db_w
 
     # 6. Y = (A Gᵀ)ᵀ
-    dattention, dg_t = matmul_backward(dy.mT, c.attend)  # (N, Lq, Lk), (N, Lk, Ci)
+    dattention, dg_t = _matmul_backward(dy.mT, c.attend)  # (N, Lq, Lk), (N, Lk, Ci)
     dg = dg_t.mT  # (N, Ci, Lk)
     del dy
 
     # 5. normalisation over the keys
     if cfg.mode in SOFTMAX_MODES:
-        df = softmax_backward(dattention, c.softmax)  # (N, Lq, Lk)
+        df = _softmax_backward(dattention, c.softmax)  # (N, Lq, Lk)
     else:
         df = dattention * (1.0 / lk)  # (N, Lq, Lk)
     del dattention
@@ -630,7 +629,7 @@ def backward(
     else:
         if c.scale != 1.0:
             df = df * c.scale  # (N, Lq, Lk)
-        dtheta_t, dphi = matmul_backward(df, c.affinity)  # (N, Lq, Ci), (N, Ci, Lk)
+        dtheta_t, dphi = _matmul_backward(df, c.affinity)  # (N, Lq, Ci), (N, Ci, Lk)
         dtheta = dtheta_t.mT  # (N, Ci, Lq)
     del df
 
@@ -651,7 +650,7 @@ def backward(
     if cfg.sub_sample:
         K = int(dkv.shape[1])
         dkv = xp.reshape(dkv, (N, K) + _pooled(spatial))  # (N, K, *P(S))
-        dkv_full = xp.reshape(max_pool_backward(dkv, c.pool), (N, K, lq))  # (N, K, Lq)
+        dkv_full = xp.reshape(_max_pool_backward(dkv, c.pool), (N, K, lq))  # (N, K, Lq)
         del dkv
     else:
         dkv_full = dkv  # (N, K, Lq)
@@ -711,7 +710,7 @@ def _stacked_conv_forward(
     b = None
     if f"{names[0]}.bias" in params:
         b = xp.concat([params[f"{n}.bias"] for n in names], axis=0)  # (k·Ci,)
-    out, conv = pointwise_conv_forward(x3, w, b)  # (N, k·Ci, L)
+    out, conv = _pointwise_conv(x3, w, b, 1)  # (N, k·Ci, L)
     return out, StackedConvCache(conv, names, shapes)
 
 
@@ -720,7 +719,7 @@ def _stacked_conv_backward(
 ) -> tuple[Array, dict[str, Array]]:
     """VJP of _stacked_conv_forward: dx, and each projection's weight/bias rows."""
     xp = namespace(dout=dout)
-    dx, dw, db = pointwise_conv_backward(dout, cache.conv)  # (N, C, L), (k·Ci, C)
+    dx, dw, db = _pointwise_conv_backward(dout, cache.conv)  # (N, C, L), (k·Ci, C)
     grads: dict[str, Array] = {}
     row = 0
     for name, shape in zip(cache.names, cache.shapes):
@@ -743,11 +742,11 @@ def _concat_forward(
     xp = namespace(theta=theta)
     N, ci, lq = theta.shape
     w_cat = xp.reshape(weight, (1, 2 * ci))  # (1, 2Ci)
-    u_row, theta_side = matmul_forward(w_cat[:, :ci], theta)  # (N, 1, Lq)
-    v, phi_side = matmul_forward(w_cat[:, ci:], phi)  # (N, 1, Lk)
+    u_row, theta_side = _matmul(w_cat[:, :ci], theta)  # (N, 1, Lq)
+    v, phi_side = _matmul(w_cat[:, ci:], phi)  # (N, 1, Lk)
     u = xp.reshape(u_row, (N, lq, 1))  # (N, Lq, 1)
-    pre, pair = add_forward(u, v)  # (N, Lq, Lk)
-    f, relu = relu_forward(pre)  # (N, Lq, Lk)
+    pre, pair = _add(u, v)  # (N, Lq, Lk)
+    f, relu = _relu(pre)  # (N, Lq, Lk)
     return f, ConcatCache(theta_side, phi_side, pair, relu, u, v)
 
 
@@ -757,10 +756,10 @@ def _concat_backward(
     """VJP of _concat_forward: (dΘ, dΦ, d concat_project.weight)."""
     xp = namespace(df=df)
     N, lq = df.shape[0], df.shape[1]
-    dpre = relu_backward(df, cache.relu)  # (N, Lq, Lk)
-    du, dv = add_backward(dpre, cache.pair)  # (N, Lq, 1), (N, 1, Lk)
-    da, dtheta = matmul_backward(xp.reshape(du, (N, 1, lq)), cache.theta_side)
-    db, dphi = matmul_backward(dv, cache.phi_side)  # (1, Ci), (N, Ci, Lk)
+    dpre = _relu_backward(df, cache.relu)  # (N, Lq, Lk)
+    du, dv = _add_backward(dpre, cache.pair)  # (N, Lq, 1), (N, 1, Lk)
+    da, dtheta = _matmul_backward(xp.reshape(du, (N, 1, lq)), cache.theta_side)
+    db, dphi = _matmul_backward(dv, cache.phi_side)  # (1, Ci), (N, Ci, Lk)
     ci = da.shape[1]
     dweight = xp.reshape(xp.concat([da, db], axis=1), (1, 2 * ci, 1, 1))
     return dtheta, dphi, dweight

@@ -414,8 +414,8 @@ def check_arguments(
     `shapes` (`switches` names the config switches that decide them, for the
     message), every array has its shape, all share one dtype with the inputs
     `arrays` (already checked to be float arrays), and every value is finite.
-    Inside the block the ops skip their own finiteness screens, so this is the
-    one place an argument's NaN/Inf is found and named.
+    Inside the block the ops' math steps check nothing, so this is the one
+    place an argument's NaN/Inf is found and named.
     """
     params, state = dict(params), dict(state)
     for key in [k for k in params if is_buffer(k)]:
@@ -512,10 +512,10 @@ def _forward_checked(block: str, f: Callable[..., Any]) -> Callable[..., Any]:
         def arguments() -> list[tuple[str, Array]]:
             return _float_arrays(inputs=inputs, params=params, state=state)
 
-        # the block checks its own arguments; its ops then skip theirs, and an
-        # intermediate NaN/Inf reaches the outputs, checked below
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-                backend.operands_checked():
+        # the block checks its own arguments and calls its ops' math steps,
+        # which check nothing: an intermediate NaN/Inf reaches the outputs,
+        # checked below
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 outputs, cache = f(inputs, params, state, cfg)
             except backend.NonFiniteError as err:
@@ -542,8 +542,7 @@ def _backward_checked(block: str, f: Callable[..., Any]) -> Callable[..., Any]:
 
         for name, a in arguments():
             backend.check_finite(name, a)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
-                backend.operands_checked():
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 dinputs, dparams = f(douts, cache)
             except backend.NonFiniteError as err:

@@ -34,7 +34,6 @@ from refattn.backend import (
     dtype_name,
     namespace,
     prod,
-    screen_finite,
 )
 from refattn.cuda import launch as K
 from refattn.cuda import wants_kernels
@@ -356,8 +355,8 @@ def batch_norm_forward(
     one kernel launch (two passes over each channel, summed in double);
     normalisation, affine map and running averages as array expressions.
     The checks the generic op makes inside its math (one value per channel
-    in train mode; finite x and non-negative running_var in eval mode) are
-    made here too, with the same messages.
+    in train mode; non-negative running_var in eval mode) are made here too,
+    with the same messages; batch_norm_forward checks x itself in eval mode.
 
     Returns ``((y, running_mean', running_var'), cache)``.
     """
@@ -381,8 +380,6 @@ def batch_norm_forward(
             new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
             new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
     else:
-        if not bool(xp.isfinite(xp.sum(x))):  # NaN/Inf screen; the full check counts
-            screen_finite("x", x)
         if not bool(xp.all(running_var >= 0)):
             raise ValueError(
                 "running_var: expected non-negative values, got a minimum of "
@@ -628,7 +625,7 @@ def register() -> None:
 
 def _check_dout(dout: Array, shape: Shape) -> None:
     check_array("dout", dout, shape=shape)
-    screen_finite("dout", dout)
+    check_finite("dout", dout)
 
 
 def _affine(xp: Any, xhat: Array, weight: Array | None, bias: Array | None) -> Array:

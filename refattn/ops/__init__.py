@@ -3,6 +3,12 @@ is directly followed by ``<op>_backward(dout, cache) -> d<input>`` (a tuple
 in input order when there are several).  Caches are NamedTuples holding
 exactly what the backward formula mentions; nothing mutates its arguments.
 
+Each public ``<op>_forward`` / ``<op>_backward`` checks its arguments (types,
+shapes, dtypes, options, finite values) and calls the op's math step,
+``_<op>`` / ``_<op>_backward`` (private to the package, documented "the math,
+arguments already checked").  Blocks call the math steps: a block checks its
+own arguments once (``refattn.blocks.spec``) and its results on the way out.
+
 =================  ==========================================================
 module             ops
 =================  ==========================================================

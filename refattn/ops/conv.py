@@ -25,11 +25,11 @@ from refattn.backend import (
     accumulate,
     as_tuple,
     check_array,
+    check_finite,
     check_same_dtype,
     namespace,
     pad_spatial,
     prod,
-    screen_finite,
     unpad_spatial,
     window,
     zeros_like_shape,
@@ -88,6 +88,7 @@ def conv2d_forward(
     """
     namespace(x=x, weight=weight, bias=bias)  # arrays of one library and device
     checked = _check_conv2d_args(x, weight, bias, stride, padding, dilation, groups)
+    _check_finite_args(x, weight, bias)
     return _conv2d(x, weight, bias, *checked)  # stride, padding, dilation, groups
 
 
@@ -101,6 +102,8 @@ def _conv2d(
     dilation: Pair,
     groups: int,
 ) -> tuple[Array, Conv2dCache]:
+    """The math of conv2d_forward, arguments already checked (stride, padding
+    and dilation as (h, w) pairs)."""
     xp = namespace(x=x)
     N, C, H, W = x.shape
     Cout, _, KH, KW = weight.shape
@@ -148,12 +151,26 @@ def conv2d_backward(
         dweight  (O, C/G, KH, KW)
         dbias    (O,) or None
     """
+    namespace(dout=dout)  # an array of a supported library
+    c = cache
+    N, _, H, W = c.x_shape
+    Cout, _, KH, KW = c.weight.shape
+    ho, wo = _conv2d_out_hw((H, W), (KH, KW), c.stride, c.padding, c.dilation)
+    _check_dout(dout, c.weight, (N, Cout, ho, wo))
+    return _conv2d_backward(dout, cache)
+
+
+@routed_by_cache("conv2d")
+def _conv2d_backward(
+    dout: Array, cache: Conv2dCache
+) -> tuple[Array, Array, Array | None]:
+    """The math of conv2d_backward, arguments already checked."""
     xp = namespace(dout=dout)
     c = cache
     N, C, H, W = c.x_shape
     Cout, _, KH, KW = c.weight.shape
     ho, wo = _conv2d_out_hw((H, W), (KH, KW), c.stride, c.padding, c.dilation)
-    dout3 = _check_dout(xp, dout, c.weight, (N, Cout, ho, wo))  # (N, O, L)
+    dout3 = xp.reshape(dout, (N, Cout, ho * wo))  # (N, O, L)
     w2 = xp.reshape(c.weight, (Cout, c.cols.shape[1] // c.groups))  # (O, C/G*KH*KW)
     dcols, dw2, dbias = _mix_backward(xp, dout3, c.cols, w2, c.groups, c.has_bias)
     padded = (N, C, H + 2 * c.padding[0], W + 2 * c.padding[1])  # (N, C, Hp, Wp)
@@ -208,8 +225,17 @@ def pointwise_conv_forward(
         bias    (O,) or None
         out     (N, O, *S)
     """
-    xp = namespace(x=x, weight=weight, bias=bias)
+    namespace(x=x, weight=weight, bias=bias)  # arrays of one library and device
     groups = _check_pointwise_args(x, weight, bias, groups)
+    _check_finite_args(x, weight, bias)
+    return _pointwise_conv(x, weight, bias, groups)
+
+
+def _pointwise_conv(
+    x: Array, weight: Array, bias: Array | None, groups: int
+) -> tuple[Array, PointwiseConvCache]:
+    """The math of pointwise_conv_forward, arguments already checked."""
+    xp = namespace(x=x)
     N, C = x.shape[0], x.shape[1]
     Cout = weight.shape[0]
     spatial = tuple(x.shape[2:])
@@ -236,12 +262,22 @@ def pointwise_conv_backward(
         dweight  like weight
         dbias    (O,) or None
     """
+    namespace(dout=dout)  # an array of a supported library
+    c = cache
+    want = (c.x_shape[0], c.weight.shape[0]) + tuple(c.x_shape[2:])
+    _check_dout(dout, c.weight, want)
+    return _pointwise_conv_backward(dout, cache)
+
+
+def _pointwise_conv_backward(
+    dout: Array, cache: PointwiseConvCache
+) -> tuple[Array, Array, Array | None]:
+    """The math of pointwise_conv_backward, arguments already checked."""
     xp = namespace(dout=dout)
     c = cache
     N, C = c.x_shape[0], c.x_shape[1]
     Cout = c.weight.shape[0]
-    want = (N, Cout) + tuple(c.x_shape[2:])
-    dout3 = _check_dout(xp, dout, c.weight, want)  # (N, O, L)
+    dout3 = xp.reshape(dout, (N, Cout, prod(tuple(c.x_shape[2:]))))  # (N, O, L)
     w2 = xp.reshape(c.weight, (Cout, C // c.groups))  # (O, C/G)
     dx3, dw2, dbias = _mix_backward(xp, dout3, c.x3, w2, c.groups, c.has_bias)
     dx = xp.reshape(dx3, c.x_shape)  # (N, C, *S)
@@ -413,10 +449,10 @@ def _check_bias(bias: Array | None, weight: Array) -> None:
 
 
 def _check_finite_args(x: Array, weight: Array, bias: Array | None) -> None:
-    screen_finite("x", x)
-    screen_finite("weight", weight)
+    check_finite("x", x)
+    check_finite("weight", weight)
     if bias is not None:
-        screen_finite("bias", bias)
+        check_finite("bias", bias)
 
 
 def _check_conv2d_args(
@@ -451,7 +487,6 @@ def _check_conv2d_args(
             f"weight: expected a kernel of at least 1x1, got shape "
             f"{tuple(weight.shape)}"
         )
-    _check_finite_args(x, weight, bias)
     return (
         (stride_[0], stride_[1]),
         (padding_[0], padding_[1]),
@@ -484,12 +519,11 @@ def _check_pointwise_args(
     check_same_dtype(x=x, weight=weight, bias=bias)
     groups = _check_groups(groups)
     _check_channels(x, weight, groups, layout)
-    _check_finite_args(x, weight, bias)
     return groups
 
 
-def _check_dout(xp: Any, dout: Array, weight: Array, want: Shape) -> Array:
-    """Validate dout against the forward's output shape; view it as (N, O, L)."""
+def _check_dout(dout: Array, weight: Array, want: Shape) -> None:
+    """Validate dout against the forward's output shape and weight's dtype."""
     check_array("dout", dout)
     if tuple(dout.shape) != tuple(want):
         raise ValueError(
@@ -497,6 +531,4 @@ def _check_dout(xp: Any, dout: Array, weight: Array, want: Shape) -> Array:
             f"got {tuple(dout.shape)}"
         )
     check_same_dtype(dout=dout, weight=weight)
-    N, Cout = dout.shape[0], dout.shape[1]
-    return xp.reshape(dout, (N, Cout, prod(tuple(dout.shape[2:]))))  # (N, O, L)
 

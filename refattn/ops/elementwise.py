@@ -12,9 +12,9 @@ from typing import NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
+    check_finite,
     check_same_dtype,
     namespace,
-    screen_finite,
     sum_product_to_shape,
     sum_to_shape,
 )
@@ -77,6 +77,11 @@ def relu_forward(x: Array) -> tuple[Array, ReluCache]:
         x, out  any shape
     """
     _check_input("x", x)
+    return _relu(x)
+
+
+def _relu(x: Array) -> tuple[Array, ReluCache]:
+    """The math of relu_forward, arguments already checked."""
     xp = namespace(x=x)
     out = xp.maximum(x, 0.0)  # like x
     return out, ReluCache(out)
@@ -92,8 +97,13 @@ def relu_backward(dout: Array, cache: ReluCache) -> Array:
     Convention:
         relu'(0) = 0: an input exactly at 0 passes no gradient.
     """
+    _check_dout(dout, cache.out)
+    return _relu_backward(dout, cache)
+
+
+def _relu_backward(dout: Array, cache: ReluCache) -> Array:
+    """The math of relu_backward, arguments already checked."""
     out = cache.out
-    _check_dout(dout, out)
     xp = namespace(dout=dout)
     return dout * xp.astype(out > 0, dout.dtype)  # 1[x > 0] as 0.0 / 1.0
 
@@ -115,6 +125,11 @@ def sigmoid_forward(z: Array) -> tuple[Array, SigmoidCache]:
         z, s  any shape
     """
     _check_input("z", z)
+    return _sigmoid(z)
+
+
+def _sigmoid(z: Array) -> tuple[Array, SigmoidCache]:
+    """The math of sigmoid_forward, arguments already checked."""
     s = sigmoid(z)  # like z
     return s, SigmoidCache(s)
 
@@ -127,8 +142,13 @@ def sigmoid_backward(dout: Array, cache: SigmoidCache) -> Array:
     Shapes:
         dout, dz  like z
     """
+    _check_dout(dout, cache.s)
+    return _sigmoid_backward(dout, cache)
+
+
+def _sigmoid_backward(dout: Array, cache: SigmoidCache) -> Array:
+    """The math of sigmoid_backward, arguments already checked."""
     s = cache.s
-    _check_dout(dout, s)
     return dout * s * (1 - s)
 
 
@@ -166,6 +186,7 @@ def gate_mul_forward(x: Array, z: Array) -> tuple[Array, GateMulCache]:
 
 @overridable("gate_mul")
 def _gate_mul(x: Array, z: Array) -> tuple[Array, GateMulCache]:
+    """The math of gate_mul_forward, arguments already checked."""
     s = sigmoid(z)  # like z
     out = x * s  # like x
     return out, GateMulCache(x, s)
@@ -182,8 +203,14 @@ def gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
         dout, dx  like x; dx is always a fresh array (callers may add into it)
         dz        like z
     """
+    _check_dout(dout, cache.x)
+    return _gate_mul_backward(dout, cache)
+
+
+@routed_by_cache("gate_mul")
+def _gate_mul_backward(dout: Array, cache: GateMulCache) -> tuple[Array, Array]:
+    """The math of gate_mul_backward, arguments already checked."""
     x, s = cache
-    _check_dout(dout, x)
     dx = dout * s  # like x
     ds = sum_product_to_shape(dout, x, tuple(s.shape))  # undo the broadcast: like z
     dz = ds * s * (1 - s)  # like z; σ′ = s(1 − s)
@@ -212,6 +239,11 @@ def mul_forward(a: Array, b: Array) -> tuple[Array, MulCache]:
     _check_input("b", b)
     check_same_dtype(a=a, b=b)
     _broadcast("a", a.shape, "b", b.shape)
+    return _mul(a, b)
+
+
+def _mul(a: Array, b: Array) -> tuple[Array, MulCache]:
+    """The math of mul_forward, arguments already checked."""
     out = a * b  # broadcast(a, b)
     return out, MulCache(a, b)
 
@@ -228,6 +260,12 @@ def mul_backward(dout: Array, cache: MulCache) -> tuple[Array, Array]:
     """
     a, b = cache
     _check_dout_shape(dout, _broadcast("a", a.shape, "b", b.shape), a)
+    return _mul_backward(dout, cache)
+
+
+def _mul_backward(dout: Array, cache: MulCache) -> tuple[Array, Array]:
+    """The math of mul_backward, arguments already checked."""
+    a, b = cache
     da = sum_to_shape(dout * b, tuple(a.shape))  # like a
     db = sum_to_shape(dout * a, tuple(b.shape))  # like b
     return da, db
@@ -255,6 +293,11 @@ def add_forward(a: Array, b: Array) -> tuple[Array, AddCache]:
     _check_input("b", b)
     check_same_dtype(a=a, b=b)
     _broadcast("a", a.shape, "b", b.shape)
+    return _add(a, b)
+
+
+def _add(a: Array, b: Array) -> tuple[Array, AddCache]:
+    """The math of add_forward, arguments already checked."""
     out = a + b  # broadcast(a, b)
     return out, AddCache(tuple(a.shape), tuple(b.shape))
 
@@ -273,6 +316,12 @@ def add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
     """
     a_shape, b_shape = cache
     check_array("dout", dout, shape=_broadcast("a", a_shape, "b", b_shape))
+    return _add_backward(dout, cache)
+
+
+def _add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
+    """The math of add_backward, arguments already checked."""
+    a_shape, b_shape = cache
     da = sum_to_shape(dout, a_shape)  # like a
     db = sum_to_shape(dout, b_shape)  # like b
     return da, db
@@ -284,7 +333,7 @@ def add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
 
 def _check_input(name: str, a: Array) -> None:
     check_array(name, a)
-    screen_finite(name, a)
+    check_finite(name, a)
 
 
 def _check_dout(dout: Array, ref: Array) -> None:

@@ -14,10 +14,10 @@ from typing import NamedTuple
 from refattn._typing import Array, Shape
 from refattn.backend import (
     check_array,
+    check_finite,
     check_same_dtype,
     namespace,
     prod,
-    screen_finite,
     sum_to_shape,
 )
 
@@ -51,7 +51,7 @@ def linear_forward(
         bias    (out,) or None
         out     (..., out)
     """
-    xp = namespace(x=x, weight=weight, bias=bias)
+    namespace(x=x, weight=weight, bias=bias)  # arrays of one library and device
     check_array("x", x)
     check_array("weight", weight, ndim=2)
     if x.ndim < 1:
@@ -72,10 +72,17 @@ def linear_forward(
                 f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}"
             )
     check_same_dtype(x=x, weight=weight, bias=bias)
-    screen_finite("x", x)
-    screen_finite("weight", weight)
+    check_finite("x", x)
+    check_finite("weight", weight)
     if bias is not None:
-        screen_finite("bias", bias)
+        check_finite("bias", bias)
+    return _linear(x, weight, bias)
+
+
+def _linear(x: Array, weight: Array, bias: Array | None) -> tuple[Array, LinearCache]:
+    """The math of linear_forward, arguments already checked."""
+    xp = namespace(x=x)
+    n_out, n_in = weight.shape
     lead = tuple(x.shape[:-1])
     x2 = xp.reshape(x, (prod(lead), n_in))  # (M, in)
     out = xp.matmul(x2, weight.mT)  # (M, out)
@@ -100,8 +107,8 @@ def linear_backward(
         dweight  (out, in)
         dbias    (out,) or None
     """
-    xp = namespace(dout=dout)
-    x2, weight, x_shape, has_bias = cache
+    namespace(dout=dout)  # an array of a supported library
+    weight, x_shape = cache.weight, cache.x_shape
     n_out = weight.shape[0]
     want = tuple(x_shape[:-1]) + (n_out,)
     check_array("dout", dout)
@@ -110,6 +117,16 @@ def linear_backward(
             f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
         )
     check_same_dtype(dout=dout, weight=weight)
+    return _linear_backward(dout, cache)
+
+
+def _linear_backward(
+    dout: Array, cache: LinearCache
+) -> tuple[Array, Array, Array | None]:
+    """The math of linear_backward, arguments already checked."""
+    xp = namespace(dout=dout)
+    x2, weight, x_shape, has_bias = cache
+    n_out = weight.shape[0]
     dout2 = xp.reshape(dout, (x2.shape[0], n_out))  # (M, out)
     dx = xp.reshape(xp.matmul(dout2, weight), x_shape)  # (..., in)
     dweight = xp.matmul(dout2.mT, x2)  # (out, in)
@@ -133,7 +150,7 @@ def matmul_forward(a: Array, b: Array) -> tuple[Array, MatmulCache]:
         b    (*Bb, k, m)     at least 2-D
         out  (*B, n, m)      B = broadcast(Ba, Bb)
     """
-    xp = namespace(a=a, b=b)
+    namespace(a=a, b=b)  # arrays of one library and device
     check_array("a", a)
     check_array("b", b)
     for name, arr in (("a", a), ("b", b)):
@@ -149,8 +166,14 @@ def matmul_forward(a: Array, b: Array) -> tuple[Array, MatmulCache]:
         )
     _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
     check_same_dtype(a=a, b=b)
-    screen_finite("a", a)
-    screen_finite("b", b)
+    check_finite("a", a)
+    check_finite("b", b)
+    return _matmul(a, b)
+
+
+def _matmul(a: Array, b: Array) -> tuple[Array, MatmulCache]:
+    """The math of matmul_forward, arguments already checked."""
+    xp = namespace(a=a)
     out = xp.matmul(a, b)  # (*B, n, m)
     return out, MatmulCache(a, b)
 
@@ -169,7 +192,7 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
         da    like a
         db    like b
     """
-    xp = namespace(dout=dout)
+    namespace(dout=dout)  # an array of a supported library
     a, b = cache
     batch = _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
     want = batch + (a.shape[-2], b.shape[-1])
@@ -179,6 +202,14 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
             f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
         )
     check_same_dtype(dout=dout, a=a)
+    return _matmul_backward(dout, cache)
+
+
+def _matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
+    """The math of matmul_backward, arguments already checked."""
+    xp = namespace(dout=dout)
+    a, b = cache
+    batch = tuple(dout.shape[:-2])
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     da = sum_to_shape(xp.matmul(dout, b.mT), tuple(a.shape))  # like a
     if b.ndim == 2 and tuple(a.shape[:-2]) == batch:

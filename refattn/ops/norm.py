@@ -22,7 +22,6 @@ from refattn.backend import (
     dtype_name,
     namespace,
     prod,
-    screen_finite,
 )
 from refattn.ops.overrides import overridable, routed_by_cache
 
@@ -41,6 +40,9 @@ _NDIM = (2, 3, 4, 5)  # (N, C, *S) with spatial rank 0..3
 
 # ---------------------------------------------------------------------------
 # batch norm
+
+
+NormGrads = tuple[Array, Array | None, Array | None]  # dx, dweight, dbias
 
 
 class BatchNormOut(NamedTuple):
@@ -111,7 +113,7 @@ def batch_norm_forward(
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
         if a is not None:
             check_array(name, a, shape=(C,))
-            screen_finite(name, a)
+            check_finite(name, a)
     check_same_dtype(
         x=x,
         weight=weight,
@@ -120,6 +122,8 @@ def batch_norm_forward(
         running_var=running_var,
     )
     _check_nonempty(x)
+    if not training:  # training finds a NaN/Inf of x through its statistics
+        check_finite("x", x)
     out, cache = _batch_norm(
         x, weight, bias, running_mean, running_var, training, momentum, eps
     )
@@ -131,6 +135,8 @@ def _batch_norm(
     x: Array, weight: Array | None, bias: Array | None, running_mean: Array | None,
     running_var: Array | None, training: bool, momentum: float, eps: float,
 ) -> tuple[tuple[Array, Array | None, Array | None], BatchNormCache]:
+    """The math of batch_norm_forward, arguments already checked (x too in eval
+    mode; in training a NaN/Inf of x shows in the statistics)."""
     xp = namespace(x=x)
     N, C = x.shape[0], x.shape[1]
     L = prod(x.shape[2:])  # positions per sample
@@ -157,7 +163,6 @@ def _batch_norm(
             new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
             new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
     else:
-        screen_finite("x", x)
         if not bool(xp.all(running_var >= 0)):
             raise ValueError(
                 "running_var: expected non-negative values, got a minimum of "
@@ -191,9 +196,14 @@ def batch_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
+    _check_dout(dout, cache.xhat)
+    return _batch_norm_backward(dout, cache)
+
+
+@routed_by_cache("batch_norm")
+def _batch_norm_backward(dout: Array, cache: BatchNormCache) -> NormGrads:
+    """The math of batch_norm_backward, arguments already checked."""
     xhat, inv_std, weight, has_bias, training = cache
-    check_array("dout", dout, shape=tuple(xhat.shape))
-    check_same_dtype(dout=dout, forward=xhat)
     xp = namespace(dout=dout)
     N, C = xhat.shape[0], xhat.shape[1]
     L = prod(xhat.shape[2:])
@@ -263,6 +273,8 @@ def group_norm_forward(
 def _group_norm(
     x: Array, weight: Array | None, bias: Array | None, G: int, eps: float
 ) -> tuple[Array, GroupNormCache]:
+    """The math of group_norm_forward, arguments already checked (a NaN/Inf of
+    x shows in the statistics)."""
     xp = namespace(x=x)
     N = x.shape[0]
     K = prod(x.shape) // (N * G)  # values per (n, group)
@@ -297,9 +309,14 @@ def group_norm_backward(
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
     """
+    _check_dout(dout, cache.xhat)
+    return _group_norm_backward(dout, cache)
+
+
+@routed_by_cache("group_norm")
+def _group_norm_backward(dout: Array, cache: GroupNormCache) -> NormGrads:
+    """The math of group_norm_backward, arguments already checked."""
     xhat, inv_std, weight, has_bias = cache
-    check_array("dout", dout, shape=tuple(xhat.shape))
-    check_same_dtype(dout=dout, forward=xhat)
     xp = namespace(dout=dout)
     N, C = xhat.shape[0], xhat.shape[1]
     G = inv_std.shape[1]
@@ -377,7 +394,7 @@ def _check_affine(weight: Array | None, bias: Array | None, C: int) -> None:
     for name, a in (("weight", weight), ("bias", bias)):
         if a is not None:
             check_array(name, a, shape=(C,))
-            screen_finite(name, a)
+            check_finite(name, a)
 
 
 def _check_real(
@@ -397,6 +414,12 @@ def _check_real(
         hi = f"{high}]" if math.isfinite(high) else "inf)"
         raise ValueError(f"{name}: expected a value in {lo}{low}, {hi}, got {value!r}")
     return v
+
+
+def _check_dout(dout: Array, xhat: Array) -> None:
+    """dout must have the forward output's shape and dtype (that of x̂)."""
+    check_array("dout", dout, shape=tuple(xhat.shape))
+    check_same_dtype(dout=dout, forward=xhat)
 
 
 def _check_nonempty(x: Array) -> None:

@@ -42,6 +42,7 @@ from refattn.backend import (
     add_into,
     as_tuple,
     check_array,
+    check_finite,
     check_into,
     check_same_dtype,
     device,
@@ -49,7 +50,6 @@ from refattn.backend import (
     namespace,
     prod,
     route_along_axis,
-    screen_finite,
     window,
 )
 from refattn.ops.overrides import overridable, routed_by_cache
@@ -114,6 +114,8 @@ def max_pool_forward(
 def _max_pool(
     x: Array, k: tuple[int, ...], s: tuple[int, ...], so: tuple[int, ...]
 ) -> tuple[Array, MaxPoolCache]:
+    """The math of max_pool_forward, arguments already checked (kernel, stride
+    and output sizes as tuples, see _geometry)."""
     xp = namespace(x=x)
     it = _index_dtype(xp, prod(k))
     out, idx = _window_max(xp, x, k, s, so, it)  # (N, C, *So) twice
@@ -134,9 +136,16 @@ def max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
         row-major window order, never split; this matches PyTorch's CPU
         max_pool1d/2d/3d.
     """
+    namespace(dout=dout)  # an array of a supported library
+    _check_dout(dout, tuple(cache.idx.shape))
+    return _max_pool_backward(dout, cache)
+
+
+@routed_by_cache("max_pool")
+def _max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
+    """The math of max_pool_backward, arguments already checked."""
     xp = namespace(dout=dout)
     idx, x_shape, k, s = cache
-    _check_dout(dout, tuple(idx.shape))
     so = tuple(idx.shape[2:])
     dx = _grad_buffer(xp, dout, x_shape, k, s, so)  # (N, C, *S)
     for t, offset in enumerate(product(*(range(kk) for kk in k))):
@@ -167,9 +176,16 @@ def avg_pool_forward(
         x   (N, C, *S)   S = (L,), (H, W) or (T, H, W)
         out (N, C, *So)
     """
-    xp = namespace(x=x)
+    namespace(x=x)  # an array of a supported library
     _check_input(x, "avg_pool", ndims=(3, 4, 5))
-    k, s, so = _geometry(x.shape, kernel_size, stride)
+    return _avg_pool(x, *_geometry(x.shape, kernel_size, stride))
+
+
+def _avg_pool(
+    x: Array, k: tuple[int, ...], s: tuple[int, ...], so: tuple[int, ...]
+) -> tuple[Array, AvgPoolCache]:
+    """The math of avg_pool_forward, arguments already checked (see _max_pool)."""
+    xp = namespace(x=x)
     out = _window_sum(xp, x, k, s, so) / prod(k)  # (N, C, *So)
     return out, AvgPoolCache(tuple(x.shape), k, s)
 
@@ -182,10 +198,17 @@ def avg_pool_backward(dout: Array, cache: AvgPoolCache) -> Array:
     Shapes:
         dout (N, C, *So) -> dx (N, C, *S); dropped tail positions get 0.
     """
+    namespace(dout=dout)  # an array of a supported library
+    x_shape, k, s = cache
+    _check_dout(dout, tuple(x_shape[:2]) + _out_size(x_shape[2:], k, s))
+    return _avg_pool_backward(dout, cache)
+
+
+def _avg_pool_backward(dout: Array, cache: AvgPoolCache) -> Array:
+    """The math of avg_pool_backward, arguments already checked."""
     xp = namespace(dout=dout)
     x_shape, k, s = cache
     so = _out_size(x_shape[2:], k, s)
-    _check_dout(dout, tuple(x_shape[:2]) + so)
     g = dout / prod(k)  # (N, C, *So)
     dx = _grad_buffer(xp, dout, x_shape, k, s, so)  # (N, C, *S)
     for offset in product(*(range(kk) for kk in k)):
@@ -236,6 +259,7 @@ def global_pool_forward(
 
 @overridable("global_pool")
 def _global_pool(x: Array, kind: str, keepdim: bool) -> tuple[Array, GlobalPoolCache]:
+    """The math of global_pool_forward, arguments already checked."""
     xp = namespace(x=x)
     n, c = x.shape[:2]
     xf = xp.reshape(x, (n, c, prod(x.shape[2:])))  # (N, C, L)
@@ -287,10 +311,22 @@ def global_pool_backward(
         minimum-norm subgradient.
     """
     check_into(into, cache.x_shape, dout)
+    namespace(dout=dout)  # an array of a supported library
+    c = cache
+    _check_dout(dout, _keep_shape(c.x_shape) if c.keepdim else tuple(c.x_shape[:2]))
+    if c.kind in ("lp", "lse"):
+        check_same_dtype(dout=dout, x=c.x if c.kind == "lp" else c.e)
+    return _global_pool_backward(dout, cache, into=into)
+
+
+@routed_by_cache("global_pool")
+def _global_pool_backward(
+    dout: Array, cache: GlobalPoolCache, *, into: Array | None = None
+) -> Array:
+    """The math of global_pool_backward, arguments already checked."""
     xp = namespace(dout=dout)
     c = cache
     n, ch = c.x_shape[:2]
-    _check_dout(dout, _keep_shape(c.x_shape) if c.keepdim else (n, ch))
     g = xp.reshape(dout, (n, ch, 1))  # (N, C, 1)
     length = prod(c.x_shape[2:])
     if c.kind == "avg":
@@ -303,13 +339,11 @@ def global_pool_backward(
     if c.kind == "max":
         dx = route_along_axis(g, c.idx[..., None], -1, length)  # (N, C, L)
     elif c.kind == "lp":
-        check_same_dtype(dout=dout, x=c.x)
         positive = c.norm > 0
         safe = xp.where(positive, c.norm, 1.0)  # (N, C)
         scale = xp.where(positive, g[..., 0] / safe, 0.0)  # (N, C): 0 at ||x|| = 0
         dx = c.x * scale[..., None]  # (N, C, L)
     else:
-        check_same_dtype(dout=dout, x=c.e)
         dx = c.e * (g / c.sum_e[..., None])  # (N, C, L) = g · softmax
     return add_into(into, xp.reshape(dx, c.x_shape))  # (N, C, *S)
 
@@ -343,6 +377,7 @@ def channel_pool_forward(
 
 @overridable("channel_pool")
 def _channel_pool(x: Array, kind: str) -> tuple[Array, ChannelPoolCache]:
+    """The math of channel_pool_forward, arguments already checked."""
     xp = namespace(x=x)
     if kind == "mean":
         out = xp.mean(x, axis=1, keepdims=True)  # (N, 1, *S)
@@ -374,10 +409,20 @@ def channel_pool_backward(
         torch.max(x, dim=1) does.
     """
     check_into(into, cache.x_shape, dout)
+    namespace(dout=dout)  # an array of a supported library
+    x_shape = cache.x_shape
+    _check_dout(dout, (x_shape[0], 1) + tuple(x_shape[2:]))
+    return _channel_pool_backward(dout, cache, into=into)
+
+
+@routed_by_cache("channel_pool")
+def _channel_pool_backward(
+    dout: Array, cache: ChannelPoolCache, *, into: Array | None = None
+) -> Array:
+    """The math of channel_pool_backward, arguments already checked."""
     xp = namespace(dout=dout)
     kind, x_shape, idx = cache
-    n, c = x_shape[:2]
-    _check_dout(dout, (n, 1) + tuple(x_shape[2:]))
+    c = x_shape[1]
     if kind == "mean":
         return add_into(into, xp.broadcast_to(dout / c, x_shape))  # (N, C, *S)
     if into is not None:
@@ -395,8 +440,7 @@ def _keep_shape(x_shape: Shape) -> Shape:
 
 
 def _check_input(x: Any, op: str, *, ndims: tuple[int, ...] | None) -> None:
-    """x: a float32/float64 array (N, C, *S) with non-empty C and S, finite
-    (screened unless a block already checked, see backend.operands_checked)."""
+    """x: a float32/float64 array (N, C, *S) with non-empty C and S, finite."""
     check_array("x", x)
     if ndims is not None and x.ndim not in ndims:
         raise ValueError(
@@ -413,12 +457,12 @@ def _check_input(x: Any, op: str, *, ndims: tuple[int, ...] | None) -> None:
             f"x: {op} expected non-empty channel and spatial dims, "
             f"got shape {tuple(x.shape)}"
         )
-    screen_finite("x", x)
+    check_finite("x", x)
 
 
 def _check_dout(dout: Any, shape: Shape) -> None:
     check_array("dout", dout, shape=shape)
-    screen_finite("dout", dout)
+    check_finite("dout", dout)
 
 
 def _check_kind(kind: Any, allowed: tuple[str, ...]) -> None:

@@ -8,9 +8,9 @@ from typing import NamedTuple
 from refattn._typing import Array
 from refattn.backend import (
     check_array,
+    check_finite,
     check_same_dtype,
     namespace,
-    screen_finite,
     sum_product_to_shape,
 )
 from refattn.ops.overrides import overridable, routed_by_cache
@@ -34,12 +34,13 @@ def softmax_forward(x: Array, *, axis: int = -1) -> tuple[Array, SoftmaxCache]:
     """
     check_array("x", x)
     axis = _normalise_axis(axis, x.ndim)
-    screen_finite("x", x)
+    check_finite("x", x)
     return _softmax(x, axis)
 
 
 @overridable("softmax")
 def _softmax(x: Array, axis: int) -> tuple[Array, SoftmaxCache]:
+    """The math of softmax_forward, arguments already checked (0 <= axis < x.ndim)."""
     xp = namespace(x=x)
     y = xp.exp(x - xp.max(x, axis=axis, keepdims=True))  # like x
     y /= xp.sum(y, axis=axis, keepdims=True)  # in place on the fresh exp
@@ -57,9 +58,16 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
     Shapes:
         dout, dx  like x
     """
-    y, axis = cache
+    y = cache.y
     check_array("dout", dout, shape=tuple(y.shape))
     check_same_dtype(dout=dout, forward=y)
+    return _softmax_backward(dout, cache)
+
+
+@routed_by_cache("softmax")
+def _softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
+    """The math of softmax_backward, arguments already checked."""
+    y, axis = cache
     kept = tuple(1 if i == axis else n for i, n in enumerate(y.shape))
     dot = sum_product_to_shape(dout, y, kept)  # Σ_axis dout ⊙ y: x's shape, 1 at axis
     dx = dout - dot  # like x

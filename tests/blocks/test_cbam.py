@@ -464,7 +464,7 @@ def test_gradcheck_catches_a_dropped_descriptor_branch(monkeypatch) -> None:
     spec = SPECS["cbam_channel"]
     cfg = spec.config("seed", reduction=4)
     inputs, params, state = draw_clear(spec, cfg, {"x": (2, 8, 3, 4)})
-    real = cbam.linear_backward
+    real = cbam._linear_backward
 
     def one_branch(dout, c):
         dx, dw, db = real(dout[:1], c._replace(x2=c.x2[: c.x2.shape[0] // 2],
@@ -472,7 +472,7 @@ def test_gradcheck_catches_a_dropped_descriptor_branch(monkeypatch) -> None:
         full_dx, _, _ = real(dout, c)
         return full_dx, dw, db
 
-    monkeypatch.setattr(cbam, "linear_backward", one_branch)
+    monkeypatch.setattr(cbam, "_linear_backward", one_branch)
     report = gradcheck_block(spec, cfg, inputs, params, state, mode="fast")
     assert not report.ok
     assert set(report.failed) <= {f"param.{k}" for k in params}

@@ -1,7 +1,8 @@
 """The block contract's finiteness checks, for every block and preset.
 
-Inside a block the ops skip their own NaN/Inf screens (the block checked its
-arguments once, ``backend.operands_checked``), so each block must check every
+Inside a block the ops' math steps check nothing (the block checked its
+arguments once and calls the unchecked steps, not the ops' public functions),
+so each block must check every
 argument itself: a single NaN in any one input, parameter, buffer or
 cotangent is reported under that argument's name and counted as one, never
 as a NaN of some intermediate that it spread into.

@@ -371,7 +371,7 @@ def test_a_planted_backward_bug_fails_the_check(monkeypatch) -> None:
     """Dropping the softmax's Jacobian (df = dA) must be caught."""
     cfg = cfg_of()
     inputs, params, state = draw_clear(cfg, {"x": (2, 4, 3, 5)})
-    monkeypatch.setattr(non_local, "softmax_backward", lambda d, cache: d)
+    monkeypatch.setattr(non_local, "_softmax_backward", lambda d, cache: d)
     report = gradcheck_block(SPEC, cfg, inputs, params, state, mode="fast")
     assert not report.ok
     assert "param.theta.weight" in report.failed
