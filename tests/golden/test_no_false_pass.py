@@ -324,3 +324,19 @@ def test_torch_outputs_that_are_not_real_floats_are_refused(tmp_path, monkeypatc
     assert result.exit_code == 2, result.output
     (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert f"output.out: the module's output has dtype torch.{dtype}" in line
+
+
+def test_golden_refuses_a_case_whose_tolerance_would_be_vacuous(monkeypatch,
+                                                                tmp_path) -> None:
+    """The generator's last guard: a tolerance rule that would let a zeroed
+    tensor pass (here an absolute band five times each tensor's scale) makes
+    `refattn golden` refuse the case with one line, and write nothing."""
+    import refattn.golden.generate as generate
+
+    monkeypatch.setattr(generate, "tolerance_for", lambda dtype, k: (1e-12, 5.0))
+    result = run("golden", "--block", "gap", "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "refusing a case whose tolerance cannot reject a wrong result" in line
+    assert "zeroed" in line
+    assert not list(tmp_path.rglob("manifest.json"))
