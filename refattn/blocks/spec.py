@@ -70,6 +70,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -169,8 +170,6 @@ class BlockSpec:
         """A spec whose contract functions (``CONTRACT``) are the functions of
         those names in the block module `module` (``__name__``), unless given
         in `fields`; the other fields come from `fields`."""
-        import sys
-
         namespace = vars(sys.modules[module])
         return cls(**{name: namespace[name] for name in CONTRACT if name not in fields},
                    **fields)

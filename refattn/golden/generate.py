@@ -51,7 +51,7 @@ from refattn.blocks.spec import (
     config_to_dict,
     to_namespace,
 )
-from refattn.golden.strength import MAX_RTOL, case_weaknesses
+from refattn.golden.strength import MAX_RTOL, tolerance_weaknesses
 from refattn.golden.tolerance import tolerance_for
 
 __all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "all_requests",
@@ -315,11 +315,9 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
             "reference_dtype": "float64",
         },
     }
-    weak = case_weaknesses(
-        {"dtype": req.dtype,
-         "tensors": {k: {"rtol": r, "atol": a, "check": checks.get(k, ("full",))[0]}
-                     for k, (r, a) in tolerances.items()}},
-        tensors, [k for k in tensors if _family(k)])
+    weak = [w for key, value in tensors.items() if _family(key)
+            for w in tolerance_weaknesses(key, value, *tolerances[key], req.dtype,
+                                          checks.get(key, ("full",))[0])]
     if weak:
         raise ValueError(
             f"{req.block}/{manifest['case_id']}: refusing a case whose tolerance cannot "

@@ -11,7 +11,11 @@ its boundary, and its body holds only the math:
         ...
 
     @routed_by_cache("softmax")
-    def softmax_backward(dout, cache):      # routed by the cache's type
+    def softmax_backward(dout, cache):      # checks, then the math step
+        ...
+
+    @routed_by_cache("softmax")
+    def _softmax_backward(dout, cache):     # the math, arguments checked
         ...
 
 ``OVERRIDES`` maps a step's name to its ``Override``.  The forward takes the
@@ -20,7 +24,10 @@ module name, so NumPy and array_api_strict pay nothing more) and
 ``applies(*args)`` agrees; the override's forward takes the step's
 arguments and returns the step's outputs with a cache of its own type,
 ``cache``.  The backward takes the override exactly when it gets a cache of
-that type.
+that type.  Both the public backward and its math step are routed: the
+public one's checks read the generic cache's fields, so a kernel cache goes
+to the kernel's backward (which checks its own dout) before them, and a
+block, which calls the step directly, reaches the kernel the same way.
 
 The table is filled lazily: the first CuPy array that reaches an override
 point calls the loaders of ``LOADERS`` (``"module:function"``), once.  This
