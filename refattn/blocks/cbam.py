@@ -52,36 +52,18 @@ Three registry entries share ``CBAMConfig`` and the presets:
   ``reduction``, ``pool_types``, ``mlp_bias`` and ``spatial`` are inert.
 
 Inert keys are still validated and still written into golden manifests.
+The checked entry points, parameter shapes and draws are in
+``refattn/blocks/specs/cbam.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
-from refattn._typing import Array, Params, Shape
-from refattn.backend import (
-    check_array,
-    check_finite,
-    check_same_dtype,
-    host_rng,
-    namespace,
-    zeros_like_shape,
-)
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_bn_state,
-    draw_norm_affine,
-    draw_weight,
-    max_gap,
-    relu_margin,
-)
+from refattn._typing import Array, Params
+from refattn.backend import namespace
 from refattn.ops.conv import Conv2dCache, _conv2d, _conv2d_backward
 from refattn.ops.elementwise import (
     GateMulCache,
@@ -101,19 +83,20 @@ from refattn.ops.pool import (
     _global_pool,
     _global_pool_backward,
 )
-from refattn.params import is_buffer, sub_params, with_prefix
+from refattn.params import sub_params, with_prefix
 
 __all__ = [
     "PRESETS",
-    "SPECS",
     "CBAMCache",
     "CBAMConfig",
     "ChannelGateCache",
     "SpatialGateCache",
+    "backward",
     "cbam_backward",
     "cbam_forward",
     "channel_gate_backward",
     "channel_gate_forward",
+    "forward",
     "spatial_gate_backward",
     "spatial_gate_forward",
 ]
@@ -138,98 +121,22 @@ BLOCK_NAMES: dict[str, str] = {
 class CBAMConfig:
     """Every semantic switch of CBAM (reference/blocks.md sections 4.3, 9.2).
 
-    The defaults are the ``jongchan`` preset.  ``pool_types`` may be given as
-    a list; it is stored as a tuple.  Rules that need the input (Cr = C // r
-    must be at least 1) are checked by ``param_shapes`` and the forward.
+    The defaults are the ``jongchan`` preset.  The rules each key obeys
+    (``refattn/blocks/specs/cbam.py``) are checked where a config enters a
+    public entry point; ``pool_types`` may be given as a list there.
     """
 
-    reduction: int = 16
-    pool_types: tuple[PoolType, ...] = ("avg", "max")
-    mlp_bias: bool = True
-    spatial: bool = True
-    spatial_kernel: int = 7
+    reduction: int = 16  # r: the MLP's hidden width is Cr = C // r
+    pool_types: tuple[PoolType, ...] = ("avg", "max")  # the descriptors t
+    mlp_bias: bool = True  # b_0, b_1
+    spatial: bool = True  # False: the channel gate alone, out = F'
+    spatial_kernel: int = 7  # k (odd)
     channel_pool_order: Literal["max_mean", "mean_max"] = "max_mean"
-    spatial_bias: bool = False
-    spatial_bn: Literal["train", "eval"] | None = "train"
+    spatial_bias: bool = False  # a bias on f^{k×k}
+    spatial_bn: Literal["train", "eval"] | None = "train"  # BN of the logit map
     bn_eps: float = 1e-5
     bn_momentum: float = 0.01
-    spatial_relu: bool = False
-
-    def __post_init__(self) -> None:
-        _check_int("reduction", self.reduction, minimum=1)
-        pools = self.pool_types
-        if isinstance(pools, str) or not isinstance(pools, (tuple, list)):
-            raise ValueError(
-                "pool_types: expected an ordered sequence of 'avg', 'max', 'lp', "
-                f"'lse', got {pools!r}"
-            )
-        pools = tuple(pools)
-        if not pools:
-            raise ValueError(
-                "pool_types: expected at least one of 'avg', 'max', 'lp', 'lse', "
-                "got an empty sequence"
-            )
-        unknown = [p for p in pools if not isinstance(p, str) or p not in POOL_TYPES]
-        if unknown:
-            raise ValueError(
-                f"pool_types: unknown pool type(s) {', '.join(map(repr, unknown))} "
-                f"(allowed: 'avg', 'max', 'lp', 'lse'), got {pools!r}"
-            )
-        if len(set(pools)) != len(pools):
-            raise ValueError(
-                f"pool_types: each pool type may appear once, got {pools!r}"
-            )
-        object.__setattr__(self, "pool_types", pools)
-        for name in ("mlp_bias", "spatial", "spatial_bias", "spatial_relu"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}: expected True or False, got {value!r}")
-        _check_int("spatial_kernel", self.spatial_kernel, minimum=1)
-        if self.spatial_kernel % 2 == 0:
-            raise ValueError(
-                f"spatial_kernel ({self.spatial_kernel}) must be odd, so that the "
-                "padding (k - 1) // 2 keeps the H x W size (the anchors use 3 or 7)"
-            )
-        if self.channel_pool_order not in CHANNEL_POOL_ORDERS:
-            raise ValueError(
-                "channel_pool_order: expected 'max_mean' (Jongchan) or 'mean_max' "
-                f"(luuuyi, seed), got {self.channel_pool_order!r}"
-            )
-        if self.spatial_bn not in BN_MODES:
-            raise ValueError(
-                "spatial_bn: expected None, 'train' or 'eval', "
-                f"got {self.spatial_bn!r}"
-            )
-        eps = _check_real("bn_eps", self.bn_eps)
-        if not eps > 0:
-            raise ValueError(f"bn_eps: expected a positive number, got {eps!r}")
-        momentum = _check_real("bn_momentum", self.bn_momentum)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"bn_momentum: expected a number in [0, 1], got {momentum!r}"
-            )
-
-    def resolved(self, input_shapes: Mapping[str, Shape]) -> CBAMConfig:
-        """CBAM has no input-derived keys: the config itself.  (Whether
-        C // reduction >= 1 depends on the registry entry, since the spatial
-        gate alone has no MLP: ``param_shapes`` checks it.)"""
-        _x_shape(input_shapes)
-        return self
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}: expected a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
+    spatial_relu: bool = False  # act = ReLU (no anchor has it)
 
 
 PRESETS: dict[str, CBAMConfig] = {
@@ -283,154 +190,6 @@ PRESETS: dict[str, CBAMConfig] = {
 
 
 # ---------------------------------------------------------------------------
-# parameters
-
-
-def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
-    if set(input_shapes) != {"x"}:
-        raise ValueError(
-            f"inputs: CBAM takes one input 'x', got {sorted(input_shapes)}"
-        )
-    shape = tuple(int(s) for s in input_shapes["x"])
-    if len(shape) != 4 or any(s < 1 for s in shape):
-        raise ValueError(
-            f"x: expected a non-empty 4-D shape (N, C, H, W), got {shape}"
-        )
-    return shape
-
-
-def _hidden_width(cfg: CBAMConfig, x_shape: Shape) -> int:
-    """Cr = C // r, which must be at least 1 (the anchors do not check)."""
-    C = x_shape[1]
-    if C // cfg.reduction < 1:
-        raise ValueError(
-            f"reduction ({cfg.reduction}) must not exceed the channels C ({C}): "
-            f"the MLP's hidden width C // reduction would be {C // cfg.reduction}"
-        )
-    return C // cfg.reduction
-
-
-def _uses_channel(part: Part) -> bool:
-    return part in ("cbam", "channel")
-
-
-def _uses_spatial(cfg: CBAMConfig, part: Part) -> bool:
-    return part == "spatial" or (part == "cbam" and cfg.spatial)
-
-
-def param_shapes(
-    cfg: CBAMConfig, input_shapes: Mapping[str, Shape], *, part: Part = "cbam"
-) -> dict[str, Shape]:
-    """Every parameter and buffer key of the block with its shape.
-
-    Shapes:
-        mlp.fc1.weight (Cr, C), mlp.fc1.bias (Cr,)      with mlp_bias
-        mlp.fc2.weight (C, Cr), mlp.fc2.bias (C,)       with mlp_bias
-        spatial.conv.weight (1, 2, k, k), spatial.conv.bias (1,) with spatial_bias
-        spatial.bn.{weight, bias, running_mean, running_var} (1,) with spatial_bn
-    """
-    x_shape = _x_shape(input_shapes)
-    C = x_shape[1]
-    shapes: dict[str, Shape] = {}
-    if _uses_channel(part):
-        Cr = _hidden_width(cfg, x_shape)
-        shapes["mlp.fc1.weight"] = (Cr, C)
-        if cfg.mlp_bias:
-            shapes["mlp.fc1.bias"] = (Cr,)
-        shapes["mlp.fc2.weight"] = (C, Cr)
-        if cfg.mlp_bias:
-            shapes["mlp.fc2.bias"] = (C,)
-    if _uses_spatial(cfg, part):
-        k = cfg.spatial_kernel
-        shapes["spatial.conv.weight"] = (1, 2, k, k)
-        if cfg.spatial_bias:
-            shapes["spatial.conv.bias"] = (1,)
-        if cfg.spatial_bn is not None:
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"spatial.bn.{name}"] = (1,)
-    return shapes
-
-
-def _anchor_of(cfg: CBAMConfig) -> str:
-    """The anchor whose structure the config has (for anchor_init)."""
-    if cfg.channel_pool_order == "max_mean":
-        return "jongchan"
-    return "seed" if cfg.mlp_bias else "luuuyi"
-
-
-def init_params(
-    cfg: CBAMConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-    part: Part = "cbam",
-) -> tuple[Params, Params]:
-    """Host float64 (params, state).
-
-    Default: random and non-degenerate (weights N(0, 1/fan_in), biases
-    N(0, 0.1²), BN gamma in [0.5, 1.5], running statistics away from (0, 1)).
-
-    ``anchor_init=True``: the distributions of the anchor the config's
-    structure identifies (``max_mean`` -> Jongchan, ``mean_max`` with MLP bias
-    -> seed, without -> luuuyi), drawn with refattn's RNG:
-    Jongchan: Linear weights U(±1/sqrt(fan_in)) (PyTorch default), every bias
-    0, the spatial conv Kaiming-normal fan_out, spatial BN gamma 0 and beta 0,
-    running statistics (0, 1).  luuuyi: every conv (the 1x1 MLP convs too)
-    N(0, 2/(k·k·out_channels)).  seed: PyTorch defaults, weights and biases
-    U(±1/sqrt(fan_in)).
-    """
-    shapes = param_shapes(cfg, input_shapes, part=part)
-    rng = host_rng(seed)
-    values: Params = {}
-    anchor = _anchor_of(cfg)
-    for key, shape in shapes.items():
-        if key.endswith("running_mean") or key.endswith("running_var"):
-            continue
-        if key == "spatial.bn.weight":
-            mean, var = draw_bn_state(rng, 1)
-            gamma, beta = draw_norm_affine(rng, 1)
-            if anchor_init:
-                zero = zeros_like_shape(gamma, (1,))
-                gamma, beta, mean, var = zero, zero + 0.0, zero + 0.0, zero + 1.0
-            values["spatial.bn.weight"], values["spatial.bn.bias"] = gamma, beta
-            values["spatial.bn.running_mean"] = mean
-            values["spatial.bn.running_var"] = var
-        elif key == "spatial.bn.bias":
-            continue
-        elif not anchor_init:
-            draw = draw_weight if key.endswith("weight") else draw_bias
-            values[key] = draw(rng, shape)
-        else:
-            values[key] = _anchor_draw(rng, anchor, key, shape, shapes)
-    params = {k: values[k] for k in shapes if not is_buffer(k)}
-    state = {k: values[k] for k in shapes if is_buffer(k)}
-    return params, state
-
-
-def _anchor_draw(
-    rng: Any, anchor: str, key: str, shape: Shape,
-    shapes: Mapping[str, Shape],
-) -> Array:
-    """One host tensor drawn like the anchor's own initialisation (`rng` a
-    numpy Generator)."""
-    weight_shape = shapes[key.rsplit(".", 1)[0] + ".weight"]
-    fan_in = math.prod(weight_shape[1:])
-    fan_out = weight_shape[0] * math.prod(weight_shape[2:])
-    bound = 1.0 / math.sqrt(fan_in)
-    if key.endswith("bias"):
-        if anchor == "jongchan":
-            host = rng.standard_normal(0)  # an empty host float64 array as template
-            return zeros_like_shape(host, shape)  # Jongchan zeroes every bias
-        return rng.uniform(-bound, bound, shape)
-    if key == "spatial.conv.weight" and anchor != "seed":
-        return rng.standard_normal(shape) * math.sqrt(2.0 / fan_out)
-    if anchor == "luuuyi":  # the MLP's 1x1 convs: N(0, 2 / out_channels)
-        return rng.standard_normal(shape) * math.sqrt(2.0 / fan_out)
-    return rng.uniform(-bound, bound, shape)
-
-
-# ---------------------------------------------------------------------------
 # channel gate
 
 
@@ -466,7 +225,6 @@ def channel_gate_forward(
     mlp = sub_params(params, "mlp")
     # 1. squeeze: one descriptor per pool type, stacked so that the shared MLP
     #    runs on all of them as the rows of one product
-    # (x was checked once by `forward`: the ops' math steps check nothing)
     pooled = [_global_pool(x, t, False) for t in cfg.pool_types]
     d = xp.stack([p[0] for p in pooled], axis=0)  # (T, N, C)
     # 2. shared MLP, applied to every descriptor separately
@@ -654,8 +412,7 @@ def cbam_forward(
         x, out (N, C, H, W); aux.channel_gate (N, C); aux.spatial_gate
         (N, 1, H, W); aux.spatial_descriptor (N, 2, H, W)
     Returns:
-        ({"out", "aux.*", "state.*" (BN train)}, cache); inputs are not
-        validated here (``forward`` does that).
+        ({"out", "aux.*", "state.*" (BN train)}, cache)
     """
     # 1. channel gate
     x1, a, channel = channel_gate_forward(x, params, cfg)  # (N, C, H, W), (N, C)
@@ -689,7 +446,7 @@ def cbam_backward(dout: Array, cache: CBAMCache) -> tuple[Array, Params]:
 
 
 # ---------------------------------------------------------------------------
-# the generic block contract (refattn/blocks/spec.py), for the three entries
+# the block contract's forward and backward, for the three entries
 
 
 class _GateCache(NamedTuple):
@@ -701,18 +458,14 @@ def forward(
     inputs: Mapping[str, Array], params: Mapping[str, Array],
     state: Mapping[str, Array], cfg: CBAMConfig, *, part: Part = "cbam",
 ) -> tuple[dict[str, Array], CBAMCache | _GateCache]:
-    """Validate, then run ``cbam_forward`` (part "cbam"), the channel gate
-    alone ("channel") or the spatial gate alone ("spatial").
+    """``cbam_forward`` (part "cbam"), the channel gate alone ("channel") or
+    the spatial gate alone ("spatial"), on checked arguments.
 
     Outputs: "out"; "aux.channel_gate" (N, C); "aux.spatial_gate"
     (N, 1, H, W); "aux.spatial_descriptor" (N, 2, H, W); in BN train mode
     "state.spatial.bn.running_mean" and "state.spatial.bn.running_var".
     """
-    if not isinstance(cfg, CBAMConfig):
-        raise TypeError(f"cfg: expected a CBAMConfig, got {type(cfg).__name__}")
-    x = _check_inputs(inputs)
-    _check_params(x, dict(params), dict(state), cfg, part)
-    params, state = dict(params), dict(state)
+    x = inputs["x"]
     if part == "cbam":
         return cbam_forward(x, params, state, cfg)
     if part == "channel":
@@ -728,14 +481,7 @@ def backward(
     douts: Mapping[str, Array], cache: CBAMCache | _GateCache
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     """({"x": dx}, dparams) from {"out": dout}; dparams has the trainable keys."""
-    if set(douts) != {"out"}:
-        raise ValueError(
-            f"douts: expected exactly the key 'out', got {sorted(douts)}"
-        )
     dout = douts["out"]
-    x = cache.channel.gate.x if isinstance(cache, CBAMCache) else cache.gate.gate.x
-    check_array("douts['out']", dout, shape=tuple(x.shape))
-    check_same_dtype(dout=dout, x=x)  # finite: checked by the block contract
     if isinstance(cache, CBAMCache):
         dx, dparams = cbam_backward(dout, cache)
     elif cache.part == "channel":
@@ -743,270 +489,3 @@ def backward(
     else:
         dx, dparams = spatial_gate_backward(dout, cache.gate)
     return {"x": dx}, dparams
-
-
-def _check_inputs(inputs: Mapping[str, Array]) -> Array:
-    if set(inputs) != {"x"}:
-        raise ValueError(f"inputs: expected exactly the key 'x', got {sorted(inputs)}")
-    x = inputs["x"]
-    check_array("inputs['x']", x, ndim=4)
-    if any(int(s) == 0 for s in x.shape):
-        raise ValueError(
-            f"inputs['x']: expected a non-empty (N, C, H, W) array, got shape "
-            f"{tuple(x.shape)}"
-        )
-    check_finite("inputs['x']", x)
-    return x
-
-
-def _flag_of(key: str, cfg: CBAMConfig, part: Part) -> str:
-    """The config key that decides whether parameter `key` exists."""
-    if key.startswith("spatial.") and part == "cbam" and not cfg.spatial:
-        return "spatial=False"
-    if key.startswith("mlp.") and key.endswith(".bias"):
-        return f"mlp_bias={cfg.mlp_bias}"
-    if key == "spatial.conv.bias":
-        return f"spatial_bias={cfg.spatial_bias}"
-    if key.startswith("spatial.bn."):
-        return f"spatial_bn={cfg.spatial_bn!r}"
-    if key.startswith("spatial.") and part == "channel":
-        return "cbam_channel has no spatial gate"
-    if key.startswith("mlp.") and part == "spatial":
-        return "cbam_spatial has no channel gate"
-    return ""
-
-
-def _check_keys(what: str, given: Mapping[str, Array], want: Mapping[str, Shape],
-                cfg: CBAMConfig, part: Part) -> None:
-    missing = [k for k in want if k not in given]
-    extra = [k for k in given if k not in want]
-    if not missing and not extra:
-        return
-    lines = []
-    if missing:
-        why = sorted({_flag_of(k, cfg, part) for k in missing} - {""})
-        lines.append(
-            f"missing key(s) {', '.join(map(repr, missing))}"
-            + (f" (required with {', '.join(why)})" if why else "")
-        )
-    if extra:
-        why = sorted({_flag_of(k, cfg, part) for k in extra} - {""})
-        lines.append(
-            f"unexpected key(s) {', '.join(map(repr, extra))}"
-            + (f" (absent with {', '.join(why)})" if why else "")
-        )
-    raise ValueError(
-        f"{what}: {'; '.join(lines)}: the presence flags of the {BLOCK_NAMES[part]} "
-        f"config must agree with the keys given (expected {sorted(want)})"
-    )
-
-
-def _check_params(x: Array, params: Params, state: Params, cfg: CBAMConfig,
-                  part: Part) -> None:
-    shapes = param_shapes(cfg, {"x": tuple(x.shape)}, part=part)
-    trainable = {k: s for k, s in shapes.items() if not is_buffer(k)}
-    buffers = {k: s for k, s in shapes.items() if is_buffer(k)}
-    _check_keys("params", params, trainable, cfg, part)
-    _check_keys("state", state, buffers, cfg, part)
-    for where, d in (("params", params), ("state", state)):
-        for k, v in d.items():
-            check_array(f"{where}[{k!r}]", v, shape=shapes[k])
-            check_finite(f"{where}[{k!r}]", v)
-    check_same_dtype(x=x, **params, **state)
-    namespace(x=x, **params, **state)
-
-
-# ---------------------------------------------------------------------------
-# margins, accumulation lengths, anchors, BN mode, fixture shapes
-
-
-def kink_margin(cache: CBAMCache | _GateCache) -> float:
-    """The smallest relative distance of this forward from a kink or a tie:
-    MLP hidden ReLU inputs from 0, the max descriptor's top two positions per
-    channel, the channel max's top two channels per position, and the
-    spatial ReLU input (spatial_relu) from 0.
-
-    A pool type whose MLP branch has every hidden ReLU off (for every sample)
-    also counts as 0: such a draw is degenerate (that branch reaches the
-    logits through b2 alone, so its weight gradients are zero and a fixture
-    could not tell a shared MLP from per-branch MLPs), and is redrawn like a
-    tie.  Max descriptors are nearly constant vectors, so with a small Cr this
-    happens to a sizeable fraction of random draws.
-    """
-    if isinstance(cache, CBAMCache):
-        channel, spatial = cache.channel, cache.spatial
-    else:
-        channel = cache.gate if cache.part == "channel" else None
-        spatial = cache.gate if cache.part == "spatial" else None
-    margins = [math.inf]
-    if channel is not None:
-        hidden = channel.hidden  # (T, N, Cr)
-        xp = namespace(hidden=hidden)
-        live = xp.any(hidden > 0, axis=(1, 2))  # (T,)
-        if not bool(xp.all(live)):
-            return 0.0
-        margins.append(relu_margin(hidden))
-        if any(p.kind == "max" for p in channel.pools):
-            x = channel.gate.x
-            flat = xp.reshape(x, (x.shape[0], x.shape[1], -1))  # (N, C, L)
-            margins.append(max_gap(flat, axis=2))
-    if spatial is not None:
-        margins.append(max_gap(spatial.gate.x, axis=1))
-        if spatial.pre_relu is not None:
-            margins.append(relu_margin(spatial.pre_relu))
-    return float(min(margins))
-
-
-def accumulation(
-    cfg: CBAMConfig, input_shapes: Mapping[str, Shape], *, part: Part = "cbam"
-) -> dict[str, int]:
-    """Longest chain of summed terms behind each tensor family.
-
-    Forward: pooling over L = H·W, fc1 over C, fc2 over Cr, the T logits;
-    then the channel mean over C, the conv over 2·k·k and train-mode BN over
-    N·L.  The backward adds the transposed sums (over C for the spatial gate,
-    N·L for BN, k·k for the conv, L for the channel gate, C and Cr for the
-    MLP); parameter gradients add their sum over the batch (N·L for the conv
-    and BN, T·N for the MLP).
-    """
-    N, C, H, W = _x_shape(input_shapes)
-    L = H * W
-    k2 = cfg.spatial_kernel ** 2
-    T = len(cfg.pool_types)
-    bn_sum = N * L if cfg.spatial_bn == "train" else 1
-    fwd = bwd = param = 0
-    if _uses_channel(part):
-        Cr = _hidden_width(cfg, (N, C, H, W))
-        fwd += L + C + Cr + T
-        bwd += L + C + Cr + T
-        param = max(param, T * N)
-    if _uses_spatial(cfg, part):
-        fwd += C + 2 * k2 + bn_sum
-        bwd += C + k2 + bn_sum
-        param = max(param, N * L)
-    return {
-        "out": fwd,
-        "aux": fwd,
-        "state": fwd,
-        "grad.input": fwd + bwd,
-        "grad.param": fwd + bwd + param,
-    }
-
-
-def anchor_names(
-    preset: str | None, cfg: CBAMConfig, input_shapes: Mapping[str, Shape],
-    *, part: Part = "cbam",
-) -> dict[str, str]:
-    """Canonical key -> the anchor's state_dict key, for the keys this config has.
-
-    jongchan: ``ChannelGate.mlp.{1,3}.*``, ``SpatialGate.spatial.{conv,bn}.*``.
-    luuuyi: ``ca.fc.{0,2}.weight`` (1x1-conv shape (out, in, 1, 1): the same
-    numbers as the canonical 2-D weight), ``sa.conv1.weight``.
-    seed: ``channel_attention.shared_MLP.{0,2}.*``,
-    ``spatial_attention.conv2d.*`` (the seed notes show the two modules; they
-    are composed under these attribute names).
-    The gate-only blocks use the names the gate has inside the anchor's CBAM.
-    Buffers are mapped too; PyTorch's ``num_batches_tracked`` has no
-    counterpart.
-    """
-    tables = {
-        "jongchan": {
-            "mlp.fc1": "ChannelGate.mlp.1",
-            "mlp.fc2": "ChannelGate.mlp.3",
-            "spatial.conv": "SpatialGate.spatial.conv",
-            "spatial.bn": "SpatialGate.spatial.bn",
-        },
-        "luuuyi": {
-            "mlp.fc1": "ca.fc.0",
-            "mlp.fc2": "ca.fc.2",
-            "spatial.conv": "sa.conv1",
-        },
-        "seed": {
-            "mlp.fc1": "channel_attention.shared_MLP.0",
-            "mlp.fc2": "channel_attention.shared_MLP.2",
-            "spatial.conv": "spatial_attention.conv2d",
-        },
-    }
-    table = tables.get(preset or "")
-    if table is None:
-        return {}
-    out = {}
-    for key in param_shapes(cfg, input_shapes, part=part):
-        module, leaf = key.rsplit(".", 1)
-        if module in table:
-            out[key] = f"{table[module]}.{leaf}"
-    return out
-
-
-def with_bn_mode(
-    cfg: CBAMConfig, mode: str, *, part: Part = "cbam"
-) -> CBAMConfig | None:
-    """The config with ``spatial_bn = mode``; None when no BN is live."""
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
-    if not _uses_spatial(cfg, part) or cfg.spatial_bn is None:
-        return None
-    return dataclasses.replace(cfg, spatial_bn=mode)
-
-
-def fixture_shapes(cfg: CBAMConfig, *, part: Part = "cbam") -> dict[str, Shape]:
-    """x (2, C, 7, 6) with C = 2·reduction (Cr = 2); C = 4 for the spatial
-    gate alone.  H != W catches transposed spatial axes, and 7 >= every
-    anchor kernel."""
-    C = 4 if part == "spatial" else 2 * cfg.reduction
-    return {"x": (2, C, 7, 6)}
-
-
-def flops(cfg: CBAMConfig, input_shapes: Mapping[str, Shape], *,
-          part: Part = "cbam") -> int:
-    """The shared MLP on each of the T pooled vectors, 2·N·T·(C·Cr + Cr·C),
-    and the spatial gate's conv, 2·N·H·W·2·k²."""
-    N, C, H, W = _x_shape(input_shapes)
-    total = 0
-    if _uses_channel(part):
-        Cr = _hidden_width(cfg, (N, C, H, W))
-        total += len(cfg.pool_types) * 2 * N * (C * Cr + Cr * C)
-    if _uses_spatial(cfg, part):
-        total += 2 * N * H * W * 2 * cfg.spatial_kernel ** 2
-    return total
-
-
-_FIGURES = {"cbam": (12.0, 6.0), "channel": (12.0, 2.6), "spatial": (12.0, 3.4)}
-_ANCHOR_SUFFIX = {"cbam": "", "channel": "_channel", "spatial": "_spatial"}
-
-
-def _spec(part: Part, summary: str) -> BlockSpec:
-    return BlockSpec(
-        name=BLOCK_NAMES[part],
-        summary=summary,
-        config_cls=CBAMConfig,
-        presets=PRESETS,
-        default_preset="jongchan",
-        fixture_shapes=partial(fixture_shapes, part=part),
-        param_shapes=partial(param_shapes, part=part),
-        init_params=partial(init_params, part=part),
-        forward=partial(forward, part=part),
-        backward=backward,
-        kink_margin=kink_margin,
-        accumulation=partial(accumulation, part=part),
-        anchor_names=partial(anchor_names, part=part),
-        with_bn_mode=partial(with_bn_mode, part=part),
-        flops=partial(flops, part=part),
-        bench=(BenchCase("jongchan", {}, {"x": (8, 256, 28, 28)},
-                         "x(8,256,28,28) r=16, avg+max, 7x7 conv + BN(train)")
-               if part == "cbam" else None),
-        figure=("draw_cbam", _FIGURES[part]),
-        anchors={p: f"cbam:make_{p}{_ANCHOR_SUFFIX[part]}"
-                 for p in ("jongchan", "luuuyi", "seed")},
-    )
-
-
-SPECS: dict[str, BlockSpec] = {
-    "cbam": _spec("cbam", "CBAM (Woo et al. 2018): channel gate, then spatial gate"),
-    "cbam_channel": _spec(
-        "channel", "CBAM's channel gate alone: x * sigmoid(sum_t MLP(pool_t x))"
-    ),
-    "cbam_spatial": _spec(
-        "spatial", "CBAM's spatial gate alone: x * sigmoid(conv(channel pools of x))"
-    ),
-}

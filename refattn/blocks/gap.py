@@ -23,90 +23,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from refattn._typing import Array, Shape
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    check_bool,
-    check_douts,
-    check_inputs,
-    check_params,
-)
-from refattn.ops.pool import GlobalPoolCache, _global_pool, global_pool_backward
+from refattn._typing import Array
+from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 
-__all__ = [
-    "PRESETS",
-    "SPECS",
-    "GapCache",
-    "GapConfig",
-    "accumulation",
-    "anchor_names",
-    "backward",
-    "fixture_shapes",
-    "forward",
-    "init_params",
-    "kink_margin",
-    "param_shapes",
-    "with_bn_mode",
-]
+__all__ = ["PRESETS", "GapCache", "GapConfig", "backward", "forward"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GapConfig:
     """Canonical keys of ``gap`` (blocks.md 9.2); no anchor presets."""
 
-    keepdim: bool = False
-
-    def __post_init__(self) -> None:
-        check_bool("keepdim", self.keepdim)
-
-    def resolved(self, input_shapes: Mapping[str, Shape]) -> GapConfig:
-        """Nothing defaults from the input: the config itself."""
-        return self
+    keepdim: bool = False  # keep the pooled axes as size 1: (N, C, 1, ..., 1)
 
 
 PRESETS: dict[str, GapConfig] = {}
 
 
-def fixture_shapes(cfg: GapConfig) -> dict[str, Shape]:
-    """x (2, 3, 5, 7): odd and unequal H, W (a transposed or windowed pool fails)."""
-    return {"x": (2, 3, 5, 7)}
-
-
-def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
-    if "x" not in input_shapes:
-        raise ValueError(f"input_shapes: gap needs 'x', got {sorted(input_shapes)}")
-    shape = tuple(int(s) for s in input_shapes["x"])
-    if not 3 <= len(shape) <= 5:
-        raise ValueError(
-            f"x: expected shape (N, C, *S) with 1 to 3 spatial axes for gap, "
-            f"got {shape}"
-        )
-    return shape
-
-
-def param_shapes(cfg: GapConfig, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
-    """No parameters."""
-    _x_shape(input_shapes)
-    return {}
-
-
-def init_params(
-    cfg: GapConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-) -> tuple[dict, dict]:
-    """No parameters, no buffers."""
-    _x_shape(input_shapes)
-    return {}, {}
-
-
 class GapCache(NamedTuple):
     pool: GlobalPoolCache  # x's shape (avg needs nothing else)
+    dtype: Any  # x's dtype, which the cotangent must have
 
 
 def forward(
@@ -123,12 +60,10 @@ def forward(
         x    (N, C, *S)      S = (L,), (H, W) or (T, H, W)
         out  (N, C), or (N, C, 1, ..., 1) with keepdim
     """
-    check_inputs("gap", inputs, {"x": (3, 4, 5)})
     x = inputs["x"]
-    check_params("gap", params, state, {}, x)
     # 1. average every map
     out, pool = _global_pool(x, "avg", cfg.keepdim)  # (N, C)
-    return {"out": out}, GapCache(pool)
+    return {"out": out}, GapCache(pool, x.dtype)
 
 
 def backward(
@@ -141,47 +76,6 @@ def backward(
     Shapes:
         dout (N, C) or (N, C, 1, ..., 1); dx (N, C, *S) (a read-only broadcast view)
     """
-    dout = check_douts("gap", douts)
     # 1. spread dy / L over the positions
-    dx = global_pool_backward(dout, cache.pool)  # (N, C, *S); checks dout
+    dx = _global_pool_backward(douts["out"], cache.pool)  # (N, C, *S)
     return {"x": dx}, {}
-
-
-def kink_margin(cache: GapCache) -> float:
-    """A linear map: no kinks, no ties."""
-    return float("inf")
-
-
-def accumulation(cfg: GapConfig, input_shapes: Mapping[str, Shape]) -> dict[str, int]:
-    """out: a sum of L positions; dx: one division."""
-    shape = _x_shape(input_shapes)
-    length = 1
-    for s in shape[2:]:
-        length *= s
-    return {"out": length, "grad.input": 1}
-
-
-def anchor_names(
-    preset: str | None, cfg: GapConfig, input_shapes: Mapping[str, Shape]
-) -> dict[str, str]:
-    """No parameters to map."""
-    return {}
-
-
-def with_bn_mode(cfg: GapConfig, mode: str) -> None:
-    """No batch norm: None."""
-
-
-SPECS: dict[str, BlockSpec] = {
-    "gap": BlockSpec.of_module(
-        __name__,
-        name="gap",
-        summary="global average pooling over all spatial positions",
-        config_cls=GapConfig,
-        presets=PRESETS,
-        default_preset=None,
-        flops=lambda cfg, input_shapes: 0,  # no matmul: a memory-bound reduction
-        bench=BenchCase(None, {}, {"x": (8, 512, 14, 14)}, "x(8,512,14,14) -> (8,512)"),
-        anchors={None: "simple:make_gap"},
-    ),
-}

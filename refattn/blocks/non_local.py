@@ -54,40 +54,20 @@ mode), ``g.weight (Ci, C, *k)``, ``W.weight (C, Ci, *k)``, each with a
 ``.bias`` when ``bias``; ``concat_project.weight (1, 2Ci, 1, 1)``
 (concatenation only); ``W_bn.weight``, ``W_bn.bias`` and the buffers
 ``W_bn.running_mean``, ``W_bn.running_var`` ``(C,)`` when ``bn`` is set.
+
+The checked entry points, parameter shapes and draws are in
+``refattn/blocks/specs/non_local.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import product
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from refattn._typing import Array, Shape
-from refattn.backend import (
-    check_array,
-    host_rng,
-    namespace,
-    prod,
-    window,
-    zeros_like_shape,
-)
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    check_arguments,
-    check_douts,
-    draw_bias,
-    draw_bn_state,
-    draw_norm_affine,
-    draw_weight,
-    is_real,
-    max_gap,
-    relu_margin,
-)
+from refattn.backend import namespace, prod
 from refattn.ops.conv import (
     PointwiseConvCache,
     _pointwise_conv,
@@ -105,25 +85,16 @@ from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
 from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
 from refattn.ops.pool import MaxPoolCache, _geometry, _max_pool, _max_pool_backward
 from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
-from refattn.params import is_buffer
 
 __all__ = [
     "MODES",
     "POOL_KERNELS",
     "PRESETS",
     "SOFTMAX_MODES",
-    "SPECS",
     "NonLocalCache",
     "NonLocalConfig",
-    "accumulation",
-    "anchor_names",
     "backward",
-    "fixture_shapes",
     "forward",
-    "init_params",
-    "kink_margin",
-    "param_shapes",
-    "with_bn_mode",
 ]
 
 Mode = Literal["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
@@ -139,8 +110,6 @@ BN_MODES: tuple[str | None, ...] = (None, "train", "eval")
 
 POOL_KERNELS: dict[int, tuple[int, ...]] = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 """Sub-sampling max-pool kernel (= stride) per spatial rank: time is never pooled."""
-
-_RANK_NAMES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}
 
 
 # ---------------------------------------------------------------------------
@@ -158,63 +127,16 @@ class NonLocalConfig:
     faithful config is ``mode='dot_product', use_scale=False``).
     """
 
-    mode: Mode = "embedded_gaussian"
-    inter_channels: int | None = None
-    sub_sample: bool = True
-    pool_position: PoolPosition = "after_proj"
-    use_scale: bool = False
-    bias: bool = True
-    bn: BnMode | None = "train"
+    mode: Mode = "embedded_gaussian"  # the pairwise function f and its C(x)
+    inter_channels: int | None = None  # Ci; None: max(C // 2, 1)
+    sub_sample: bool = True  # the max-pool P on keys and values
+    pool_position: PoolPosition = "after_proj"  # P(W x) or W P(x)
+    use_scale: bool = False  # s = 1/sqrt(Ci) (1/sqrt(C) in gaussian mode)
+    bias: bool = True  # biases of θ, φ, g and W_z
+    bn: BnMode | None = "train"  # BN after W_z
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
-    residual: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(
-                f"mode: expected one of {', '.join(map(repr, MODES))}, "
-                f"got {self.mode!r}"
-            )
-        ic = self.inter_channels
-        if ic is not None:
-            if isinstance(ic, bool) or not isinstance(ic, numbers.Integral):
-                raise ValueError(
-                    f"inter_channels: expected an int >= 1 or None, got {ic!r}"
-                )
-            if ic < 1:
-                raise ValueError(
-                    f"inter_channels: expected an int >= 1 or None, got {ic}"
-                )
-        for key in ("sub_sample", "use_scale", "bias", "residual"):
-            value = getattr(self, key)
-            if not isinstance(value, bool):
-                raise ValueError(f"{key}: expected a bool, got {value!r}")
-        if self.pool_position not in POOL_POSITIONS:
-            raise ValueError(
-                f"pool_position: expected 'after_proj' or 'before_proj', "
-                f"got {self.pool_position!r}"
-            )
-        if self.bn not in BN_MODES:
-            raise ValueError(f"bn: expected None, 'train' or 'eval', got {self.bn!r}")
-        eps = self.bn_eps
-        if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"bn_eps: expected a finite float > 0, got {eps!r}")
-        m = self.bn_momentum
-        if not is_real(m) or not 0.0 <= m <= 1.0:
-            raise ValueError(f"bn_momentum: expected a float in [0, 1], got {m!r}")
-        if self.use_scale and self.mode not in SOFTMAX_MODES:
-            raise ValueError(
-                f"use_scale (True) applies to the softmax modes "
-                f"'embedded_gaussian' and 'gaussian' only; mode {self.mode!r} "
-                f"normalises by the key count N_k (set use_scale=False)"
-            )
-
-    def resolved(self, input_shapes: Mapping[str, Shape]) -> NonLocalConfig:
-        """The config with ``inter_channels`` filled in: None -> max(C // 2, 1)."""
-        x_shape = _x_shape(input_shapes)
-        if self.inter_channels is not None:
-            return self
-        return dataclasses.replace(self, inter_channels=max(x_shape[1] // 2, 1))
+    residual: bool = True  # z = W_z y + x
 
 
 PRESETS: dict[str, NonLocalConfig] = {
@@ -262,39 +184,7 @@ PRESETS: dict[str, NonLocalConfig] = {
 
 
 # ---------------------------------------------------------------------------
-# shapes and parameters
-
-
-def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
-    """The shape of input ``x``, validated for rank and emptiness."""
-    if not isinstance(input_shapes, Mapping) or set(input_shapes) != {"x"}:
-        got = sorted(input_shapes) if isinstance(input_shapes, Mapping) else (
-            input_shapes
-        )
-        raise ValueError(f"inputs: non_local takes exactly one input 'x', got {got!r}")
-    shape = tuple(int(s) for s in input_shapes["x"])
-    if len(shape) not in _RANK_NAMES:
-        raise ValueError(
-            "x: expected a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, T, H, W) "
-            f"array, got shape {shape}"
-        )
-    if any(s < 1 for s in shape):
-        raise ValueError(f"x: expected every dim >= 1, got shape {shape}")
-    return shape
-
-
-def _check_input_shape(cfg: NonLocalConfig, x_shape: Shape) -> None:
-    """Input-dependent rules: the sub-sampling pool needs >= 2 along pooled dims."""
-    if not cfg.sub_sample:
-        return
-    spatial = x_shape[2:]
-    kernel = POOL_KERNELS[len(spatial)]
-    if any(s < k for s, k in zip(spatial, kernel)):
-        raise ValueError(
-            f"x: sub_sample=True pools with kernel = stride = {kernel} (floor "
-            f"mode), which needs every pooled spatial dim >= 2, got spatial shape "
-            f"{tuple(spatial)} (x shape {tuple(x_shape)})"
-        )
+# shapes
 
 
 def _pooled(spatial: Shape) -> Shape:
@@ -314,93 +204,6 @@ def _embedded(cfg: NonLocalConfig) -> bool:
 
 def _kv_names(cfg: NonLocalConfig) -> tuple[str, ...]:
     return ("phi", "g") if _embedded(cfg) else ("g",)
-
-
-def param_shapes(
-    cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]
-) -> dict[str, Shape]:
-    """Every parameter and buffer key of `cfg` for these inputs, with its shape.
-
-    Shapes:
-        theta/phi/g.weight (Ci, C, *k), .bias (Ci,); W.weight (C, Ci, *k),
-        W.bias (C,); concat_project.weight (1, 2Ci, 1, 1); W_bn.* (C,)
-        with k = (1,) * spatial rank.
-    """
-    x_shape = _x_shape(input_shapes)
-    cfg = cfg.resolved(input_shapes)
-    _check_input_shape(cfg, x_shape)
-    C, ci = x_shape[1], int(cfg.inter_channels)  # type: ignore[arg-type]
-    ones = (1,) * (len(x_shape) - 2)
-    shapes: dict[str, Shape] = {}
-    for name in (("theta",) if _embedded(cfg) else ()) + _kv_names(cfg):
-        shapes[f"{name}.weight"] = (ci, C) + ones
-        if cfg.bias:
-            shapes[f"{name}.bias"] = (ci,)
-    if cfg.mode == "concatenation":
-        shapes["concat_project.weight"] = (1, 2 * ci, 1, 1)
-    shapes["W.weight"] = (C, ci) + ones
-    if cfg.bias:
-        shapes["W.bias"] = (C,)
-    if cfg.bn is not None:
-        for key in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"W_bn.{key}"] = (C,)
-    return shapes
-
-
-def init_params(
-    cfg: NonLocalConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Host float64 NumPy (params, state) for `cfg`.
-
-    Default: random and non-degenerate (weights N(0, 1/fan_in), biases
-    N(0, 0.1²), BN gamma in [0.5, 1.5], beta N(0, 0.1²), running mean
-    N(0, 0.1²) and variance in [0.5, 2]), so that every gradient is alive.
-
-    ``anchor_init=True``: the anchors' identity-at-init scheme.  Without scale
-    (AlexHex7): PyTorch's default conv init U(±1/sqrt(fan_in)) for weights and
-    biases; with scale (facebook, the CGNL repo): weights N(0, 0.01²) and
-    biases 0.  Then BN gamma = beta = 0 (or, without BN, a zero W weight and
-    bias) and running statistics (0, 1): the block is the identity and no
-    gradient reaches theta, phi or g.
-    """
-    shapes = param_shapes(cfg, input_shapes)
-    rng = host_rng(seed)
-    ref = rng.standard_normal(1)  # a host float64 array: zeros_like_shape's template
-    params: dict[str, Array] = {}
-    state: dict[str, Array] = {}
-    for key, shape in shapes.items():
-        module, leaf = key.rsplit(".", 1)
-        if module == "W_bn":
-            continue
-        fan_in = prod(shapes[f"{module}.weight"][1:])
-        if not anchor_init:
-            draw = draw_weight if leaf == "weight" else draw_bias
-            value = draw(rng, shape)
-        elif module == "W" and cfg.bn is None:
-            value = zeros_like_shape(ref, shape)  # AlexHex7's bn_layer=False init
-        elif cfg.use_scale:
-            scaled = 0.01 * rng.standard_normal(shape)
-            value = scaled if leaf == "weight" else zeros_like_shape(ref, shape)
-        else:
-            bound = 1.0 / math.sqrt(fan_in)
-            value = rng.uniform(-bound, bound, shape)
-        params[key] = value
-    if cfg.bn is not None:
-        C = shapes["W_bn.weight"][0]
-        if anchor_init:
-            zeros = zeros_like_shape(ref, (C,))
-            params["W_bn.weight"], params["W_bn.bias"] = zeros, zeros + 0.0
-            state["W_bn.running_mean"] = zeros + 0.0
-            state["W_bn.running_var"] = zeros + 1.0
-        else:
-            params["W_bn.weight"], params["W_bn.bias"] = draw_norm_affine(rng, C)
-            mean, var = draw_bn_state(rng, C)
-            state["W_bn.running_mean"], state["W_bn.running_var"] = mean, var
-    return params, state
 
 
 # ---------------------------------------------------------------------------
@@ -459,10 +262,11 @@ def forward(
         outputs["out"]         (N, C, *S)
         outputs["aux.attention"]  (N, Lq, Lk), Lq = |S|, Lk = |P(S)|
         outputs["state.W_bn.running_mean" / "...running_var"]  (C,), bn='train'
-    Params and state: the keys of ``param_shapes`` (buffers in ``state``;
-    buffers given in ``params`` are accepted too).
+    Params and state: the keys of ``param_shapes`` (buffers in ``state``);
+    ``cfg`` resolved (``inter_channels`` set).
     """
-    x, params, state, cfg, xp = _check_forward_args(inputs, params, state, cfg)
+    x = inputs["x"]
+    xp = namespace(x=x)
     N, C = int(x.shape[0]), int(x.shape[1])
     spatial = tuple(int(s) for s in x.shape[2:])
     lq, lk = prod(spatial), _key_count(cfg, tuple(x.shape))
@@ -583,7 +387,7 @@ def backward(
     """
     c = cache
     cfg = c.cfg
-    dout = check_douts("non_local", douts, shape=c.x_shape, like=c.w.x3)
+    dout = douts["out"]
     xp = namespace(dout=dout)
     N, C = c.x_shape[0], c.x_shape[1]
     spatial = tuple(c.x_shape[2:])
@@ -675,12 +479,7 @@ def backward(
         dout3 if cfg.residual else None, dx_proj, dx_kv, None if embedded else dtheta
     )
     dx = xp.reshape(dx3, c.x_shape)  # (N, C, *S)
-    return {"x": dx}, {k: dparams[k] for k in _trainable_order(c)}
-
-
-def _trainable_order(c: NonLocalCache) -> list[str]:
-    shapes = param_shapes(c.cfg, {"x": c.x_shape})
-    return [k for k in shapes if not is_buffer(k)]
+    return {"x": dx}, dparams
 
 
 def _sum_paths(*terms: Array | None) -> Array:
@@ -763,210 +562,3 @@ def _concat_backward(
     ci = da.shape[1]
     dweight = xp.reshape(xp.concat([da, db], axis=1), (1, 2 * ci, 1, 1))
     return dtheta, dphi, dweight
-
-
-# ---------------------------------------------------------------------------
-# validation
-
-
-def _check_forward_args(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: NonLocalConfig,
-) -> tuple[Array, dict[str, Array], dict[str, Array], NonLocalConfig, Any]:
-    if not isinstance(cfg, NonLocalConfig):
-        raise TypeError(f"cfg: expected a NonLocalConfig, got {type(cfg).__name__}")
-    if not isinstance(inputs, Mapping) or set(inputs) != {"x"}:
-        got = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
-        raise ValueError(f"inputs: non_local takes exactly one input 'x', got {got!r}")
-    x = inputs["x"]
-    check_array("x", x)
-    x_shape = _x_shape({"x": tuple(x.shape)})
-    cfg = cfg.resolved({"x": x_shape})
-    shapes = param_shapes(cfg, {"x": x_shape})
-    params, state, xp = check_arguments(
-        {"x": x}, params, state, shapes,
-        f"mode={cfg.mode!r}, bias={cfg.bias}, bn={cfg.bn!r}",
-    )
-    if cfg.bn == "train" and x_shape[0] * prod(x_shape[2:]) < 2:
-        raise ValueError(
-            f"x: bn='train' normalises W's output with batch statistics over "
-            f"N·|S| values per channel, which needs N·|S| >= 2, got shape {x_shape}"
-        )
-    return x, params, state, cfg, xp
-
-
-# ---------------------------------------------------------------------------
-# the rest of the block contract
-
-
-def kink_margin(cache: NonLocalCache) -> float:
-    """Smallest relative distance from a non-differentiable point.
-
-    The gap between the max and the runner-up of every sub-sampling window (of
-    whatever is pooled: phi|g rows after the projection, x before it, x|g in
-    gaussian mode) and, in concatenation mode, |u_i + v_j| of every ReLU input.
-    """
-    margin = math.inf
-    if cache.pooled is not None:
-        xp = namespace(pooled=cache.pooled)
-        spatial = tuple(cache.pooled.shape[2:])
-        kernel = POOL_KERNELS[len(spatial)]
-        out = _pooled(spatial)
-        slabs = [
-            cache.pooled[(slice(None), slice(None)) + tuple(
-                window(t, k, n) for t, k, n in zip(offset, kernel, out)
-            )]
-            for offset in product(*(range(k) for k in kernel))
-        ]
-        margin = min(margin, max_gap(xp.stack(slabs, axis=0), axis=0))
-    if cache.concat is not None:
-        margin = min(margin, relu_margin(cache.concat.u + cache.concat.v))
-    return margin
-
-
-def accumulation(
-    cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]
-) -> dict[str, int]:
-    """The longest chain of sums behind each tensor family.
-
-    Forward: projection (C), affinity (Ci, or C in gaussian mode), softmax
-    normaliser and A G (Lk each), W (Ci), BN batch statistics (N·Lq, train).
-    The backward adds the transposed products (C, Ci, Lk, Lk, 3Ci) and, for
-    parameter gradients, the sum over the batch and positions (N·Lq).
-    """
-    x_shape = _x_shape(input_shapes)
-    cfg = cfg.resolved(input_shapes)
-    N, C = x_shape[0], x_shape[1]
-    lq, lk = prod(x_shape[2:]), _key_count(cfg, x_shape)
-    ci = int(cfg.inter_channels)  # type: ignore[arg-type]
-    depth = ci if _embedded(cfg) else C
-    bn = N * lq if cfg.bn == "train" else 0
-    aux = C + depth + lk
-    forward_chain = aux + lk + ci + bn
-    backward_chain = forward_chain + C + ci + 2 * lk + 3 * ci + bn
-    return {
-        "out": forward_chain,
-        "aux": aux,
-        "state": forward_chain,
-        "grad.input": backward_chain,
-        "grad.param": backward_chain + N * lq,
-    }
-
-
-def anchor_names(
-    preset: str | None, cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]
-) -> dict[str, str]:
-    """Canonical key -> the anchor module's state_dict key (tests/anchors/non_local.py).
-
-    ``alexhex7``: ``phi``/``g`` are ``Sequential(conv, pool)`` when sub-sampling
-    (``phi.0.*``, ``g.0.*``), ``W`` is ``Sequential(conv, BN)`` with BN
-    (``W.0.*``, ``W.1.*``), ``concat_project.0.weight``.  ``facebook`` (the
-    PyTorch port of the Caffe2 block): ``W -> out``, ``W_bn -> bn``.
-    ``cgnl_repo`` (``SpatialNL``): ``theta, phi, g, W, W_bn -> t, p, g, z, bn``.
-    Empty when the preset has no anchor or the anchor cannot express `cfg`.
-    """
-    if preset not in PRESETS or not _anchor_supports(preset, cfg, input_shapes):
-        return {}
-    shapes = param_shapes(cfg, input_shapes)
-    names: dict[str, str] = {}
-    for key in shapes:
-        module, leaf = key.rsplit(".", 1)
-        if preset == "alexhex7":
-            if module in ("phi", "g") and cfg.sub_sample:
-                target = f"{module}.0"
-            elif module == "W" and cfg.bn is not None:
-                target = "W.0"
-            elif module == "W_bn":
-                target = "W.1"
-            elif module == "concat_project":
-                target = "concat_project.0"
-            else:
-                target = module
-        elif preset == "facebook":
-            target = {"W": "out", "W_bn": "bn"}.get(module, module)
-        else:
-            cgnl = {"theta": "t", "phi": "p", "W": "z", "W_bn": "bn"}
-            target = cgnl.get(module, module)
-        names[key] = f"{target}.{leaf}"
-    return names
-
-
-def _anchor_supports(
-    preset: str, cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]
-) -> bool:
-    """Whether the anchor implementation of `preset` can express `cfg`."""
-    rank = len(_x_shape(input_shapes)) - 2
-    if not cfg.residual:
-        return False
-    if preset == "alexhex7":
-        return (
-            not cfg.use_scale
-            and cfg.bias
-            and (not cfg.sub_sample or cfg.pool_position == "after_proj")
-        )
-    if preset == "facebook":
-        return cfg.mode in ("embedded_gaussian", "dot_product") and (
-            not cfg.sub_sample or cfg.pool_position == "before_proj"
-        )
-    return (
-        rank == 2
-        and cfg.mode == "embedded_gaussian"
-        and not cfg.sub_sample
-        and not cfg.bias
-        and cfg.bn is not None
-    )
-
-
-def with_bn_mode(cfg: NonLocalConfig, mode: str) -> NonLocalConfig | None:
-    """`cfg` with its W_bn in `mode` ('train' or 'eval'); None without BN."""
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
-    if cfg.bn is None:
-        return None
-    return dataclasses.replace(cfg, bn=mode)  # type: ignore[arg-type]
-
-
-def fixture_shapes(cfg: NonLocalConfig) -> dict[str, Shape]:
-    """Small default inputs with odd spatial sizes (floor-mode pooling: 5x7 keys
-    become 2x3).  ``before_proj`` is the video block's arrangement (facebook),
-    so it gets a clip (T, H, W); every other config an image (H, W)."""
-    if cfg.pool_position == "before_proj":
-        return {"x": (2, 8, 2, 5, 7)}
-    return {"x": (2, 8, 5, 7)}
-
-
-
-def flops(cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]) -> int:
-    """The θ projection at Lq positions, φ and g at the positions they are
-    computed on (Lk with pooling before the projection), the two attention
-    matmuls θᵀφ and A g (2·N·Lq·Lk·Ci each), and W."""
-    cfg = cfg.resolved(input_shapes)
-    N, C, *S = input_shapes["x"]
-    Lq = Lk = prod(S)
-    if cfg.sub_sample:  # kernel = stride = 2 on the last one or two spatial dims
-        pooled = S[-2:]
-        Lk = prod(S[: len(S) - len(pooled)]) * prod(d // 2 for d in pooled)
-    Ci = int(cfg.inter_channels)  # type: ignore[arg-type]
-    projected = Lk if cfg.pool_position == "before_proj" else Lq
-    return 2 * N * Ci * (Lq * C + 2 * projected * C + 2 * Lq * Lk + Lq * C)
-
-
-SPECS: dict[str, BlockSpec] = {
-    "non_local": BlockSpec.of_module(
-        __name__,
-        name="non_local",
-        summary="non-local block (Wang et al. 2018): embedded Gaussian, Gaussian, "
-        "dot product and concatenation; 1-, 2- and 3-D",
-        config_cls=NonLocalConfig,
-        presets=PRESETS,
-        default_preset="alexhex7",
-        flops=flops,
-        bench=BenchCase("alexhex7", {"inter_channels": 128}, {"x": (4, 256, 28, 28)},
-                        "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "
-                        "BN(train)"),
-        figure=("draw_non_local", (13.0, 3.2)),
-        anchors={p: f"non_local:make_{p}" for p in ("alexhex7", "facebook", "cgnl_repo")},
-    )
-}

@@ -23,13 +23,13 @@ from refattn.params import is_buffer
 __all__ = ["BLOCKS", "BlockSpec", "draw_case", "gradcheck_block", "run_block"]
 
 _MODULES = (
-    "refattn.blocks.conv1x1",
-    "refattn.blocks.gap",
-    "refattn.blocks.mlpconv",
-    "refattn.blocks.cbam",
-    "refattn.blocks.non_local",
-    "refattn.blocks.cgnl",
-    "refattn.blocks.cross_layer",
+    "refattn.blocks.specs.conv1x1",
+    "refattn.blocks.specs.gap",
+    "refattn.blocks.specs.mlpconv",
+    "refattn.blocks.specs.cbam",
+    "refattn.blocks.specs.non_local",
+    "refattn.blocks.specs.cgnl",
+    "refattn.blocks.specs.cross_layer",
 )
 
 

@@ -52,7 +52,8 @@ def gradcheck_cmd(ctx: click.Context, block: str | None, preset: str | None,
     for req, cfg in expand_requests(name, preset, overrides, shapes=shapes, seed=seed):
         case = generate_case(req, cfg)
         inputs, params, state = split_case(case.tensors)
-        resolved = config_from_dict(spec.config_cls, case.manifest["config"])
+        config = config_from_dict(spec.config_cls, case.manifest["config"])
+        resolved = spec.check_config(config)
         report = gradcheck_block(spec, resolved, inputs, params, state, mode=mode,
                                  seed=seed)
         click.echo(f"{name}/{case.case_id}")

@@ -47,10 +47,10 @@ from refattn.blocks.registry import BLOCKS
 from refattn.blocks.spec import (
     MIN_MARGIN,
     BlockSpec,
-    check_input_shapes,
     config_to_dict,
     to_namespace,
 )
+from refattn.checks import check_input_shapes
 from refattn.golden.strength import MAX_RTOL, tolerance_weaknesses
 from refattn.golden.tolerance import tolerance_for
 
@@ -222,7 +222,7 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
     if xp is None:
         import array_api_compat.numpy as xp  # the default backend
     shapes = check_input_shapes(merge_shapes(spec.fixture_shapes(cfg), req.shapes))
-    resolved = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
+    resolved = spec.resolve(cfg, shapes)
     spec.param_shapes(resolved, shapes)  # validates channels, groups, sizes
     rounding = np.float32 if req.dtype == "float32" else np.float64
     scales = spec.draw_scales(resolved, shapes) if spec.draw_scales else {}

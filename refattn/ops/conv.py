@@ -40,12 +40,19 @@ __all__ = [
     "Conv2dCache",
     "PointwiseConvCache",
     "conv2d_backward",
+    "conv2d_out_shape",
+    "pair",
     "conv2d_forward",
     "pointwise_conv_backward",
     "pointwise_conv_forward",
 ]
 
 Pair = tuple[int, int]
+
+
+def pair(v: int | Pair) -> Pair:
+    """A conv size option (an int, or one int per spatial dim) as two ints."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class Conv2dCache(NamedTuple):
@@ -152,12 +159,16 @@ def conv2d_backward(
         dbias    (O,) or None
     """
     namespace(dout=dout)  # an array of a supported library
-    c = cache
-    N, _, H, W = c.x_shape
-    Cout, _, KH, KW = c.weight.shape
-    ho, wo = _conv2d_out_hw((H, W), (KH, KW), c.stride, c.padding, c.dilation)
-    _check_dout(dout, c.weight, (N, Cout, ho, wo))
+    _check_dout(dout, cache.weight, conv2d_out_shape(cache))
     return _conv2d_backward(dout, cache)
+
+
+def conv2d_out_shape(cache: Conv2dCache) -> Shape:
+    """The shape (N, O, Ho, Wo) of the forward's output, the cotangent's shape."""
+    N, _, H, W = cache.x_shape
+    Cout, _, KH, KW = cache.weight.shape
+    ho, wo = _conv2d_out_hw((H, W), (KH, KW), cache.stride, cache.padding, cache.dilation)
+    return (N, Cout, ho, wo)
 
 
 @routed_by_cache("conv2d")

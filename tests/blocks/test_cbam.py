@@ -24,9 +24,10 @@ from refattn.blocks.registry import (
     run_block,
 )
 from refattn.blocks.spec import MIN_MARGIN, config_to_dict
+from refattn.blocks.specs import cbam as cbam_spec
 from refattn.params import is_buffer
 
-SPECS = cbam.SPECS
+SPECS = cbam_spec.SPECS
 PARTS = {"cbam": "cbam", "cbam_channel": "channel", "cbam_spatial": "spatial"}
 PARITY_RTOL = 1e-11
 
@@ -111,13 +112,13 @@ def test_presets_are_complete_and_match_blocks_md() -> None:
 def test_preset_parameter_keys(preset: str) -> None:
     cfg = cbam.PRESETS[preset]
     shapes = {"x": (2, 32, 5, 5)}
-    keys = set(cbam.param_shapes(cfg, shapes))
+    keys = set(cbam_spec.param_shapes(cfg, shapes))
     assert keys == PRESET_KEYS[preset]
     assert set(SPECS["cbam_channel"].param_shapes(cfg, shapes)) == {
         k for k in keys if k.startswith("mlp.")}
     assert set(SPECS["cbam_spatial"].param_shapes(cfg, shapes)) == {
         k for k in keys if k.startswith("spatial.")}
-    params, state = cbam.init_params(cfg, shapes, seed=0)
+    params, state = cbam_spec.init_params(cfg, shapes, seed=0)
     assert set(params) | set(state) == keys
     assert all(is_buffer(k) for k in state) and not any(is_buffer(k) for k in params)
 
@@ -125,14 +126,14 @@ def test_preset_parameter_keys(preset: str) -> None:
 def test_param_shapes() -> None:
     cfg = dataclasses.replace(cbam.PRESETS["jongchan"], spatial_bias=True,
                               spatial_kernel=3)
-    assert cbam.param_shapes(cfg, {"x": (2, 40, 5, 5)}) == {
+    assert cbam_spec.param_shapes(cfg, {"x": (2, 40, 5, 5)}) == {
         "mlp.fc1.weight": (2, 40), "mlp.fc1.bias": (2,),
         "mlp.fc2.weight": (40, 2), "mlp.fc2.bias": (40,),
         "spatial.conv.weight": (1, 2, 3, 3), "spatial.conv.bias": (1,),
         "spatial.bn.weight": (1,), "spatial.bn.bias": (1,),
         "spatial.bn.running_mean": (1,), "spatial.bn.running_var": (1,),
     }
-    assert cbam.param_shapes(dataclasses.replace(cfg, spatial=False),
+    assert cbam_spec.param_shapes(dataclasses.replace(cfg, spatial=False),
                              {"x": (2, 40, 5, 5)}).keys() == {
         "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"}
 
@@ -140,7 +141,7 @@ def test_param_shapes() -> None:
 def test_config_round_trip_and_list_pool_types() -> None:
     from refattn.blocks.spec import config_from_dict
 
-    cfg = cbam.CBAMConfig(pool_types=["lse", "avg"])
+    cfg = SPECS["cbam"].config(pool_types=["lse", "avg"])
     assert cfg.pool_types == ("lse", "avg")
     d = config_to_dict(cfg)
     assert d["pool_types"] == ["lse", "avg"]
@@ -172,7 +173,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("overrides, words", BAD_CONFIGS)
 def test_bad_configs_name_the_rule_and_value(overrides, words) -> None:
     with pytest.raises(ValueError) as err:
-        cbam.CBAMConfig(**overrides)
+        cbam_spec.check_config(cbam.CBAMConfig(**overrides))
     for w in words:
         assert w in str(err.value), str(err.value)
 
@@ -195,7 +196,7 @@ def test_reduction_larger_than_channels(block: str) -> None:
     inputs = {"x": inputs["x"][:, :8]}
     with pytest.raises(ValueError, match=msg):
         spec.forward(inputs, params, state, cfg)
-    assert cfg.resolved({"x": (2, 8, 4, 4)}) is cfg  # param_shapes decides
+    assert SPECS["cbam"].resolve(cfg, {"x": (2, 8, 4, 4)}) is cfg  # param_shapes decides
 
 
 def test_reduction_inert_for_the_spatial_gate() -> None:
@@ -208,7 +209,7 @@ def test_reduction_inert_for_the_spatial_gate() -> None:
 
 def test_channels_need_not_divide_by_reduction() -> None:
     """Cr = C // r as in both anchors: C = 20, r = 16 gives Cr = 1."""
-    shapes = cbam.param_shapes(cbam.PRESETS["jongchan"], {"x": (1, 20, 3, 3)})
+    shapes = cbam_spec.param_shapes(cbam.PRESETS["jongchan"], {"x": (1, 20, 3, 3)})
     assert shapes["mlp.fc1.weight"] == (1, 20)
     assert shapes["mlp.fc2.weight"] == (20, 1)
 
@@ -246,7 +247,7 @@ FLAG_MISMATCHES = [
      ["unexpected", "'spatial.conv.weight'", "cbam_channel"]),
     ("cbam", "jongchan", {}, lambda p, s: p.update(
         {"spatial.bn.running_mean": s["spatial.bn.running_mean"]}),
-     ["params", "unexpected", "'spatial.bn.running_mean'"]),
+     ["state", "given in both params and state", "'spatial.bn.running_mean'"]),
 ]
 
 
@@ -264,12 +265,12 @@ def test_presence_flags_must_agree_with_keys(block, preset, overrides, edit, wor
 def test_bad_inputs() -> None:
     spec, cfg, inputs, params, state = _case("cbam", "seed")
     x = inputs["x"]
-    with pytest.raises(ValueError, match=r"inputs\['x'\]: expected a 4-D"):
+    with pytest.raises(ValueError, match=r"x: expected a 4-D"):
         spec.forward({"x": x[0]}, params, state, cfg)
-    with pytest.raises(ValueError, match="exactly the key 'x'"):
+    with pytest.raises(ValueError, match=r"inputs: cbam takes \['x'\]"):
         spec.forward({"x": x, "y": x}, params, state, cfg)
     bad = dict(params, **{"mlp.fc1.weight": params["mlp.fc1.weight"].T})
-    with pytest.raises(ValueError, match=r"params\['mlp.fc1.weight'\]: expected shape"):
+    with pytest.raises(ValueError, match=r"mlp.fc1.weight: expected shape"):
         spec.forward(inputs, bad, state, cfg)
     nan = x.copy()
     nan[0, 0, 0, 0] = np.nan
@@ -284,7 +285,7 @@ def test_bad_inputs() -> None:
     _, cache = spec.forward(inputs, params, state, cfg)
     with pytest.raises(ValueError, match="douts"):
         spec.backward({"out": x[:, :3]}, cache)
-    with pytest.raises(ValueError, match="exactly the key 'out'"):
+    with pytest.raises(ValueError, match=r"with the cotangent 'out', got \['y'\]"):
         spec.backward({"y": x}, cache)
 
 
@@ -345,13 +346,13 @@ def test_anchor_init_jongchan_spatial_gate_is_one_half() -> None:
     for mode in ("train", "eval"):
         cfg = dataclasses.replace(cbam.PRESETS["jongchan"], spatial_bn=mode)
         shapes = {"x": (2, 32, 5, 4)}
-        params, state = cbam.init_params(cfg, shapes, seed=3, anchor_init=True)
+        params, state = cbam_spec.init_params(cfg, shapes, seed=3, anchor_init=True)
         assert all(np.all(params[k] == 0) for k in params if k.endswith("bias"))
         x = np.random.default_rng(0).standard_normal(shapes["x"])
-        out, _ = cbam.forward({"x": x}, params, state, cfg)
+        out, _ = cbam_spec.forward({"x": x}, params, state, cfg)
         assert np.all(out["aux.spatial_gate"] == 0.5)
     for preset in ("luuuyi", "seed"):
-        params, _ = cbam.init_params(cbam.PRESETS[preset], {"x": (2, 32, 5, 4)},
+        params, _ = cbam_spec.init_params(cbam.PRESETS[preset], {"x": (2, 32, 5, 4)},
                                      seed=1, anchor_init=True)
         assert all(np.any(v != 0) for v in params.values())
 
@@ -791,7 +792,7 @@ def test_luuuyi_ignores_its_ratio(torch, anchors) -> None:
     cfg = SPECS["cbam"].config("luuuyi", reduction=8)
     module = anchors.make_luuuyi(config_to_dict(cfg) | {"channels": 32})
     assert tuple(module.ca.fc[0].weight.shape) == (2, 32, 1, 1)
-    assert cbam.param_shapes(cfg, {"x": (2, 32, 5, 5)})["mlp.fc1.weight"] == (4, 32)
+    assert cbam_spec.param_shapes(cfg, {"x": (2, 32, 5, 5)})["mlp.fc1.weight"] == (4, 32)
 
 
 def test_anchor_factories_refuse_what_they_cannot_express(anchors) -> None:

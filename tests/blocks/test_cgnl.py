@@ -22,10 +22,11 @@ from refattn import backend
 from refattn.blocks import cgnl
 from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
 from refattn.blocks.spec import MIN_MARGIN, config_to_dict
+from refattn.blocks.specs import cgnl as cgnl_spec
 from refattn.golden.tolerance import tolerance_for
 from refattn.params import is_buffer
 
-SPEC = cgnl.SPECS["cgnl"]
+SPEC = cgnl_spec.SPECS["cgnl"]
 PARITY_RTOL = 1e-11
 TINY = {"x": (2, 16, 3, 4)}
 
@@ -41,7 +42,7 @@ def rel_err(actual: Any, expected: Any, floor: float = 0.0) -> float:
 
 def cfg_of(preset: str = "yue", shapes=None, **overrides: Any) -> cgnl.CGNLConfig:
     cfg = SPEC.config(preset, **overrides)
-    return cfg if shapes is None else cfg.resolved(shapes)
+    return cfg if shapes is None else cgnl_spec.resolve(cfg, shapes)
 
 
 def refattn_tensors(cfg, inputs, params, state, dout) -> dict[str, np.ndarray]:
@@ -132,23 +133,23 @@ def test_presets_are_complete_and_match_blocks_md() -> None:
 
 
 def test_resolved_fills_planes_and_gn_groups() -> None:
-    r = cgnl.PRESETS["yue"].resolved({"x": (2, 32, 4, 4)})
+    r = cgnl_spec.resolve(cgnl.PRESETS["yue"], {"x": (2, 32, 4, 4)})
     assert (r.planes, r.gn_groups) == (16, 8)
-    r = cfg_of(planes=24, gn_groups=4).resolved({"x": (2, 32, 4, 4)})
+    r = cgnl_spec.resolve(cfg_of(planes=24, gn_groups=4), {"x": (2, 32, 4, 4)})
     assert (r.planes, r.gn_groups) == (24, 4)
-    assert r.resolved({"x": (2, 32, 4, 4)}) == r
-    d = config_to_dict(cgnl.PRESETS["yue_gaussian"].resolved({"x": (1, 16, 2, 2)}))
+    assert cgnl_spec.resolve(r, {"x": (2, 32, 4, 4)}) == r
+    d = config_to_dict(cgnl_spec.resolve(cgnl.PRESETS["yue_gaussian"], {"x": (1, 16, 2, 2)}))
     assert d["planes"] == 8 and d["gn_groups"] == 8 and d["kernel"] == "gaussian"
 
 
 def test_param_shapes() -> None:
     shapes = {"x": (2, 32, 5, 4)}
-    assert cgnl.param_shapes(cfg_of(), shapes) == {
+    assert cgnl_spec.param_shapes(cfg_of(), shapes) == {
         "t.weight": (16, 32, 1, 1), "p.weight": (16, 32, 1, 1),
         "g.weight": (16, 32, 1, 1), "z.weight": (32, 2, 1, 1),
         "gn.weight": (32,), "gn.bias": (32,),
     }
-    got = cgnl.param_shapes(cfg_of(planes=12, groups=4, bias=True, norm="bn_eval"),
+    got = cgnl_spec.param_shapes(cfg_of(planes=12, groups=4, bias=True, norm="bn_eval"),
                             {"x": (2, 8, 5)})
     assert got == {
         "t.weight": (12, 8, 1), "t.bias": (12,), "p.weight": (12, 8, 1),
@@ -156,10 +157,10 @@ def test_param_shapes() -> None:
         "z.weight": (8, 3, 1), "bn.weight": (8,), "bn.bias": (8,),
         "bn.running_mean": (8,), "bn.running_var": (8,),
     }
-    got = cgnl.param_shapes(cfg_of(norm=None, groups=2), {"x": (1, 4, 2, 2, 2)})
+    got = cgnl_spec.param_shapes(cfg_of(norm=None, groups=2), {"x": (1, 4, 2, 2, 2)})
     assert set(got) == {"t.weight", "p.weight", "g.weight", "z.weight"}
-    params, state = cgnl.init_params(cfg_of(norm="bn_train", bias=True), shapes, seed=0)
-    assert set(params) | set(state) == set(cgnl.param_shapes(
+    params, state = cgnl_spec.init_params(cfg_of(norm="bn_train", bias=True), shapes, seed=0)
+    assert set(params) | set(state) == set(cgnl_spec.param_shapes(
         cfg_of(norm="bn_train", bias=True), shapes))
     assert all(is_buffer(k) for k in state) and not any(is_buffer(k) for k in params)
 
@@ -193,7 +194,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("overrides, words", BAD_CONFIGS)
 def test_bad_configs_name_the_rule_and_value(overrides, words) -> None:
     with pytest.raises(ValueError) as err:
-        cgnl.CGNLConfig(**overrides)
+        cgnl_spec.check_config(cgnl.CGNLConfig(**overrides))
     for w in words:
         assert w in str(err.value), str(err.value)
 
@@ -214,8 +215,8 @@ INPUT_RULES = [  # (overrides, x shape, words)
 @pytest.mark.parametrize("overrides, shape, words", INPUT_RULES)
 def test_input_dependent_rules(overrides, shape, words) -> None:
     cfg = cfg_of(**overrides)
-    for call in (lambda: cgnl.param_shapes(cfg, {"x": shape}),
-                 lambda: cfg.resolved({"x": shape}),
+    for call in (lambda: cgnl_spec.param_shapes(cfg, {"x": shape}),
+                 lambda: cgnl_spec.resolve(cfg, {"x": shape}),
                  lambda: SPEC.forward({"x": np.zeros(shape)}, {}, {}, cfg)):
         with pytest.raises(ValueError) as err:
             call()
@@ -224,7 +225,7 @@ def test_input_dependent_rules(overrides, shape, words) -> None:
 
 
 def test_gn_groups_need_not_divide_c_without_groupnorm() -> None:
-    shapes = cgnl.param_shapes(cfg_of(gn_groups=3, norm=None), {"x": (1, 16, 2, 2)})
+    shapes = cgnl_spec.param_shapes(cfg_of(gn_groups=3, norm=None), {"x": (1, 16, 2, 2)})
     assert "gn.weight" not in shapes
 
 
@@ -260,9 +261,9 @@ def test_keys_must_agree_with_the_config(overrides, edit, words) -> None:
 def test_bad_inputs() -> None:
     cfg, inputs, params, state, dout = case()
     x = inputs["x"]
-    with pytest.raises(ValueError, match=r"x: expected a 3-D .* got shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"x: expected a 3 or 4 or 5-D array, got shape \(3, 4\)"):
         SPEC.forward({"x": x[0, 0]}, params, state, cfg)
-    with pytest.raises(ValueError, match="exactly one input 'x'"):
+    with pytest.raises(ValueError, match=r"inputs: cgnl takes \['x'\]"):
         SPEC.forward({"x": x, "y": x}, params, state, cfg)
     bad = dict(params, **{"z.weight": np.zeros((16, 2, 1, 1))})
     with pytest.raises(ValueError, match=r"z.weight: expected shape \(16, 1, 1, 1\)"):
@@ -359,7 +360,7 @@ def test_draw_scales_condition_the_cancelled_gradients() -> None:
     for preset, keys in (("yue", ("p.weight", "g.weight")),
                          ("yue_gaussian", ("t.weight", "p.weight"))):
         cfg = cfg_of(preset)
-        scales = cgnl.draw_scales(cfg, shapes)
+        scales = cgnl_spec.draw_scales(cfg, shapes)
         assert scales, preset
         inputs, params, state = draw_case(SPEC, cfg, shapes)
         dout = np.random.default_rng(1).standard_normal(shapes["x"])
@@ -380,8 +381,8 @@ def test_draw_scales_condition_the_cancelled_gradients() -> None:
                 float(np.abs(unit[f"grad.param.{w}"] * params[w]).max())
                 for w in ("z.weight", "gn.weight")), (preset, k)
             assert rel_err(low[f"grad.param.{k}"], cond[f"grad.param.{k}"]) < 1e-5, k
-    assert cgnl.draw_scales(cfg_of(norm=None), shapes) == {}
-    assert cgnl.draw_scales(cfg_of(gn_groups=4), shapes) == {}
+    assert cgnl_spec.draw_scales(cfg_of(norm=None), shapes) == {}
+    assert cgnl_spec.draw_scales(cfg_of(gn_groups=4), shapes) == {}
 
 
 # ---------------------------------------------------------------------------
@@ -516,7 +517,7 @@ def test_backend_and_float32(xb, preset: str, overrides: dict) -> None:
     cfg = cfg_of(preset, **overrides)
     shapes = SPEC.fixture_shapes(cfg)
     inputs, params, state = draw_clear(cfg)
-    scales = cgnl.draw_scales(cfg, shapes)
+    scales = cgnl_spec.draw_scales(cfg, shapes)
     params = {k: v * scales.get(k.rsplit(".", 1)[0], 1.0) for k, v in params.items()}
     dout = np.random.default_rng(5).standard_normal(shapes["x"])
     for dtype in ("float64", "float32"):
@@ -616,7 +617,7 @@ def test_zero_gn_affine_is_the_identity(preset: str) -> None:
         assert not np.any(res[f"grad.param.{k}"]), k
     assert np.any(res["grad.param.gn.weight"])
     assert np.allclose(res["grad.param.gn.bias"], dout.sum(axis=(0, 2, 3)), rtol=1e-14)
-    anchor_params, _ = cgnl.init_params(cfg, {"x": (2, 16, 5, 7)}, seed=0,
+    anchor_params, _ = cgnl_spec.init_params(cfg, {"x": (2, 16, 5, 7)}, seed=0,
                                         anchor_init=True)
     out, _ = SPEC.forward(inputs, anchor_params, {}, cfg)
     assert np.array_equal(out["out"], inputs["x"])
@@ -729,7 +730,7 @@ def test_kink_margin_is_the_distance_from_the_sign_switch() -> None:
     assert SPEC.kink_margin(SPEC.forward(inputs, cancelled, state, tiny)[1]) < MIN_MARGIN
     assert SPEC.kink_margin(SPEC.forward(inputs, params, state, tiny)[1]) > MIN_MARGIN
     # the conditioned fixture draw: s small because W_g is, not by cancellation
-    scales = cgnl.draw_scales(cfg, shapes)
+    scales = cgnl_spec.draw_scales(cfg, shapes)
     scaled = {k: v * scales.get(k.rsplit(".", 1)[0], 1.0) for k, v in params.items()}
     assert SPEC.kink_margin(SPEC.forward(inputs, scaled, state, cfg)[1]) > 1e3 * MIN_MARGIN
     for other in (dict(norm=None), dict(gn_groups=4), dict(kernel="gaussian")):
@@ -803,7 +804,7 @@ def test_gamma_1e4_high_orders_are_below_float32_resolution() -> None:
     rtol, atol_rel = fixture_tol(big, shapes, "out", "float32")
     assert within(y_of(dataclasses.replace(big, order=1))["out"], y_of(big)["out"],
                   rtol, atol_rel) > 1
-    scales = cgnl.draw_scales(cfg, shapes)
+    scales = cgnl_spec.draw_scales(cfg, shapes)
     params = {k: v * scales.get(k.rsplit(".", 1)[0], 1.0) for k, v in params.items()}
     rtol, atol_rel = fixture_tol(cfg, shapes, "out", "float32")
     assert within(y_of(dataclasses.replace(cfg, order=1))["out"], y_of(cfg)["out"],
@@ -920,7 +921,7 @@ REFERENCE_CASES = [  # (overrides of yue, x shape): options the anchor cannot ex
 
 def _run_parity(torch, anchors, cfg, factory, shape, seed=4):
     shapes = {"x": shape}
-    cfg = cfg.resolved(shapes)
+    cfg = cgnl_spec.resolve(cfg, shapes)
     inputs, params, state = draw_clear(cfg, shapes, seed=seed)
     dout = np.random.default_rng(7).standard_normal(shape)
     ref = refattn_tensors(cfg, inputs, params, state, dout)
@@ -970,7 +971,7 @@ def test_seed_notes_kernel_is_the_dot_kernel_for_one_group(torch, anchors,
 
 
 def test_anchor_factories_refuse_what_they_cannot_express(anchors) -> None:
-    d = config_to_dict(cgnl.PRESETS["yue"].resolved({"x": (2, 16, 4, 4)}))
+    d = config_to_dict(cgnl_spec.resolve(cgnl.PRESETS["yue"], {"x": (2, 16, 4, 4)}))
     with pytest.raises(ValueError, match="channels"):
         anchors.make_yue(d)
     d |= {"channels": 16}

@@ -23,9 +23,11 @@ from refattn.blocks import cross_layer as cl
 from refattn.blocks import non_local as nl
 from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
 from refattn.blocks.spec import MIN_MARGIN, config_to_dict
+from refattn.blocks.specs import cross_layer as cl_spec
+from refattn.blocks.specs import non_local as nl_spec
 from refattn.params import is_buffer
 
-SPEC = cl.SPECS["cross_layer"]
+SPEC = cl_spec.SPECS["cross_layer"]
 PARITY_RTOL = 1e-11
 
 ONE = {"x_q": (2, 4, 2, 3), "x_kv": (2, 3, 3, 3)}
@@ -106,17 +108,17 @@ def test_presets_are_complete_and_match_blocks_md() -> None:
 
 
 def test_resolved_fills_planes_with_the_query_channels() -> None:
-    cfg = cl.PRESETS["seed_fixed"].resolved(ONE)
+    cfg = cl_spec.resolve(cl.PRESETS["seed_fixed"], ONE)
     assert cfg.planes == 4
-    assert cl.PRESETS["cnl"].resolved(ONE) is cl.PRESETS["cnl"]
-    assert cl.CrossLayerConfig(planes=None).resolved(THREE).planes == 4
+    assert cl_spec.resolve(cl.PRESETS["cnl"], ONE) is cl.PRESETS["cnl"]
+    assert cl_spec.resolve(cl.CrossLayerConfig(planes=None), THREE).planes == 4
     assert SPEC.fixture_shapes(dataclasses.replace(cl.PRESETS["seed_fixed"], planes=7))[
         "x_q"][1] == 7
 
 
 def test_param_shapes_three_layers() -> None:
     cfg = cfg_of("cnl", planes=3, bias=True)
-    assert cl.param_shapes(cfg, THREE) == {
+    assert cl_spec.param_shapes(cfg, THREE) == {
         "theta.weight": (3, 4, 1, 1), "theta.bias": (3,),
         "W.weight": (4, 3, 1, 1), "W.bias": (4,),
         **{k: v for m, ck in enumerate((3, 5, 2)) for k, v in {
@@ -143,9 +145,9 @@ def test_preset_parameter_keys(preset: str, form: str) -> None:
     """One key/value layer is kv0 whether the input is named x_kv or x_kv.0."""
     shapes = {"x_q": (2, 6, 3, 3), form: (2, 5, 4, 4)}
     cfg = cl.PRESETS[preset]
-    keys = set(cl.param_shapes(cfg, shapes))
+    keys = set(cl_spec.param_shapes(cfg, shapes))
     assert keys == PRESET_KEYS[preset]
-    params, state = cl.init_params(cfg, shapes, seed=0)
+    params, state = cl_spec.init_params(cfg, shapes, seed=0)
     assert set(params) | set(state) == keys
     assert all(is_buffer(k) for k in state) and not any(is_buffer(k) for k in params)
 
@@ -170,7 +172,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("overrides, words", BAD_CONFIGS)
 def test_bad_configs_name_the_rule_and_value(overrides, words) -> None:
     with pytest.raises(ValueError) as err:
-        cl.CrossLayerConfig(**overrides)
+        cl_spec.check_config(cl.CrossLayerConfig(**overrides))
     for w in words:
         assert w in str(err.value), str(err.value)
 
@@ -179,9 +181,9 @@ def test_out_proj_off_needs_planes_equal_to_query_channels() -> None:
     cfg = cl.CrossLayerConfig(planes=5, out_proj=False, bn=None)
     msg = r"planes \(5\) must equal the query channels Cq \(4\) when out_proj=False"
     with pytest.raises(ValueError, match=msg):
-        cl.param_shapes(cfg, ONE)
+        cl_spec.param_shapes(cfg, ONE)
     with pytest.raises(ValueError, match=msg):
-        cfg.resolved(ONE)
+        cl_spec.resolve(cfg, ONE)
     inputs, params, state = draw(cfg_of("seed_fixed"), ONE)
     with pytest.raises(ValueError, match=msg):
         SPEC.forward(inputs, params, state, cfg)
@@ -210,7 +212,7 @@ BAD_NAMES = [  # (input shapes, words in the message)
 def test_bad_input_names_and_shapes(shapes, words) -> None:
     cfg = cfg_of("cnl", planes=3)
     with pytest.raises(ValueError) as err:
-        cl.param_shapes(cfg, shapes)
+        cl_spec.param_shapes(cfg, shapes)
     for w in words:
         assert w in str(err.value), str(err.value)
     # the same rule from forward, on arrays
@@ -224,9 +226,9 @@ def test_bad_input_names_and_shapes(shapes, words) -> None:
 
 
 def test_kv_input_names_orders_the_layers() -> None:
-    assert cl.kv_input_names(["x_kv.2", "x_q", "x_kv.0", "x_kv.1"]) == [
+    assert cl_spec.kv_input_names(["x_kv.2", "x_q", "x_kv.0", "x_kv.1"]) == [
         "x_kv.0", "x_kv.1", "x_kv.2"]
-    assert cl.kv_input_names({"x_kv": 0, "x_q": 0}) == ["x_kv"]
+    assert cl_spec.kv_input_names({"x_kv": 0, "x_q": 0}) == ["x_kv"]
 
 
 FLAG_MISMATCHES = [
@@ -354,8 +356,8 @@ def test_accumulation_families() -> None:
 def test_fixture_shapes_fit_their_presets() -> None:
     for name, cfg in cl.PRESETS.items():
         shapes = SPEC.fixture_shapes(cfg)
-        cl.param_shapes(cfg, shapes)  # validates
-        kv = cl.kv_input_names(shapes)
+        cl_spec.param_shapes(cfg, shapes)  # validates
+        kv = cl_spec.kv_input_names(shapes)
         assert len(kv) == (2 if cfg.out_proj else 1), name
         # keys/values with their own channels and spatial sizes
         assert len({shapes[k][1:] for k in ["x_q", *kv]}) == len(kv) + 1
@@ -542,7 +544,7 @@ def test_backward_is_linear_keys_match_nothing_mutated(case) -> None:
             assert all(np.array_equal(now[k], before[k]) for k in now)
         else:
             assert np.array_equal(now, before)
-    kv = cl.kv_input_names(shapes)
+    kv = cl_spec.kv_input_names(shapes)
     lq = out_shape[2] * out_shape[3]
     for m, name in enumerate(kv):
         a = outputs[f"aux.attention.{m}"]
@@ -583,14 +585,14 @@ def test_zero_bn_affine_is_the_identity(preset: str, mode: str, shapes) -> None:
 def test_anchor_init_is_the_identity(preset: str) -> None:
     cfg = cl.PRESETS[preset]
     shapes = SPEC.fixture_shapes(cfg)
-    params, state = cl.init_params(cfg, shapes, seed=2, anchor_init=True)
+    params, state = cl_spec.init_params(cfg, shapes, seed=2, anchor_init=True)
     assert all(np.all(v == 0) for k, v in params.items() if ".bn." in k)
     w = params["theta.weight"]
     assert 0.005 < float(np.std(w)) < 0.02  # N(0, 0.01²)
     inputs = {k: np.random.default_rng(0).standard_normal(s) for k, s in shapes.items()}
     outputs, _ = SPEC.forward(inputs, params, state, cfg)
     assert np.array_equal(outputs["out"], inputs["x_q"])
-    params, _ = cl.init_params(cl.PRESETS["seed_fixed"], ONE, seed=2, anchor_init=True)
+    params, _ = cl_spec.init_params(cl.PRESETS["seed_fixed"], ONE, seed=2, anchor_init=True)
     bound = 1 / np.sqrt(4)
     assert np.all(np.abs(params["theta.weight"]) <= bound)
     assert np.any(params["theta.bias"])
@@ -622,7 +624,7 @@ def test_self_attention_is_the_scaled_embedded_gaussian_non_local(bn, bias) -> N
     _, params, state = draw(cfg, {"x_q": x.shape, "x_kv": x.shape}, seed=2)
     dout = cotangent({"x_q": x.shape})
     o1, d1, p1 = run_block(SPEC, cfg, {"x_q": x, "x_kv": x}, params, state, dout)
-    o2, d2, p2 = run_block(nl.SPECS["non_local"], ncfg, {"x": x}, to_non_local(params),
+    o2, d2, p2 = run_block(nl_spec.SPECS["non_local"], ncfg, {"x": x}, to_non_local(params),
                            to_non_local(state), dout)
     assert rel_err(o1["out"], o2["out"]) < 1e-13
     assert rel_err(o1["aux.attention.0"], o2["aux.attention"]) < 1e-13
@@ -755,7 +757,7 @@ def torch_tensors(torch, module, names, inputs, params, state, dout):
     result = module.load_state_dict(sd, strict=False)
     assert not result.unexpected_keys, result
     assert all(k.endswith("num_batches_tracked") for k in result.missing_keys), result
-    order = ["x_q", *cl.kv_input_names(inputs)]
+    order = ["x_q", *cl_spec.kv_input_names(inputs)]
     xs = [torch.tensor(inputs[k], requires_grad=True) for k in order]
     out = module(*xs)
     out.backward(torch.tensor(dout))
@@ -819,7 +821,7 @@ ANCHOR_CASES = [  # (preset, bn mode, overrides, input shapes, factory)
 
 
 def anchor_case(preset, mode, overrides, shapes):
-    cfg = cfg_of(preset, mode, **overrides).resolved(shapes)
+    cfg = cl_spec.resolve(cfg_of(preset, mode, **overrides), shapes)
     inputs, params, state = draw(cfg, shapes, seed=4)
     dout = cotangent(shapes)
     ref = refattn_tensors(cfg, inputs, params, state, dout)
@@ -859,7 +861,7 @@ def test_anchor_factories_refuse_what_they_cannot_express(anchors) -> None:
         anchors.make_cnl(config_to_dict(cl.PRESETS["cnl"]))
     with pytest.raises(ValueError, match="layout"):
         anchors.make_cnl_missing_transpose(d | {"layout": "official_noperm"})
-    s = config_to_dict(cl.PRESETS["seed_fixed"].resolved(shapes_for(1)))
+    s = config_to_dict(cl_spec.resolve(cl.PRESETS["seed_fixed"], shapes_for(1)))
     with pytest.raises(ValueError, match="one key/value layer"):
         anchors.make_seed_fixed(s | {"input_shapes": shapes_for(2)})
     with pytest.raises(ValueError, match="use_scale"):
@@ -872,7 +874,7 @@ def test_official_module_alone_and_in_the_network(torch, anchors) -> None:
     """CNLNet adds the query outside CNL_5: the residual wrapper's output is
     x_q + the module's, with identical parameters under the CNL_5 prefix."""
     shapes = shapes_for(5)
-    cfg = cl.PRESETS["cnl_official_noperm"].resolved(shapes)
+    cfg = cl_spec.resolve(cl.PRESETS["cnl_official_noperm"], shapes)
     net = anchors.make_cnl(config_to_dict(cfg) | {"input_shapes": shapes})
     alone = anchors.make_cnl(config_to_dict(dataclasses.replace(cfg, residual=False))
                              | {"input_shapes": shapes})
@@ -891,7 +893,7 @@ SEED_CFG = cl.PRESETS["seed_fixed"]
 
 def seed_run(torch, anchors, shapes, fixes, seed=4):
     """(snippet module's output or the exception it raised, refattn seed_fixed)."""
-    cfg = SEED_CFG.resolved(shapes)
+    cfg = cl_spec.resolve(SEED_CFG, shapes)
     inputs, params, state = draw(cfg, shapes, seed=seed)
     ref = refattn_tensors(cfg, inputs, params, state, cotangent(shapes))
     module = anchors.make_seed_snippet(config_to_dict(cfg) | {"input_shapes": shapes},
@@ -979,7 +981,7 @@ def test_seed_bug_view_without_transpose(torch, anchors) -> None:
     out, module, ref, _ = seed_run(torch, anchors, GENERIC, all_but("view"))
     assert rel_err(module.last_attention[0].numpy(), ref["aux.attention.0"]) < 1e-13
     assert rel_err(out, ref["out"]) > 0.1
-    cfg = dataclasses.replace(SEED_CFG, layout="official_noperm").resolved(GENERIC)
+    cfg = cl_spec.resolve(dataclasses.replace(SEED_CFG, layout="official_noperm"), GENERIC)
     inputs, params, state = draw(cfg, GENERIC, seed=4)
     noperm = refattn_tensors(cfg, inputs, params, state, cotangent(GENERIC))
     assert rel_err(out, noperm["out"]) < 1e-13

@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn import backend
-from refattn.blocks.gap import SPECS, GapConfig
+from refattn.blocks.gap import GapConfig
 from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
 from refattn.blocks.spec import config_to_dict
+from refattn.blocks.specs.gap import SPECS
 
 SPEC = SPECS["gap"]
 PARITY_RTOL = 1e-12
@@ -200,10 +201,10 @@ def test_contract_details():
 def test_bad_input_raises():
     cfg = SPEC.config()
     with pytest.raises(TypeError, match="keepdim: expected True or False, got 1"):
-        GapConfig(keepdim=1)
+        SPECS["gap"].check_config(GapConfig(keepdim=1))
     with pytest.raises(ValueError, match="x: expected a 3 or 4 or 5-D array"):
         SPEC.forward({"x": np.zeros((2, 3))}, {}, {}, cfg)
-    with pytest.raises(ValueError, match="params: unexpected weight for gap"):
+    with pytest.raises(ValueError, match=r"params: unexpected key\(s\) 'weight'.*gap config"):
         SPEC.forward({"x": np.zeros((2, 3, 4, 4))}, {"weight": np.zeros(3)}, {}, cfg)
     x = np.zeros((2, 3, 4, 4))
     x[1, 2, 3, 3] = np.inf

@@ -33,7 +33,7 @@ def test_flops_match_a_count_by_hand(name: str) -> None:
     spec = BLOCKS[name]
     cfg = spec.config()
     shapes = {"x": (2, 16, 5, 7)}
-    cfg = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
+    cfg = spec.resolve(cfg, shapes)
     assert spec.flops(cfg, shapes) == _flop_count_by_hand(name, cfg, shapes)
     # and it grows with the batch linearly, as every term does
     twice = {"x": (4, 16, 5, 7)}
@@ -46,7 +46,7 @@ def test_every_spec_field_is_usable(name: str) -> None:
     if spec.bench is not None:  # a benchmark case needs a FLOP count and a config
         assert spec.flops is not None
         cfg = spec.config(spec.bench.preset, **dict(spec.bench.overrides))
-        cfg = cfg.resolved(spec.bench.shapes) if hasattr(cfg, "resolved") else cfg
+        cfg = spec.resolve(cfg, spec.bench.shapes)
         spec.param_shapes(cfg, spec.bench.shapes)  # valid at the standard shapes
         assert spec.flops(cfg, spec.bench.shapes) >= 0 and spec.bench.note
     if spec.figure is not None:

@@ -637,7 +637,7 @@ def test_block_presets_match_numpy(gpu: Gpu, block: str, cfg: Any, dtype: str) -
 
     spec = BLOCKS[block]
     shapes = spec.fixture_shapes(cfg)
-    cfg = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
+    cfg = spec.resolve(cfg, shapes)
     margin = BLOCK_MARGIN[dtype]
     for seed in range(MAX_REDRAWS):  # a draw away from ReLU kinks and max ties
         host = _block_draw(spec, cfg, shapes, dtype, seed)
@@ -711,7 +711,7 @@ def test_cgnl_taylor_moments_take_their_kernel(gpu: Gpu, order: int, kernels: bo
     spec = BLOCKS["cgnl"]
     cfg = spec.config("yue_gaussian", order=order, beta=beta, norm=None)
     shapes = spec.fixture_shapes(cfg)
-    cfg = cfg.resolved(shapes)
+    cfg = spec.resolve(cfg, shapes)
     host = _block_draw(spec, cfg, shapes, "float64", 0)
     cot = np.random.default_rng(2).standard_normal(shapes["x"])
     gpu.launched.clear()

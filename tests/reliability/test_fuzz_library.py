@@ -233,7 +233,7 @@ def _one_example(data: st.DataObject, counter: str) -> None:
                    "spatial", "kernel", "groups", "H", "W", "param_shapes"]
     try:
         spec.param_shapes(cfg, shapes)  # validates the shapes
-        resolved = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
+        resolved = spec.resolve(cfg, shapes)
         spec.param_shapes(resolved, shapes)
         inputs, params, state = draw_case(spec, resolved, shapes,
                                           seed=data.draw(st.integers(0, 3)))
