@@ -29,15 +29,14 @@ def golden_cases(root: str | Path, *, block: str | None = None,
     Directory links are followed.  A tree entry that cannot be searched (a
     link loop, a dangling link, a link to a file, an unreadable directory)
     raises ``FixtureError`` naming it, at collection, rather than leaving its
-    cases out of the run unnoticed.
+    cases out of the run unnoticed; so does a case whose manifest cannot be
+    read (truncated, not JSON, a FIFO: never waited on), naming the file.
     """
-    import json
-
-    from refattn.golden.format import find_cases
+    from refattn.golden.format import find_cases, load_manifest
 
     out = []
     for path in find_cases(Path(root)):
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = load_manifest(path)
         if block is not None and manifest.get("block") != block:
             continue
         if dtype is not None and manifest.get("dtype") != dtype:

@@ -25,7 +25,8 @@ import stat
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["NotRegularFile", "TooLarge", "open_regular", "read_regular", "shown"]
+__all__ = ["DirectorySnapshot", "NotRegularFile", "TooLarge", "display_path", "open_regular",
+           "printable", "read_regular", "shown"]
 
 SHOWN_CHARS = 120
 """Characters of a quoted value kept in a message (the rest is counted)."""
@@ -104,17 +105,22 @@ def read_regular(path: str | os.PathLike[str], *, limit: int, what: str = "",
     return data
 
 
-def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
-    """`value` quoted for a one-line message: ``repr`` for strings (escapes
-    every control and non-printable character, ESC included), ``repr`` of
-    anything else with the same escaping, at most `limit` characters of it,
-    and a count of what was left out."""
-    text = repr(value)
+def printable(text: str, limit: int = 4000) -> str:
+    """`text` with every non-printable character escaped (``\\x1b``,
+    ``\\n``, ...) and at most `limit` characters of it kept: safe to print
+    on one terminal line."""
     text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
                    for c in text)
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """`value` quoted for a one-line message: its ``repr`` (which quotes a
+    string), every non-printable character escaped (ESC included), at most
+    `limit` characters of it and a count of what was left out."""
+    return printable(repr(value), limit)
 
 
 def display_path(path: str | os.PathLike[str]) -> str:

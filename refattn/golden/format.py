@@ -60,6 +60,7 @@ from refattn.golden.manifest import (
     validate_manifest,
 )
 from refattn.golden.publish import (
+    _check_replaceable,
     _fsync_dir,
     _locked,
     _make_temp_dir,
@@ -433,6 +434,8 @@ def write_case(
         raise CaseExistsError(
             f"{final}: case exists; pass --force (force=True) to replace it"
         )
+    if os.path.lexists(final):
+        _check_replaceable(final)  # refused before anything is written
     block_dir.mkdir(parents=True, exist_ok=True)
     with _locked(block_dir):
         _sweep_stale(block_dir)

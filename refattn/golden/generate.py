@@ -58,6 +58,9 @@ __all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "all_requests",
            "expand_requests", "generate_case"]
 
 MAX_REDRAWS = 100
+MAX_SEED = 2**63 - 1
+"""The largest case seed: the case id spells it (``-s<seed>``, 128 characters
+at most) and every seed of 63 bits fits."""
 MIN_MARGIN_FLOAT32 = 2e-5
 """float32 fixtures keep a wider margin: a correct float32 implementation's
 round-off in a K-term pre-activation is about 6e-8*sqrt(K) of its rms (2.7e-6
@@ -158,16 +161,17 @@ def expand_requests(block: str, preset: str | None, overrides: Mapping[str, Any]
     return [(req, spec.with_bn_mode(cfg, m)) for m in ("train", "eval")]
 
 
-def all_requests(dtypes: tuple[str, ...] = ("float64", "float32")
+def all_requests(dtypes: tuple[str, ...] = ("float64", "float32"), *, seed: int = 0
                  ) -> list[tuple[CaseRequest, Any]]:
     """Every preset of every block (or its default config) in each dtype: the
-    cases of ``refattn golden --all`` and of the committed golden/ set."""
+    cases of ``refattn golden --all [--seed K]`` and, with seed 0, of the
+    committed golden/ set."""
     out = []
     for name, spec in BLOCKS.items():
         presets = list(spec.presets) or [None]
         for preset in presets:
             for dtype in dtypes:
-                out += expand_requests(name, preset, {}, dtype=dtype)
+                out += expand_requests(name, preset, {}, dtype=dtype, seed=seed)
     return out
 
 
@@ -218,6 +222,10 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
     """Draw, run forward and backward in float64, and collect one case."""
     if req.dtype not in backend.FLOAT_DTYPES:
         raise ValueError(f"dtype: expected float32 or float64, got {req.dtype!r}")
+    if (not isinstance(req.seed, int) or isinstance(req.seed, bool)
+            or not 0 <= req.seed <= MAX_SEED):
+        raise ValueError(f"seed: expected an int from 0 to 2**63-1, got "
+                         f"{str(req.seed)[:40]!r}")
     spec = BLOCKS[req.block]
     if xp is None:
         import array_api_compat.numpy as xp  # the default backend
