@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from refattn.cli.common import signals_deferred
+from refattn.cli.sizes import check_requests
 from refattn.cli.options import (
     backend_option,
     config_options,
@@ -66,6 +67,7 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     else:
         requests = expand_requests(require_block(block), preset, overrides,
                                    shapes=shapes, dtype=dtype, seed=seed)
+    check_requests(requests)  # refuse what cannot fit before drawing anything
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out: {out} exists and is not a directory")
     if (out / "manifest.json").exists():  # cases inside a case are never found

@@ -179,6 +179,8 @@ _EOCD = struct.Struct("<4s4H2IH")  # end of central directory, 22 bytes
 _ZIP64_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes
 _ZIP64_EOCD = struct.Struct("<4sQ2H2I4Q")  # 56 bytes
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # 30 bytes
+_EOCD_MAX = (0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+"""What the end record holds in a field whose value only the zip64 record has."""
 
 
 # kept with any reader: np.load (zipfile) fails test_appended_tail, test_appended_tails
@@ -201,11 +203,19 @@ def _npz_end_problems(f: IO[bytes], where: str) -> list[str]:
             "(truncated, or data appended)"
         ]
     end_of_cd = size - _EOCD.size
-    if 0xFFFFFFFF in (size_cd, offset_cd) or 0xFFFF in (n_here, n_total):
+    f.seek(max(end_of_cd - _ZIP64_LOCATOR.size, 0))
+    if f.read(4) == b"PK\x06\x07":  # zipfile writes zip64 records past 2 GiB
         zip64 = _zip64_end(f, end_of_cd, where)
         if isinstance(zip64, str):
             return [zip64]
+        fields = (disk, cd_disk, n_here, n_total, size_cd, offset_cd)
+        if any(v not in (w, m) for v, w, m in zip(fields, zip64, _EOCD_MAX)):
+            return [f"{where}: the zip end record and the zip64 end record disagree; "
+                    "refusing an ambiguous archive"]
         disk, cd_disk, n_here, n_total, size_cd, offset_cd, end_of_cd = zip64
+    elif 0xFFFFFFFF in (size_cd, offset_cd) or 0xFFFF in (n_here, n_total):
+        return [f"{where}: the zip end record refers to zip64 end records that are "
+                "not there (truncated archive)"]
     if disk or cd_disk or n_here != n_total:
         return [f"{where}: a multi-disk zip archive; refusing it"]
     if offset_cd + size_cd != end_of_cd:

@@ -54,8 +54,8 @@ from refattn.blocks.spec import (
 from refattn.golden.strength import MAX_RTOL, tolerance_weaknesses
 from refattn.golden.tolerance import tolerance_for
 
-__all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "all_requests",
-           "expand_requests", "generate_case"]
+__all__ = ["MAX_REDRAWS", "MAX_SEED", "CaseRequest", "GeneratedCase", "all_requests",
+           "case_shapes", "expand_requests", "generate_case"]
 
 MAX_REDRAWS = 100
 MAX_SEED = 2**63 - 1
@@ -217,6 +217,18 @@ def _index(name: str) -> tuple[int, str]:
     return (int(suffix), name) if suffix.isdigit() else (-1, name)
 
 
+def case_shapes(req: CaseRequest, cfg: Any
+                ) -> tuple[dict[str, tuple[int, ...]], Any, dict[str, tuple[int, ...]]]:
+    """(input shapes, resolved config, parameter and buffer shapes) of a
+    request, computed without drawing anything; the parameter shapes also
+    validate channels, groups and sizes against the config."""
+    spec = BLOCKS[req.block]
+    shapes = check_input_shapes(merge_shapes(spec.fixture_shapes(cfg), req.shapes))
+    resolved = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
+    params = {k: tuple(v) for k, v in spec.param_shapes(resolved, shapes).items()}
+    return shapes, resolved, params
+
+
 def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = None
                   ) -> GeneratedCase:
     """Draw, run forward and backward in float64, and collect one case."""
@@ -229,9 +241,7 @@ def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = N
     spec = BLOCKS[req.block]
     if xp is None:
         import array_api_compat.numpy as xp  # the default backend
-    shapes = check_input_shapes(merge_shapes(spec.fixture_shapes(cfg), req.shapes))
-    resolved = cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
-    spec.param_shapes(resolved, shapes)  # validates channels, groups, sizes
+    shapes, resolved, _ = case_shapes(req, cfg)
     rounding = np.float32 if req.dtype == "float32" else np.float64
     scales = spec.draw_scales(resolved, shapes) if spec.draw_scales else {}
     min_margin = MIN_MARGIN_FLOAT32 if req.dtype == "float32" else MIN_MARGIN
