@@ -69,16 +69,15 @@ def open_regular(path: str | os.PathLike[str], *, limit: int | None = None,
         OSError: it cannot be opened (missing, no permission).
     """
     lead = f"{what}: " if what else ""
+    name: str | os.PathLike[str] = path if dir_fd is None else Path(path).name
+    _require_regular(os.stat(name, dir_fd=dir_fd).st_mode, path, lead)  # a socket
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = (os.open(path, flags) if dir_fd is None
-          else os.open(Path(path).name, flags, dir_fd=dir_fd))
+    fd = os.open(name, flags, dir_fd=dir_fd)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(f"{lead}{path}: is {_kind(st.st_mode)}, not a regular "
-                                 "file; refusing to read it")
+        st = os.fstat(fd)  # again: what was opened, not what was there before
+        _require_regular(st.st_mode, path, lead)
         if limit is not None and st.st_size > limit:
-            raise TooLarge(f"{lead}{path}: {st.st_size} bytes, more than the "
+            raise TooLarge(f"{lead}{display_path(path)}: {st.st_size} bytes, more than the "
                            f"{limit}-byte limit for this file; refusing to read it")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
@@ -88,6 +87,12 @@ def open_regular(path: str | os.PathLike[str], *, limit: int | None = None,
         raise
 
 
+def _require_regular(mode: int, path: str | os.PathLike[str], lead: str) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(f"{lead}{display_path(path)}: is {_kind(mode)}, not a "
+                             "regular file; refusing to read it")
+
+
 def read_regular(path: str | os.PathLike[str], *, limit: int, what: str = "",
                  file: IO[bytes] | None = None) -> bytes:
     """The bytes of a regular file of at most `limit` bytes (``open_regular``),
@@ -95,9 +100,9 @@ def read_regular(path: str | os.PathLike[str], *, limit: int, what: str = "",
     With `file` (already opened by ``open_regular``), that file is read."""
     if file is None:
         with open_regular(path, limit=limit, what=what) as f:
-            data = f.read(limit + 1)
+            data = _read_bounded(f, limit + 1)
     else:
-        data = file.read(limit + 1)
+        data = _read_bounded(file, limit + 1)
     if len(data) > limit:
         lead = f"{what}: " if what else ""
         raise TooLarge(f"{lead}{path}: grew past the {limit}-byte limit while being "
@@ -114,6 +119,19 @@ def printable(text: str, limit: int = 4000) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _read_bounded(f: IO[bytes], most: int) -> bytes:
+    """At most `most` bytes of `f`, in chunks of what the file holds: a read
+    of n bytes allocates n bytes before it reads, however short the file."""
+    chunks, total = [], 0
+    while total < most:
+        chunk = f.read(min(most - total, max(os.fstat(f.fileno()).st_size, 4096)))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:

@@ -283,7 +283,8 @@ def find_cases(root: str | os.PathLike[str], *,
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable,
                                                 followlinks=True):
         above = on_path.pop(dirpath)
-        if MANIFEST_NAME in filenames:
+        if MANIFEST_NAME in filenames or MANIFEST_NAME in dirnames:  # the latter: a
+            # directory where the manifest belongs, which verify must report
             found.append(Path(dirpath))
             dirnames[:] = []
             continue
