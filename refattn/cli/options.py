@@ -149,7 +149,7 @@ def resolve_backend(name: str) -> tuple[Any, Any]:
     return xp, None
 
 
-REPORT_KEYS = frozenset({"case", "ok", "mode", "checks", "evaluations"})
+REPORT_KEYS = frozenset({"case", "ok", "mode", "tensors", "evaluations"})
 """Keys of every entry of a ``gradcheck --json`` report."""
 
 
