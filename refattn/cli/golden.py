@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from refattn.cli.common import signals_deferred
-from refattn.cli.sizes import check_requests
 from refattn.cli.options import (
     backend_option,
     config_options,
@@ -19,6 +18,7 @@ from refattn.cli.options import (
     require_block,
     resolve_backend,
 )
+from refattn.cli.sizes import check_requests
 from refattn.golden.format import FORMATS
 
 

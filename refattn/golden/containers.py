@@ -27,7 +27,6 @@ from refattn.golden.files import display_path, shown
 from refattn.golden.manifest import (
     _FLOATS,
     _SAFETENSORS_DTYPES,
-    FILE_NAMES,
     METADATA_KEY,
     _is_int,
     _parse_json,

@@ -25,7 +25,13 @@ from typing import IO, Any
 import numpy as np
 
 from refattn.golden.errors import FixtureError, _raise_problems
-from refattn.golden.files import TooLarge, display_path, open_regular, read_regular, shown
+from refattn.golden.files import (
+    TooLarge,
+    display_path,
+    open_regular,
+    read_regular,
+    shown,
+)
 from refattn.golden.tolerance import tolerance_for
 
 SCHEMA = "refattn-golden/1"

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import FIGURES, assert_one_error_line, perfect_results, write_small_case
+
 from refattn.cli import main
 from refattn.golden.format import (
     FixtureError,
@@ -347,7 +347,7 @@ def test_second_central_directory(case: Path) -> None:
     arrays = _npz_case_arrays(case)
     good = _npz_bytes(arrays)
     evil = _npz_bytes(_evil_arrays(arrays))
-    offset, size = _eocd(good)
+    offset, _ = _eocd(good)
     eocd = bytearray(good[-22:])
     eocd[16:20] = struct.pack("<I", offset + len(evil))
     data = good[:offset] + evil + good[offset:-22] + bytes(eocd)

@@ -39,7 +39,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import (
     FIGURES,
     assert_one_error_line,
@@ -47,6 +46,7 @@ from conftest import (
     subprocess_env,
     write_small_case,
 )
+
 from refattn.blocks.registry import BLOCKS
 from refattn.cli import main
 from refattn.cli import sizes as cli_sizes
@@ -410,7 +410,7 @@ def test_empty_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def _case_dir(tmp_path: Path) -> Path:
     """Where `golden --block gap` writes its case under tmp_path/out."""
-    req, cfg = expand_requests("gap", None, {})[0]
+    req, _ = expand_requests("gap", None, {})[0]
     return tmp_path / "out" / "gap" / req.case_id(None)
 
 
