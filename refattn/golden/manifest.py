@@ -457,6 +457,25 @@ def manifest_open_problem(path: Path, err: Exception) -> str:
 def parse_manifest(file: IO[bytes], path: Path) -> dict[str, Any]:
     """Read (at most ``_MAX_MANIFEST_BYTES``), parse and validate an opened
     manifest file; ``FixtureError`` naming `path` and the first problem."""
+    manifest = _manifest_json(file, path)
+    _raise_problems(validate_manifest(manifest, display_path(path)))
+    return manifest
+
+
+def manifest_json(case_dir: str | os.PathLike[str]) -> Any:
+    """The parsed JSON of ``<case_dir>/manifest.json``, not validated (a
+    regular file of at most 64 MiB, strict JSON); ``FixtureError`` naming
+    the file when it cannot be read or parsed."""
+    path = Path(case_dir) / MANIFEST_NAME
+    try:
+        file = open_regular(path)
+    except (OSError, ValueError) as err:
+        raise FixtureError(manifest_open_problem(path, err)) from None
+    with file:
+        return _manifest_json(file, path)
+
+
+def _manifest_json(file: IO[bytes], path: Path) -> Any:
     where = display_path(path)
     try:
         manifest = _parse_json(read_regular(path, limit=_MAX_MANIFEST_BYTES,
@@ -468,7 +487,6 @@ def parse_manifest(file: IO[bytes], path: Path) -> dict[str, Any]:
         raise FixtureError(f"{where}: cannot be read ({err.strerror or err})") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise FixtureError(f"{where}: not valid JSON ({shown(str(err))})") from None
-    _raise_problems(validate_manifest(manifest, where))
     return manifest
 
 
