@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -228,11 +229,14 @@ def test_a_case_that_fits_is_not_refused(little_memory: None, tmp_path: Path) ->
     assert res.exit_code == 0, res.output
 
 
-def _vm_size_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmSize")
+def _child_vm_size() -> int:
+    """The address space a fresh refattn process maps once its CLI is loaded."""
+    code = ("import refattn.cli.main, refattn.golden.generate, pathlib; print(next("
+            "ln.split()[1] for ln in pathlib.Path('/proc/self/status').read_text()"
+            ".splitlines() if ln.startswith('VmSize:')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=subprocess_env(), check=True)
+    return int(out.stdout) * 1024
 
 
 def test_golden_under_a_real_address_space_limit(tmp_path: Path) -> None:
@@ -241,7 +245,7 @@ def test_golden_under_a_real_address_space_limit(tmp_path: Path) -> None:
     if shutil.which("prlimit") is None or not Path("/proc/self/status").is_file():
         pytest.skip("needs prlimit and /proc (Linux)")
     # room for the interpreter and its libraries, far less than the case needs
-    limit = 1200 * 2**20 + 2 * _vm_size_kib() * 1024
+    limit = _child_vm_size() + 2**30
     cmd = ["prlimit", f"--as={limit}", *refattn_cmd(*BIG_GAP, "--out",
                                                      str(tmp_path / "out"))]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
