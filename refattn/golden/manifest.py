@@ -436,13 +436,10 @@ def load_manifest(case_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not Path(case_dir).is_dir():
         raise FixtureError(f"{display_path(case_dir)}: not a directory (expected a "
                            "fixture case)")
-    path = Path(case_dir) / MANIFEST_NAME
-    try:
-        file = open_regular(path)
-    except (OSError, ValueError) as err:
-        raise FixtureError(manifest_open_problem(path, err)) from None
-    with file:
-        return parse_manifest(file, path)
+    manifest = manifest_json(case_dir)
+    _raise_problems(validate_manifest(manifest, display_path(Path(case_dir) /
+                                                             MANIFEST_NAME)))
+    return manifest  # type: ignore[no-any-return]
 
 
 def manifest_open_problem(path: Path, err: Exception) -> str:
