@@ -206,9 +206,16 @@ def _new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
+SOFTWARE = "refattn"
+"""The PNG ``Software`` text of every plot refattn writes: the mark by which
+``--plot`` recognizes a file it may replace (``cli.plot_options``)."""
+
+
 def _save(fig: Any, path: str | Path) -> Path:
+    from refattn import __version__
+
     path = Path(path)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", metadata={"Software": f"{SOFTWARE} {__version__}"})
     return path
 
 

@@ -29,15 +29,18 @@ def golden_cases(root: str | Path, *, block: str | None = None,
     Directory links are followed.  A tree entry that cannot be searched (a
     link loop, a dangling link, a link to a file, an unreadable directory)
     raises ``FixtureError`` naming it, at collection, rather than leaving its
-    cases out of the run unnoticed.
+    cases out of the run unnoticed; so does a case whose manifest cannot be
+    read (truncated, not JSON, a FIFO: never waited on), naming the file.
     """
-    import json
-
     from refattn.golden.format import find_cases
+    from refattn.golden.manifest import manifest_json
 
     out = []
     for path in find_cases(Path(root)):
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = manifest_json(path)
+        if not isinstance(manifest, dict):  # of no block: kept, so that the
+            out.append(path)  # test using it fails naming the problem
+            continue
         if block is not None and manifest.get("block") != block:
             continue
         if dtype is not None and manifest.get("dtype") != dtype:

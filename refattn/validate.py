@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from refattn.golden.files import printable, shown
 from refattn.golden.strength import CHECKED_PREFIXES, tolerance_weaknesses
 
 __all__ = [
@@ -286,29 +287,63 @@ def compare_tensor(name: str, expected: np.ndarray, actual: np.ndarray, rtol: fl
     return row
 
 
-def load_results(path: str | Path) -> dict[str, np.ndarray]:
-    """A results file: safetensors or npz (never unpickled), fixture key names."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValidationInputError(f"--results: no such file: {p}")
-    if p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                return {k: np.asarray(z[k]) for k in z.files}
-        except ValueError as err:
-            raise ValidationInputError(f"{p}: cannot read npz safely: {err}") from err
-        except Exception as err:
-            raise ValidationInputError(f"{p}: not a readable npz file ({err})") from err
-    if p.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+RESULTS_HEADER_LIMIT = 16 * 2**20
+"""The longest safetensors header a results file may have: room for far more
+tensors than any case holds, while its parse stays small in memory."""
 
-        try:
-            return dict(load_file(str(p)))
-        except Exception as err:
-            raise ValidationInputError(
-                f"{p}: not a readable safetensors file ({' '.join(str(err).split())})"
-            ) from err
-    raise ValidationInputError(f"--results: expected a .safetensors or .npz file, got {p}")
+
+def load_results(path: str | Path) -> dict[str, np.ndarray]:
+    """A results file: safetensors or npz (never unpickled), fixture key names.
+    Only a regular file is read (a FIFO or a device is refused unread), and
+    a safetensors header longer than ``RESULTS_HEADER_LIMIT`` is refused
+    before it is parsed."""
+    from refattn.golden.files import display_path, open_regular
+
+    p = Path(path)
+    where = display_path(p)
+    if p.suffix not in (".npz", ".safetensors"):
+        raise ValidationInputError(
+            f"--results: expected a .safetensors or .npz file, got {where}")
+    try:
+        file = open_regular(p, what="--results")
+    except FileNotFoundError:
+        raise ValidationInputError(f"--results: no such file: {where}") from None
+    except OSError as err:
+        raise ValidationInputError(f"--results: {where}: cannot be read "
+                                   f"({err.strerror or err})") from None
+    except ValueError as err:
+        raise ValidationInputError(str(err)) from None
+    with file:
+        if p.suffix == ".npz":
+            try:
+                with np.load(file, allow_pickle=False) as z:
+                    return {k: np.asarray(z[k]) for k in z.files}
+            except ValueError as err:
+                raise ValidationInputError(
+                    f"{where}: cannot read npz safely: {shown(str(err))}") from err
+            except Exception as err:
+                raise ValidationInputError(
+                    f"{where}: not a readable npz file ({shown(str(err))})") from err
+        return _load_safetensors_results(file, where)
+
+
+def _load_safetensors_results(file: Any, where: str) -> dict[str, np.ndarray]:
+    import struct
+
+    from safetensors.numpy import load
+
+    head = file.read(8)
+    if len(head) == 8 and struct.unpack("<Q", head)[0] > RESULTS_HEADER_LIMIT:
+        raise ValidationInputError(
+            f"{where}: safetensors header claims {struct.unpack('<Q', head)[0]} "
+            f"bytes, more than the {RESULTS_HEADER_LIMIT}-byte limit for a results "
+            "file; refusing it")
+    try:
+        return dict(load(head + file.read()))
+    except Exception as err:
+        raise ValidationInputError(
+            f"{where}: not a readable safetensors file "
+            f"({shown(' '.join(str(err).split()))})") from err
 
 
 def check_real_float(name: str, value: Any, subject: str) -> np.ndarray:
@@ -360,7 +395,7 @@ def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "r
     unknown = sorted(set(results) - set(case.tensors))
     if unknown:
         raise ValidationInputError(
-            f"{subject}: keys not in the fixture: {', '.join(unknown)} "
+            f"{subject}: keys not in the fixture: {printable(', '.join(unknown), 400)} "
             f"(checkable keys: {', '.join(sorted(expected))})"
         )
     ignored = sorted(k for k in results if k in case.tensors and k not in expected)
@@ -403,7 +438,7 @@ def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "r
         require=require,
     )
     if not report.checked:
-        provided = ", ".join(sorted(results)) or "nothing"
+        provided = printable(", ".join(sorted(results)), 400) or "nothing"
         raise ValidationInputError(
             f"{subject}: provides none of the fixture's checkable tensors (gave {provided}"
             + (f"; inputs/params are not compared: {', '.join(ignored)}" if ignored else "")

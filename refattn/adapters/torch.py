@@ -151,11 +151,7 @@ def build_name_map(case: Any, names: str | Mapping[str, str]) -> dict[str, str]:
             )
         return {k: anchor.get(k, k) for k in canonical}
     if isinstance(names, str):
-        path = Path(names)
-        try:
-            user = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValidationInputError(f"--names: cannot read JSON map {path}: {err}") from err
+        user = _read_name_map(Path(names))
     else:
         user = dict(names)
     if not isinstance(user, dict) or not all(isinstance(v, str) for v in user.values()):
@@ -167,6 +163,52 @@ def build_name_map(case: Any, names: str | Mapping[str, str]) -> dict[str, str]:
             f"{', '.join(unknown)} (known: {', '.join(sorted(canonical)) or 'none'})"
         )
     return {k: user.get(k, k) for k in canonical}
+
+
+NAME_MAP_LIMIT = 2**20
+"""The largest --names JSON map read (a map of a few hundred names is ~10 kB)."""
+
+
+def _read_name_map(path: Path) -> Any:
+    """The user's JSON map: a regular UTF-8 file of at most ``NAME_MAP_LIMIT``
+    bytes (a FIFO or a device is refused unread)."""
+    from refattn.golden.files import display_path, read_regular, shown
+
+    where = display_path(path)
+    try:
+        data = read_regular(path, limit=NAME_MAP_LIMIT, what="--names")
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValidationInputError(
+            f"--names: cannot read JSON map {where}: not UTF-8 text (byte "
+            f"{err.start}: {err.object[err.start:err.start + 1]!r})") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValidationInputError(
+            f"--names: cannot read JSON map {where}: {shown(str(err))}") from None
+    except OSError as err:
+        raise ValidationInputError(
+            f"--names: cannot read JSON map {where}: {err.strerror or err}") from None
+    except ValueError as err:  # not a regular file, or too large
+        raise ValidationInputError(str(err)) from None
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Devices whose tensors hold data that can be read back (not ``meta``)."""
+
+
+def _torch_device(torch: Any, device: Any) -> Any:
+    """``torch.device(device)``, or ``ValidationInputError`` naming --device."""
+    from refattn.golden.files import shown
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in _DEVICE_TYPES:
+        raise ValidationInputError(
+            f"--device: expected a torch device of type {', '.join(_DEVICE_TYPES)} "
+            f"(e.g. cpu, cuda:0), got {shown(device)}") from None
+    return parsed
 
 
 def factory_config(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,7 +238,8 @@ def run_torch_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
     torch = _torch()
     manifest = case.manifest
     dtype = {"float32": torch.float32, "float64": torch.float64}[manifest["dtype"]]
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    device = _torch_device(torch, device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValidationInputError("--device cuda: torch sees no CUDA device")
     who = f"the factory {_label(factory)}"
     with _TheirCode(who, "while building the module") as their:

@@ -14,9 +14,11 @@ from refattn.cli.common import signals_deferred
 from refattn.cli.options import (
     backend_option,
     config_options,
+    out_dir,
     require_block,
     resolve_backend,
 )
+from refattn.cli.sizes import check_requests
 from refattn.golden.format import FORMATS
 
 
@@ -35,8 +37,8 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tu
 @config_options
 @click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
               show_default=True, help="Dtype of the stored tensors (reference math is float64).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("refattn-golden"), show_default=True,
+@click.option("--out", "out", type=click.Path(file_okay=False), callback=out_dir,
+              default="refattn-golden", show_default=True,
               help="Root directory; cases go to OUT/<block>/<case-id>/.")
 @click.option("--format", "formats", default=",".join(FORMATS), show_default=True,
               callback=_parse_formats, help="Tensor files to write.")
@@ -61,10 +63,11 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     if all_cases:
         if block or preset or overrides or shapes:
             raise click.UsageError("--all takes no --block, --preset, --set or --shape")
-        requests = all_requests()
+        requests = all_requests(seed=seed)
     else:
         requests = expand_requests(require_block(block), preset, overrides,
                                    shapes=shapes, dtype=dtype, seed=seed)
+    check_requests(requests)  # refuse what cannot fit before drawing anything
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out: {out} exists and is not a directory")
     if (out / "manifest.json").exists():  # cases inside a case are never found

@@ -15,6 +15,12 @@ from refattn.cli.options import (
     write_report,
 )
 from refattn.cli.plot_options import plot_option, require_plot, wrote
+from refattn.cli.sizes import (
+    DEFAULT_MAX_EVALS,
+    check_full_mode,
+    check_requests,
+    full_mode_cost,
+)
 
 
 @click.command("gradcheck")
@@ -23,12 +29,16 @@ from refattn.cli.plot_options import plot_option, require_plot, wrote
               show_default=True, help="Directional probes, every element, or the slope test.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the reports as JSON to this file.")
+@click.option("--max-evals", type=click.IntRange(min=1), default=DEFAULT_MAX_EVALS,
+              show_default=True,
+              help="--mode full refuses to make more forward evaluations than this "
+                   "(it states the count and estimated time before it starts).")
 @plot_option("Also draw the finite-difference error against the step size "
              "(h = 1e-1 ... 1e-14, float64 and float32 panels) to this PNG.")
 @click.pass_context
 def gradcheck_cmd(ctx: click.Context, block: str | None, preset: str | None,
                   overrides: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None,
-                  seed: int, mode: str, json_path: Path | None,
+                  seed: int, mode: str, max_evals: int, json_path: Path | None,
                   plot_path: Path | None) -> None:
     """Finite-difference check of BLOCK's backward in float64 (exit 1 on failure).
 
@@ -49,11 +59,17 @@ def gradcheck_cmd(ctx: click.Context, block: str | None, preset: str | None,
         check_report_path(json_path, "--json")
     plot = None if plot_path is None else require_plot(plot_path)
     reports, curves = [], []
-    for req, cfg in expand_requests(name, preset, overrides, shapes=shapes, seed=seed):
+    requests = expand_requests(name, preset, overrides, shapes=shapes, seed=seed)
+    check_requests(requests)  # refuse what cannot fit before drawing anything
+    for req, cfg in requests:
         case = generate_case(req, cfg)
         inputs, params, state = split_case(case.tensors)
         config = config_from_dict(spec.config_cls, case.manifest["config"])
         resolved = spec.check_config(config)
+        if mode == "full":
+            cost = full_mode_cost(spec, resolved, inputs, params, state)
+            click.echo(check_full_mode(f"{name}/{case.case_id}", cost, max_evals),
+                       err=True)
         report = gradcheck_block(spec, resolved, inputs, params, state, mode=mode,
                                  seed=seed)
         click.echo(f"{name}/{case.case_id}")

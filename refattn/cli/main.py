@@ -15,6 +15,7 @@ import click
 
 from refattn import __version__
 from refattn.cli import golden, gradcheck, info, list_cmd, show, validate, verify
+from refattn.golden.files import printable
 
 
 class RefattnGroup(click.Group):
@@ -56,7 +57,10 @@ class RefattnGroup(click.Group):
         try:
             with _stdout_until_the_reader_leaves():
                 return super().invoke(ctx)
-        except (click.exceptions.Exit, click.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except click.ClickException as err:  # its message may quote their text
+            err.message = printable(" ".join(str(err.message).split()), ERROR_CHARS)
             raise
         except BrokenPipeError:
             # a pipe closed under a stream other than sys.stdout (stderr, say):
@@ -71,7 +75,14 @@ class RefattnGroup(click.Group):
         except MemoryError as err:  # shapes too large for this machine: bad input
             if _debug(ctx):
                 raise
-            _one_line(err, prefix="out of memory (use smaller --shape values)")
+            sized = ctx.invoked_subcommand in ("golden", "gradcheck")
+            _one_line(err, prefix="out of memory" + (
+                " (use smaller --shape or --set values)" if sized else ""))
+            ctx.exit(2)
+        except RecursionError as err:  # input nested too deeply to parse
+            if _debug(ctx):
+                raise
+            _one_line(err, prefix="input nested too deeply")
             ctx.exit(2)
         except Exception as err:  # a bug: still one line unless --debug
             if _debug(ctx):
@@ -150,13 +161,19 @@ def _debug(ctx: click.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
+ERROR_CHARS = 2000
+"""The longest error text printed: the rest is counted, not shown."""
+
+
 def _one_line(err: BaseException, prefix: str = "") -> None:
+    """The ``Error:`` line: one line (whitespace runs folded), non-printable
+    characters escaped, at most ``ERROR_CHARS`` characters."""
     text = str(err) if not isinstance(err, KeyError) else str(err.args[0])
     if isinstance(err, OSError) and err.filename is not None:
         text = f"{err.strerror or text}: {err.filename}"
     text = " ".join(text.split()) or type(err).__name__
     lead = f"{prefix}: " if prefix else ""
-    click.echo(f"Error: {lead}{text}", err=True)
+    click.echo(f"Error: {lead}{printable(text, ERROR_CHARS)}", err=True)
 
 
 @click.group(

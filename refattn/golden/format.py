@@ -35,6 +35,7 @@ import numpy as np
 
 from refattn.golden.containers import _load_file, _safetensors_bytes, _write_npz
 from refattn.golden.errors import CaseExistsError, FixtureError, _raise_problems
+from refattn.golden.files import DirectorySnapshot, display_path, shown
 from refattn.golden.manifest import (
     _ID_RE,
     DTYPES,
@@ -52,11 +53,14 @@ from refattn.golden.manifest import (
     canonical_json,
     case_digest,
     load_manifest,
+    manifest_open_problem,
+    parse_manifest,
     split_key,
     tensor_digest,
     validate_manifest,
 )
 from refattn.golden.publish import (
+    _check_replaceable,
     _fsync_dir,
     _locked,
     _make_temp_dir,
@@ -139,6 +143,11 @@ class GoldenCase:
 def read_case(case_dir: str | os.PathLike[str], *, source: str = "auto") -> GoldenCase:
     """Read a case, checking everything before returning any data.
 
+    The manifest and the tensor file are opened together (one snapshot of
+    the case directory, ``files.DirectorySnapshot``), so a case replaced by
+    ``write_case(..., force=True)`` while it is read is read whole, the old
+    version or the new one, never reported corrupted.
+
     Args:
         case_dir: the case directory (holding manifest.json).
         source: "safetensors", "npz", or "auto" (the first of the manifest's
@@ -147,25 +156,47 @@ def read_case(case_dir: str | os.PathLike[str], *, source: str = "auto") -> Gold
     Raises:
         FixtureError: naming the file and tensor of the first problem (schema,
             fields, missing/extra tensors, shape, dtype, digest, truncation,
-            non-finite values, a pickled array).
+            non-finite values, a pickled array, a FIFO or device in place of
+            a file).
     """
     path = Path(case_dir)
     if source not in ("auto", *FORMATS):
         raise ValueError(
-            f"source: expected 'auto', 'safetensors' or 'npz', got {source!r}"
+            f"source: expected 'auto', 'safetensors' or 'npz', got {shown(source)}"
         )
-    manifest = load_manifest(path)
-    fmt = manifest["formats"][0] if source == "auto" else source
-    if fmt not in manifest["formats"]:
-        raise FixtureError(
-            f"{path / MANIFEST_NAME}: format {fmt!r} is not among the "
-            f"case's formats {manifest['formats']!r}"
-        )
-    arrays, problems = _load_file(path, manifest, fmt)
+    with _case_snapshot(path) as snap:
+        manifest = _snapshot_manifest(snap, path)
+        fmt = manifest["formats"][0] if source == "auto" else source
+        if fmt not in manifest["formats"]:
+            raise FixtureError(
+                f"{display_path(path / MANIFEST_NAME)}: format {fmt!r} is not among "
+                f"the case's formats {manifest['formats']!r}"
+            )
+        arrays, problems = _load_file(path / FILE_NAMES[fmt],
+                                      snap.files.get(FILE_NAMES[fmt]), manifest, fmt)
     _raise_problems(
         problems + _manifest_digest_problems(manifest, path / MANIFEST_NAME)
     )
     return GoldenCase(path, manifest, {k: arrays[k] for k in manifest["tensors"]})
+
+
+def _case_snapshot(path: Path) -> DirectorySnapshot:
+    """The manifest and both tensor files of a case, opened together."""
+    if not path.is_dir():
+        raise FixtureError(f"{display_path(path)}: not a directory (expected a "
+                           "fixture case)")
+    try:
+        return DirectorySnapshot(path, (MANIFEST_NAME, *FILE_NAMES.values()))
+    except OSError as err:
+        raise FixtureError(f"{display_path(path)}: cannot be read "
+                           f"({err.strerror or err})") from None
+
+
+def _snapshot_manifest(snap: DirectorySnapshot, path: Path) -> dict[str, Any]:
+    file = snap.files[MANIFEST_NAME]
+    if isinstance(file, Exception):
+        raise FixtureError(manifest_open_problem(path / MANIFEST_NAME, file))
+    return parse_manifest(file, path / MANIFEST_NAME)
 
 
 @dataclass(frozen=True)
@@ -189,22 +220,32 @@ class VerifyResult:
 def verify_case(case_dir: str | os.PathLike[str]) -> VerifyResult:
     """Check a case completely: the manifest (schema, fields, case digest) and
     every tensor file listed in its formats (presence, header, shapes, dtypes,
-    per-tensor sha256, extra or missing tensors).  Never raises for a broken
-    case: the problems are returned."""
+    per-tensor sha256, extra or missing tensors), read as one snapshot (see
+    ``read_case``).  Never raises for a broken case: the problems are
+    returned, each naming the file (a file that is a FIFO or a device is a
+    problem, and is not read)."""
     path = Path(case_dir)
     try:
-        manifest = load_manifest(path)
+        with _case_snapshot(path) as snap:
+            manifest = _snapshot_manifest(snap, path)
+            problems = _manifest_digest_problems(manifest, path / MANIFEST_NAME)
+            for fmt in FORMATS:
+                name = FILE_NAMES[fmt]
+                if fmt in manifest["formats"]:
+                    problems += _load_file(path / name, snap.files.get(name),
+                                           manifest, fmt)[1]
+                elif not isinstance(snap.files.get(name), FileNotFoundError):
+                    problems.append(
+                        f"{display_path(path / name)}: present but not listed in the "
+                        "manifest's formats (stale file?)"
+                    )
     except FixtureError as err:
         return VerifyResult(path, False, tuple(err.problems), None)
-    problems = _manifest_digest_problems(manifest, path / MANIFEST_NAME)
-    for fmt in FORMATS:
-        if fmt in manifest["formats"]:
-            problems += _load_file(path, manifest, fmt)[1]
-        elif (path / FILE_NAMES[fmt]).exists():
-            problems.append(
-                f"{path / FILE_NAMES[fmt]}: present but not listed in the "
-                "manifest's formats (stale file?)"
-            )
+    except (OSError, ValueError, TypeError, OverflowError, RecursionError,
+            MemoryError) as err:  # a reader's gap: still a problem, by case
+        return VerifyResult(path, False, (
+            f"{display_path(path)}: unreadable ({type(err).__name__}: "
+            f"{shown(' '.join(str(err).split()))})",), None)
     return VerifyResult(path, not problems, tuple(problems), manifest["digest"])
 
 
@@ -242,7 +283,8 @@ def find_cases(root: str | os.PathLike[str], *,
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable,
                                                 followlinks=True):
         above = on_path.pop(dirpath)
-        if MANIFEST_NAME in filenames:
+        if MANIFEST_NAME in filenames or MANIFEST_NAME in dirnames:  # the latter: a
+            # directory where the manifest belongs, which verify must report
             found.append(Path(dirpath))
             dirnames[:] = []
             continue
@@ -393,6 +435,8 @@ def write_case(
         raise CaseExistsError(
             f"{final}: case exists; pass --force (force=True) to replace it"
         )
+    if os.path.lexists(final):
+        _check_replaceable(final)  # refused before anything is written
     block_dir.mkdir(parents=True, exist_ok=True)
     with _locked(block_dir):
         _sweep_stale(block_dir)

@@ -54,10 +54,13 @@ from refattn.checks import check_input_shapes
 from refattn.golden.strength import MAX_RTOL, tolerance_weaknesses
 from refattn.golden.tolerance import tolerance_for
 
-__all__ = ["MAX_REDRAWS", "CaseRequest", "GeneratedCase", "all_requests",
-           "expand_requests", "generate_case"]
+__all__ = ["MAX_REDRAWS", "MAX_SEED", "CaseRequest", "GeneratedCase", "all_requests",
+           "case_shapes", "expand_requests", "generate_case"]
 
 MAX_REDRAWS = 100
+MAX_SEED = 2**63 - 1
+"""The largest case seed: the case id spells it (``-s<seed>``, 128 characters
+at most) and every seed of 63 bits fits."""
 MIN_MARGIN_FLOAT32 = 2e-5
 """float32 fixtures keep a wider margin: a correct float32 implementation's
 round-off in a K-term pre-activation is about 6e-8*sqrt(K) of its rms (2.7e-6
@@ -158,16 +161,17 @@ def expand_requests(block: str, preset: str | None, overrides: Mapping[str, Any]
     return [(req, spec.with_bn_mode(cfg, m)) for m in ("train", "eval")]
 
 
-def all_requests(dtypes: tuple[str, ...] = ("float64", "float32")
+def all_requests(dtypes: tuple[str, ...] = ("float64", "float32"), *, seed: int = 0
                  ) -> list[tuple[CaseRequest, Any]]:
     """Every preset of every block (or its default config) in each dtype: the
-    cases of ``refattn golden --all`` and of the committed golden/ set."""
+    cases of ``refattn golden --all [--seed K]`` and, with seed 0, of the
+    committed golden/ set."""
     out = []
     for name, spec in BLOCKS.items():
         presets = list(spec.presets) or [None]
         for preset in presets:
             for dtype in dtypes:
-                out += expand_requests(name, preset, {}, dtype=dtype)
+                out += expand_requests(name, preset, {}, dtype=dtype, seed=seed)
     return out
 
 
@@ -213,17 +217,31 @@ def _index(name: str) -> tuple[int, str]:
     return (int(suffix), name) if suffix.isdigit() else (-1, name)
 
 
+def case_shapes(req: CaseRequest, cfg: Any
+                ) -> tuple[dict[str, tuple[int, ...]], Any, dict[str, tuple[int, ...]]]:
+    """(input shapes, resolved config, parameter and buffer shapes) of a
+    request, computed without drawing anything; the parameter shapes also
+    validate channels, groups and sizes against the config."""
+    spec = BLOCKS[req.block]
+    shapes = check_input_shapes(merge_shapes(spec.fixture_shapes(cfg), req.shapes))
+    resolved = spec.resolve(cfg, shapes)
+    params = {k: tuple(v) for k, v in spec.param_shapes(resolved, shapes).items()}
+    return shapes, resolved, params
+
+
 def generate_case(req: CaseRequest, cfg: Any, *, xp: Any = None, device: Any = None
                   ) -> GeneratedCase:
     """Draw, run forward and backward in float64, and collect one case."""
     if req.dtype not in backend.FLOAT_DTYPES:
         raise ValueError(f"dtype: expected float32 or float64, got {req.dtype!r}")
+    if (not isinstance(req.seed, int) or isinstance(req.seed, bool)
+            or not 0 <= req.seed <= MAX_SEED):
+        raise ValueError(f"seed: expected an int from 0 to 2**63-1, got "
+                         f"{str(req.seed)[:40]!r}")
     spec = BLOCKS[req.block]
     if xp is None:
         import array_api_compat.numpy as xp  # the default backend
-    shapes = check_input_shapes(merge_shapes(spec.fixture_shapes(cfg), req.shapes))
-    resolved = spec.resolve(cfg, shapes)
-    spec.param_shapes(resolved, shapes)  # validates channels, groups, sizes
+    shapes, resolved, _ = case_shapes(req, cfg)
     rounding = np.float32 if req.dtype == "float32" else np.float64
     scales = spec.draw_scales(resolved, shapes) if spec.draw_scales else {}
     min_margin = MIN_MARGIN_FLOAT32 if req.dtype == "float32" else MIN_MARGIN

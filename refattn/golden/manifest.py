@@ -20,11 +20,18 @@ import platform
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from refattn.golden.errors import FixtureError, _raise_problems
+from refattn.golden.files import (
+    TooLarge,
+    display_path,
+    open_regular,
+    read_regular,
+    shown,
+)
 from refattn.golden.tolerance import tolerance_for
 
 SCHEMA = "refattn-golden/1"
@@ -72,6 +79,11 @@ _FLOATS = ("float32", "float64")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_MAX_KEY_CHARS = 200
+_MAX_NDIM = 32
+"""More dimensions than any tensor of a block has (NumPy's own limit is 64)."""
+_MAX_TENSOR_BYTES = 2**48
+"""Larger than any fixture tensor can be (256 TiB); a bound for sizes read."""
 _HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
 _MAX_MANIFEST_BYTES = 64 * 2**20
 _TENSOR_FIELDS = (
@@ -126,13 +138,13 @@ def split_key(key: str) -> tuple[str, str]:
         for prefix, role in _PREFIXES:
             if key.startswith(prefix):
                 name = key[len(prefix) :]
-                if _NAME_RE.match(name):
+                if _NAME_RE.match(name) and len(key) <= _MAX_KEY_CHARS:
                     return role, name
                 break
     raise FixtureError(
-        f"tensor key {key!r}: expected <prefix><name> with prefix one of "
+        f"tensor key {shown(key)}: expected <prefix><name> with prefix one of "
         f"{', '.join(p for p, _ in _PREFIXES)} and a name of dotted "
-        "[A-Za-z0-9_] segments"
+        f"[A-Za-z0-9_] segments (at most {_MAX_KEY_CHARS} characters)"
     )
 
 
@@ -211,9 +223,9 @@ def _is_number(v: Any) -> bool:
 def _check_str_list(m: Mapping[str, Any], field: str, where: str) -> list[str]:
     v = m[field]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        return [f"{where}: field '{field}': expected a list of strings, got {v!r}"]
+        return [f"{where}: field '{field}': expected a list of strings, got {shown(v)}"]
     if len(set(v)) != len(v):
-        return [f"{where}: field '{field}': duplicate entries in {v!r}"]
+        return [f"{where}: field '{field}': duplicate entries in {shown(v)}"]
     return []
 
 
@@ -224,7 +236,7 @@ def _check_tensor_entry(key: str, e: Any, case_dtype: Any, where: str) -> list[s
     except FixtureError as err:
         return [f"{where}: {err}"]
     if not isinstance(e, dict):
-        return [f"{at}: expected an object, got {e!r}"]
+        return [f"{at}: expected an object, got {shown(e)}"]
     if not set(_TENSOR_FIELDS) <= set(e) <= set(_TENSOR_FIELDS + _OPTIONAL_TENSOR_FIELDS):
         return [
             f"{at}: expected the fields {', '.join(_TENSOR_FIELDS)} (and optionally "
@@ -236,32 +248,62 @@ def _check_tensor_entry(key: str, e: Any, case_dtype: Any, where: str) -> list[s
     elif "check" in e:
         if e["check"] not in _PARTIAL_CHECKS:
             out.append(f"{at}: check: expected one of {', '.join(_PARTIAL_CHECKS)}, "
-                       f"got {e['check']!r}")
+                       f"got {shown(e['check'])}")
         if not isinstance(e["check_reason"], str) or not e["check_reason"].strip():
             out.append(f"{at}: check_reason: expected a non-empty string, "
-                       f"got {e['check_reason']!r}")
+                       f"got {shown(e['check_reason'])}")
     if e["role"] != role:
-        out.append(f"{at}: role {e['role']!r} does not match the key prefix ({role!r})")
+        out.append(f"{at}: role {shown(e['role'])} does not match the key prefix ({shown(role)})")
     if e["dtype"] not in DTYPES:
-        out.append(f"{at}: dtype {e['dtype']!r} is not one of {', '.join(DTYPES)}")
+        out.append(f"{at}: dtype {shown(e['dtype'])} is not one of {', '.join(DTYPES)}")
     elif e["dtype"] in _FLOATS and e["dtype"] != case_dtype:
         out.append(f"{at}: dtype {e['dtype']} differs from the case dtype {case_dtype}")
-    shape = e["shape"]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        out.append(f"{at}: shape: expected a list of ints >= 0, got {shape!r}")
+    out += _shape_problems(at, e["shape"], e["dtype"])
     if not isinstance(e["sha256"], str) or not _HEX64_RE.match(e["sha256"]):
         out.append(
-            f"{at}: sha256: expected 64 lowercase hex digits, got {e['sha256']!r}"
+            f"{at}: sha256: expected 64 lowercase hex digits, got {shown(e['sha256'])}"
         )
     for f in ("rtol", "atol"):
         if not _is_number(e[f]) or e[f] < 0:
-            out.append(f"{at}: {f}: expected a finite number >= 0, got {e[f]!r}")
+            out.append(f"{at}: {f}: expected a finite number >= 0, got {shown(e[f])}")
     k = e["accumulation_length"]
     if k is not None and not (_is_int(k) and k >= 1):
         out.append(
-            f"{at}: accumulation_length: expected null or an int >= 1, got {k!r}"
+            f"{at}: accumulation_length: expected null or an int >= 1, got {shown(k)}"
         )
     return out
+
+
+def _shape_problems(at: str, shape: Any, dtype: Any) -> list[str]:
+    """A tensor entry's shape: a list of at most ``_MAX_NDIM`` ints >= 0
+    whose tensor holds fewer than ``_MAX_TENSOR_BYTES`` bytes (a bound every
+    reader can rely on before it allocates anything)."""
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        return [f"{at}: shape: expected a list of ints >= 0, got {shown(shape)}"]
+    if len(shape) > _MAX_NDIM:
+        return [f"{at}: shape: {len(shape)} dimensions, more than the {_MAX_NDIM} "
+                "a fixture tensor may have"]
+    itemsize = np.dtype(dtype).itemsize if dtype in DTYPES else 8
+    if math.prod(shape) * itemsize >= _MAX_TENSOR_BYTES:
+        return [f"{at}: shape: {shown(shape)} holds {math.prod(shape)} elements, "
+                f"more than any fixture tensor ({_MAX_TENSOR_BYTES} bytes at most)"]
+    return []
+
+
+def _input_shapes_problems(m: Mapping[str, Any], where: str) -> list[str]:
+    """The optional ``input_shapes`` field (what a factory is told): an
+    object mapping every name of ``inputs`` to the shape of its tensor."""
+    if "input_shapes" not in m:
+        return []
+    given = m["input_shapes"]
+    expected = {name: m["tensors"][f"input.{name}"]["shape"] for name in m["inputs"]
+                if f"input.{name}" in m["tensors"]}
+    exact = isinstance(given, dict) and all(
+        isinstance(v, list) and all(_is_int(d) for d in v) for v in given.values())
+    if not exact or given != expected:
+        return [f"{where}: field 'input_shapes': expected {shown(expected)} (the "
+                f"shapes of the input.* tensors), got {shown(given)}"]
+    return []
 
 
 def validate_manifest(
@@ -271,7 +313,7 @@ def validate_manifest(
     if not isinstance(manifest, dict):
         return [f"{where}: expected a JSON object, got {type(manifest).__name__}"]
     if manifest.get("schema") != SCHEMA:
-        return [f"{where}: schema {manifest.get('schema')!r} is not {SCHEMA!r}"]
+        return [f"{where}: schema {shown(manifest.get('schema'))} is not {shown(SCHEMA)}"]
     required = [f for f in _FIELD_ORDER if need_digest or f != "digest"]
     missing = [f for f in required if f not in manifest]
     if missing:
@@ -280,7 +322,7 @@ def validate_manifest(
     out: list[str] = []
 
     def bad(field: str, expected: str) -> None:
-        out.append(f"{where}: field '{field}': expected {expected}, got {m[field]!r}")
+        out.append(f"{where}: field '{field}': expected {expected}, got {shown(m[field])}")
 
     for f in ("block", "case_id"):
         if not isinstance(m[f], str) or not _ID_RE.match(m[f]):
@@ -333,18 +375,19 @@ def validate_manifest(
         names[role].add(name)
     if names["input"] != set(m["inputs"]):
         out.append(
-            f"{where}: field 'inputs' {m['inputs']!r} does not match the "
-            f"input.* tensors {sorted(names['input'])!r}"
+            f"{where}: field 'inputs' {shown(m['inputs'])} does not match the "
+            f"input.* tensors {shown(sorted(names['input']))}"
         )
     if not set(m["outputs"]) <= names["output"]:
         out.append(
-            f"{where}: field 'outputs' {m['outputs']!r} names outputs without "
-            f"an output.* tensor (have {sorted(names['output'])!r})"
+            f"{where}: field 'outputs' {shown(m['outputs'])} names outputs without "
+            f"an output.* tensor (have {shown(sorted(names['output']))})"
         )
+    out += _input_shapes_problems(m, where)
     if not names["cotangent"] <= set(m["outputs"]):
         out.append(
-            f"{where}: cotangent.* tensors {sorted(names['cotangent'])!r} "
-            f"name outputs not in 'outputs' {m['outputs']!r}"
+            f"{where}: cotangent.* tensors {shown(sorted(names['cotangent']))} "
+            f"name outputs not in 'outputs' {shown(m['outputs'])}"
         )
     return out
 
@@ -383,28 +426,64 @@ def load_manifest(case_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate ``<case_dir>/manifest.json``: schema, required fields
     and their types, tensor entries, and the consistency of ``inputs``,
     ``outputs`` and the tensor keys.  (The case digest and the tensor files
-    are checked by ``read_case`` and ``verify_case``.)
+    are checked by ``read_case`` and ``verify_case``.)  Only a regular file
+    of at most 64 MiB is read (``files.open_regular``): a FIFO or a link to
+    a device is refused without blocking or reading it.
 
     Raises:
         FixtureError: naming the manifest file and the first problem.
     """
-    path = Path(case_dir) / MANIFEST_NAME
     if not Path(case_dir).is_dir():
-        raise FixtureError(f"{case_dir}: not a directory (expected a fixture case)")
+        raise FixtureError(f"{display_path(case_dir)}: not a directory (expected a "
+                           "fixture case)")
+    manifest = manifest_json(case_dir)
+    _raise_problems(validate_manifest(manifest, display_path(Path(case_dir) /
+                                                             MANIFEST_NAME)))
+    return manifest  # type: ignore[no-any-return]
+
+
+def manifest_open_problem(path: Path, err: Exception) -> str:
+    """The problem of a manifest that could not be opened (``open_regular``)."""
+    if isinstance(err, FileNotFoundError):
+        return f"{display_path(path)}: missing (not a fixture case)"
+    if isinstance(err, OSError):
+        return f"{display_path(path)}: cannot be read ({err.strerror or err})"
+    return str(err)
+
+
+def parse_manifest(file: IO[bytes], path: Path) -> dict[str, Any]:
+    """Read (at most ``_MAX_MANIFEST_BYTES``), parse and validate an opened
+    manifest file; ``FixtureError`` naming `path` and the first problem."""
+    manifest = _manifest_json(file, path)
+    _raise_problems(validate_manifest(manifest, display_path(path)))
+    return manifest
+
+
+def manifest_json(case_dir: str | os.PathLike[str]) -> Any:
+    """The parsed JSON of ``<case_dir>/manifest.json``, not validated (a
+    regular file of at most 64 MiB, strict JSON); ``FixtureError`` naming
+    the file when it cannot be read or parsed."""
+    path = Path(case_dir) / MANIFEST_NAME
     try:
-        size = path.stat().st_size
-        if size > _MAX_MANIFEST_BYTES:
-            raise FixtureError(f"{path}: {size} bytes, larger than any manifest")
-        manifest = _parse_json(path.read_bytes())
-    except FileNotFoundError:
-        raise FixtureError(f"{path}: missing (not a fixture case)") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        if isinstance(err, FixtureError):
-            raise
-        if isinstance(err, OSError):
-            raise FixtureError(f"{path}: cannot be read ({err.strerror})") from None
-        raise FixtureError(f"{path}: not valid JSON ({err})") from None
-    _raise_problems(validate_manifest(manifest, str(path)))
+        file = open_regular(path)
+    except (OSError, ValueError) as err:
+        raise FixtureError(manifest_open_problem(path, err)) from None
+    with file:
+        return _manifest_json(file, path)
+
+
+def _manifest_json(file: IO[bytes], path: Path) -> Any:
+    where = display_path(path)
+    try:
+        manifest = _parse_json(read_regular(path, limit=_MAX_MANIFEST_BYTES,
+                                            file=file))
+    except TooLarge:
+        raise FixtureError(f"{where}: larger than {_MAX_MANIFEST_BYTES} bytes, "
+                           "larger than any manifest") from None
+    except OSError as err:
+        raise FixtureError(f"{where}: cannot be read ({err.strerror or err})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise FixtureError(f"{where}: not valid JSON ({shown(str(err))})") from None
     return manifest
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import re
 import secrets
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from refattn.golden.errors import CaseExistsError, FixtureError
-from refattn.golden.manifest import FILE_NAMES, MANIFEST_NAME
+from refattn.golden.files import display_path, read_regular, shown
+from refattn.golden.manifest import FILE_NAMES, MANIFEST_NAME, SCHEMA
 
 try:
     import fcntl
@@ -93,20 +95,36 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _check_replaceable(case_dir: Path) -> None:
-    """With force, only a directory holding nothing but case files is replaced."""
+    """With force, only a refattn case is replaced: a real directory (not a
+    link) holding nothing but regular files named like a case's, whose
+    manifest.json is a refattn manifest of this very case (schema, block and
+    case id; its tensors may be damaged: replacing them is what force is
+    for).  Anything else may be the user's own files and is refused."""
+    refuse = f"{display_path(case_dir)}: exists and is not a refattn case"
     if case_dir.is_symlink() or not case_dir.is_dir():
-        raise FixtureError(
-            f"{case_dir}: exists and is not a case directory; refusing to replace it"
-        )
-    foreign = sorted(
-        p.name
-        for p in case_dir.iterdir()
-        if p.name not in (MANIFEST_NAME, *FILE_NAMES.values())
-    )
+        raise FixtureError(f"{refuse} directory; refusing to replace it")
+    names = (MANIFEST_NAME, *FILE_NAMES.values())
+    entries = list(os.scandir(case_dir))
+    foreign = sorted(shown(e.name) for e in entries
+                     if e.name not in names or not e.is_file(follow_symlinks=False))
     if foreign:
         raise FixtureError(
-            f"{case_dir}: holds files that are not part of a case "
-            f"({', '.join(foreign)}); refusing to replace it"
+            f"{refuse}: it holds {', '.join(foreign)}, which no case holds; "
+            "refusing to replace it"
+        )
+    try:
+        manifest = json.loads(read_regular(case_dir / MANIFEST_NAME,
+                                           limit=64 * 2**20))
+    except (OSError, ValueError, RecursionError):
+        manifest = None
+    expected = {"schema": SCHEMA, "block": case_dir.parent.name,
+                "case_id": case_dir.name}
+    if not isinstance(manifest, dict) or any(
+            manifest.get(k) != v for k, v in expected.items()):
+        raise FixtureError(
+            f"{refuse}: its {MANIFEST_NAME} is not the manifest of "
+            f"{case_dir.parent.name}/{case_dir.name}; refusing to replace it "
+            "(remove it yourself if it may go)"
         )
 
 
