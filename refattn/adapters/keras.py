@@ -44,7 +44,7 @@ from refattn.adapters import common
 from refattn.adapters.common import TheirCode, factory_label, raised
 from refattn.validate import ValidationInputError
 
-__all__ = ["BACKENDS", "load_factory", "run_keras_case", "variable_name"]
+__all__ = ["BACKENDS", "backend", "load_factory", "run_keras_case", "variable_name"]
 
 BACKENDS = ("jax", "torch")
 """Keras backends whose autodiff the adapter drives."""
@@ -70,6 +70,11 @@ def _keras() -> Any:
             "is imported"
         )
     return keras
+
+
+def backend() -> str:
+    """The Keras backend the adapter runs on (importing keras if needed)."""
+    return str(_keras().config.backend())
 
 
 def load_factory(spec: str) -> Callable[[dict[str, Any]], Any]:

@@ -78,13 +78,13 @@ class BatchNorm2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, C)
         if self.use_running_average:
-            mu, var = self.mean.value, self.var.value
+            mu, var = self.mean[...], self.var[...]
         else:
             mu, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))  # (C,)
             m, count = self.momentum, x.size // x.shape[-1]
-            self.mean.value = (1 - m) * self.mean.value + m * mu
-            self.var.value = (1 - m) * self.var.value + m * var * count / (count - 1)
-        return (x - mu) / jnp.sqrt(var + self.eps) * self.scale.value + self.bias.value
+            self.mean[...] = (1 - m) * self.mean[...] + m * mu
+            self.var[...] = (1 - m) * self.var[...] + m * var * count / (count - 1)
+        return (x - mu) / jnp.sqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
 def _flax_bn(channels: int, *, eps: float, momentum: float, rngs: nnx.Rngs) -> nnx.Module:
