@@ -1,7 +1,8 @@
 """Run a JAX function (or a Flax NNX module) against a golden case.
 
 ``run_jax_case(case, factory)`` calls ``factory(config)``, which returns
-either ``(apply, params)`` or a Flax NNX module:
+either ``(apply, params)`` or a Flax NNX module (a module may also be given
+in place of the factory):
 
 * ``apply(params, *inputs)`` returns the output, or ``(out, new_state)``
   when it updates batch-norm statistics (Flax Linen's
@@ -128,10 +129,14 @@ def _from_nnx(module: Any, train: bool) -> tuple[Callable[..., Any], Any]:
     return apply, nnx.to_pure_dict(state)
 
 
+def _is_nnx(obj: Any) -> bool:
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(obj, nnx.Module)
+
+
 def _unpack(made: Any, train: bool) -> tuple[Callable[..., Any], Any, bool]:
     """The factory's result as ``(apply, params, is_nnx)``."""
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(made, nnx.Module):
+    if _is_nnx(made):
         apply, params = _from_nnx(made, train)
         return apply, params, True
     if (isinstance(made, tuple) and len(made) == 2 and callable(made[0])):
@@ -160,10 +165,9 @@ def run_jax_case(case: Any, factory: Callable[[dict[str, Any]], Any], *,
     """
     _jax()
     common.check_data_format(data_format)
-    with enable_x64(case.manifest["dtype"] == "float64"):
-        with TheirCode(f"the factory {factory_label(factory)}",
-                       "while building the model") as their:
-            return _run(case, factory, their, names=names, data_format=data_format)
+    with enable_x64(case.manifest["dtype"] == "float64"), TheirCode(
+            f"the factory {factory_label(factory)}", "while building the model") as their:
+        return _run(case, factory, their, names=names, data_format=data_format)
 
 
 def _run(case: Any, factory: Callable[[dict[str, Any]], Any], their: TheirCode, *,
@@ -177,7 +181,8 @@ def _run(case: Any, factory: Callable[[dict[str, Any]], Any], their: TheirCode, 
     train = manifest.get("mode") == "train"
     config = {**common.factory_config(manifest), "training": train}
     try:
-        apply, params, is_nnx = _unpack(factory(config), train)
+        made = factory if _is_nnx(factory) else factory(config)  # a module as such
+        apply, params, is_nnx = _unpack(made, train)
     except ValidationInputError:
         raise
     except Exception as err:

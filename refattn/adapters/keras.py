@@ -145,6 +145,10 @@ def _run(case: Any, factory: Callable[[dict[str, Any]], Any], their: TheirCode, 
     train = manifest.get("mode") == "train"
     inputs = [np.asarray(common.to_data_format(case.tensors[f"input.{n}"], data_format),
                          dtype=dtype) for n in manifest["inputs"]]
+    if isinstance(factory, keras.layers.Layer):
+        raise ValidationInputError(
+            f"got the layer {factory.name!r} itself; pass a factory that builds it "
+            "(config -> layer), so that it is built in the case's dtype")
     with _dtype_scope(keras, dtype):
         try:
             layer = factory({**common.factory_config(manifest), "training": train})

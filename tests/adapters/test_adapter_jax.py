@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import COMMITTED, checked_keys, committed
@@ -181,6 +180,13 @@ def test_names_and_shapes_must_agree() -> None:
     # a Flax model run on channels-first input fails in its forward, by name
     with pytest.raises(ValidationInputError, match="the forward raised"):
         run_jax(committed("cgnl/yue-float64"), nnx_factory("make_cgnl"))
+
+
+def test_an_nnx_module_is_accepted_in_place_of_its_factory() -> None:
+    case = committed("cgnl/yue-float32")
+    module = nnx_factory("make_cgnl")({**case.manifest["config"], "in_channels": 16})
+    report = run_jax(case, module, **CHANNELS_LAST)
+    assert report.failed == [] and report.checked
 
 
 def test_x64_is_switched_on_for_float64_and_restored(jax: Any) -> None:
