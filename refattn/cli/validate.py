@@ -30,7 +30,8 @@ import click
                    "channels_first for --jax, Keras's image_data_format for --keras].")
 @click.option("--names", default="canonical", show_default=True,
               metavar="canonical|anchor|MAP.json",
-              help="How the module's state_dict names relate to the fixture's.")
+              help="How the model's names (torch state_dict keys, JAX pytree paths, "
+                   "Keras variable paths) relate to the fixture's.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--require", type=click.Choice(["provided", "all"]), default="provided",
               show_default=True,
