@@ -30,7 +30,7 @@ allowed in between); they do not show on the rendered page:
 ``<!-- requires: torch, matplotlib -->``
     Skip unless these modules are importable; a module ``m`` is required
     (a failure, not a skip) when ``REFATTN_REQUIRE_<M>=1``, as CI sets for
-    torch, jax and keras.
+    torch, jax, flax and keras.
 ``<!-- slow -->``
     Mark the example ``slow`` (``-m "not slow"`` deselects it; it still runs
     when a later example of its page needs the page's state).
