@@ -1,5 +1,4 @@
-"""Fixtures of the adapter tests: the frameworks (optional unless required)
-and the golden cases they run on.
+"""Fixtures of the adapter tests: the frameworks (optional unless required).
 
 ``jax`` and ``keras`` skip their tests when the framework is absent, and fail
 them when ``REFATTN_REQUIRE_JAX=1`` / ``REFATTN_REQUIRE_KERAS=1`` (CI sets
@@ -11,19 +10,10 @@ first imported.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
-
-from refattn.cli import main
-from refattn.golden.format import read_case
-
-REPO = Path(__file__).resolve().parents[2]
-COMMITTED = REPO / "golden"
 
 
 def require(module: str, env: str, extra: str) -> Any:
@@ -55,27 +45,3 @@ def keras() -> Any:
             pytest.fail(f"REFATTN_REQUIRE_KERAS=1 but {err}")
         pytest.skip(str(err))
     return importlib.import_module("keras")
-
-
-def committed(path: str) -> Any:
-    """A case of the committed fixture set, read."""
-    return read_case(COMMITTED / path)
-
-
-def golden_case(root: Path, block: str, preset: str, dtype: str, *sets: str) -> Path:
-    """One case written with ``refattn golden`` under `root` (a block with
-    no train/eval split)."""
-    args = ["golden", "--block", block, "--preset", preset, "--dtype", dtype,
-            "--out", str(root), "--json"]
-    for s in sets:
-        args += ["--set", s]
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    (row,) = json.loads(result.stdout)
-    return Path(row["path"])
-
-
-def checked_keys(case: Any) -> list[str]:
-    """The keys an implementation is compared on, aux (intermediates, which
-    no adapter collects) aside."""
-    return sorted(k for k in case.tensors if k.startswith(("output.", "grad.")))

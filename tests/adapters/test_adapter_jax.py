@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from adapter_cases import COMMITTED, checked_keys, committed
 from click.testing import CliRunner
-from conftest import COMMITTED, checked_keys, committed
 
 from refattn.cli import main
 from refattn.testing import assert_matches_golden

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from adapter_cases import REPO, checked_keys, golden_case
 from click.testing import CliRunner
-from conftest import REPO, checked_keys, golden_case
 
 from refattn.cli import main
 from refattn.golden.format import read_case

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import committed
+from adapter_cases import committed
 
 from refattn.adapters.torch import run_torch_case
 from refattn.validate import ValidationInputError, validate_results
