@@ -7,7 +7,13 @@
         assert_matches_golden(case, my_factory, names="anchor")
 
 ``assert_matches_golden`` raises an ``AssertionError`` whose message is the
-full validation report (which tensor, where, expected vs actual).
+full validation report (which tensor, where, expected vs actual).  The
+subject is a dict of results or a factory: a PyTorch module factory by
+default, a JAX one with ``framework="jax"`` (returning ``(apply, params)``
+or a Flax NNX module), a Keras 3 layer factory with ``framework="keras"``:
+
+    assert_matches_golden(case, make_flax_cbam, framework="jax",
+                          data_format="channels_last")
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from typing import Any
 
 from refattn.validate import ValidationReport, validate_results
 
-__all__ = ["assert_matches_golden", "golden_cases", "validate_case"]
+__all__ = ["FRAMEWORKS", "assert_matches_golden", "golden_cases", "validate_case"]
+
+FRAMEWORKS = ("torch", "jax", "keras")
+"""What a factory given to ``validate_case`` can build (``framework=``)."""
 
 
 def golden_cases(root: str | Path, *, block: str | None = None,
@@ -52,23 +61,48 @@ def golden_cases(root: str | Path, *, block: str | None = None,
 def validate_case(case_dir: str | Path,
                   subject: Mapping[str, Any] | Callable[[dict[str, Any]], Any], *,
                   names: str | Mapping[str, str] = "canonical",
-                  device: str = "cpu", require: str = "provided") -> ValidationReport:
-    """Validate results (a fixture-keyed dict) or a torch module factory.
+                  device: str = "cpu", require: str = "provided",
+                  framework: str = "torch", data_format: str | None = None
+                  ) -> ValidationReport:
+    """Validate results (a fixture-keyed dict) or a factory.
 
+    ``framework``: what the factory builds, "torch" (a ``torch.nn.Module``;
+    ``device`` applies), "jax" (``(apply, params)`` or a Flax NNX module) or
+    "keras" (a Keras 3 layer); ``data_format`` ("channels_first" or
+    "channels_last") is the layout JAX or Keras code takes its inputs in
+    (default: channels_first for JAX, Keras's ``image_data_format()``).
     ``require``: "provided" (what is given must pass; a partial check has the
     verdict PARTIAL) or "all" (every tensor of the case must be checked and
     pass)."""
     from refattn.golden.format import read_case
 
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework: expected one of {', '.join(FRAMEWORKS)}, "
+                         f"got {framework!r}")
+    if data_format is not None and framework == "torch":
+        raise ValueError(f"data_format: applies to the jax and keras frameworks, got "
+                         f"{data_format!r} with framework='torch'")
     case = read_case(Path(case_dir))
-    if callable(subject):
+    if not callable(subject):
+        return validate_results(case, subject, subject="results", require=require)
+    label = getattr(subject, "__qualname__", repr(subject))
+    if framework == "jax":
+        from refattn.adapters.jax import run_jax_case
+
+        results = run_jax_case(case, subject, names=names,
+                               data_format=data_format or "channels_first")
+        what = "JAX model"
+    elif framework == "keras":
+        from refattn.adapters.keras import run_keras_case
+
+        results = run_keras_case(case, subject, names=names, data_format=data_format)
+        what = "Keras layer"
+    else:
         from refattn.adapters.torch import run_torch_case
 
-        label = getattr(subject, "__qualname__", repr(subject))
         results = run_torch_case(case, subject, names=names, device=device)
-        return validate_results(case, results, subject=f"torch module from {label}",
-                                require=require)
-    return validate_results(case, subject, subject="results", require=require)
+        what = "torch module"
+    return validate_results(case, results, subject=f"{what} from {label}", require=require)
 
 
 def assert_matches_golden(case_dir: str | Path,

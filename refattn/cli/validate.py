@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,9 +20,18 @@ import click
               help="Their tensors: a .safetensors or .npz file with the fixture's keys.")
 @click.option("--torch", "torch_factory", metavar="MODULE:FACTORY",
               help="A PyTorch module factory, called with the case's config dict.")
+@click.option("--jax", "jax_factory", metavar="MODULE:FACTORY",
+              help="A JAX factory returning (apply, params) or a Flax NNX module.")
+@click.option("--keras", "keras_factory", metavar="MODULE:FACTORY",
+              help="A Keras 3 layer factory (JAX or torch backend).")
+@click.option("--data-format", type=click.Choice(["channels_first", "channels_last"]),
+              default=None,
+              help="The layout --jax/--keras code takes inputs in [default: "
+                   "channels_first for --jax, Keras's image_data_format for --keras].")
 @click.option("--names", default="canonical", show_default=True,
               metavar="canonical|anchor|MAP.json",
-              help="How the module's state_dict names relate to the fixture's.")
+              help="How the model's names (torch state_dict keys, JAX pytree paths, "
+                   "Keras variable paths) relate to the fixture's.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--require", type=click.Choice(["provided", "all"]), default="provided",
               show_default=True,
@@ -31,8 +41,9 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def validate(ctx: click.Context, case: Path, results: Path | None,
-             torch_factory: str | None, names: str, device: str, require: str,
-             as_json: bool) -> None:
+             torch_factory: str | None, jax_factory: str | None,
+             keras_factory: str | None, data_format: str | None, names: str,
+             device: str, require: str, as_json: bool) -> None:
     """Compare an implementation's outputs and gradients with CASE.
 
     The verdict is PASS (every tensor checked and passed), PARTIAL (what was
@@ -40,33 +51,70 @@ def validate(ctx: click.Context, case: Path, results: Path | None,
     and PARTIAL, 1 on any mismatch (and on PARTIAL with --require all), 2 on
     bad input (results that are not real floats included; a module that
     calls sys.exit or raises KeyboardInterrupt gives no verdict: exit 2).
-    What the --torch module prints goes to stderr, after the report, so
-    stdout carries the report alone.
+    What the --torch/--jax/--keras code prints goes to stderr, after the
+    report, so stdout carries the report alone.
     """
     from refattn.cli.verify import read_verified
     from refattn.validate import load_results, validate_results
 
-    if (results is None) == (torch_factory is None):
-        raise click.UsageError("give exactly one of --results FILE or --torch MODULE:FACTORY")
+    given = [o for o in (results, torch_factory, jax_factory, keras_factory) if o is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --results FILE or --torch MODULE:FACTORY"
+                               " or --jax MODULE:FACTORY or --keras MODULE:FACTORY")
+    if data_format is not None and (jax_factory or keras_factory) is None:
+        raise click.UsageError("--data-format: applies to --jax and --keras only, got "
+                               f"{data_format!r} without either")
     if not case.is_dir():
         raise click.UsageError(f"CASE: {case} is not a case directory")
     fixture = read_verified(case, "CASE")
     if results is not None:
         report = validate_results(fixture, load_results(results), subject=str(results),
                                   require=require)
-    else:
+    elif torch_factory is not None:
         from refattn.adapters.torch import load_factory, run_torch_case
 
         captured: list[str] = []
         ctx.call_on_close(lambda: _show_captured(torch_factory, captured))
         with _their_output(captured):
-            factory = load_factory(torch_factory)  # type: ignore[arg-type]
+            factory = load_factory(torch_factory)
             theirs = run_torch_case(fixture, factory, names=names, device=device)
         report = validate_results(fixture, theirs, require=require,
                                   subject=f"torch module from {torch_factory} ({names} names)")
+    else:
+        report = _validate_jax_or_keras(ctx, fixture, jax_factory, keras_factory,
+                                        names=names, data_format=data_format,
+                                        require=require)
     click.echo(report.to_json() if as_json else report.to_text())
     if not report.ok:
         ctx.exit(1)
+
+
+def _validate_jax_or_keras(ctx: click.Context, fixture: Any, jax_factory: str | None,
+                           keras_factory: str | None, *, names: str,
+                           data_format: str | None, require: str) -> Any:
+    """--jax or --keras: run their code with its output captured, compare."""
+    from refattn.validate import validate_results
+
+    spec = jax_factory or keras_factory
+    captured: list[str] = []
+    ctx.call_on_close(lambda: _show_captured(spec, captured))
+    with _their_output(captured):
+        if jax_factory is not None:
+            from refattn.adapters import jax as adapter
+
+            factory = adapter.load_factory(jax_factory)
+            layout = data_format or "channels_first"
+            theirs = adapter.run_jax_case(fixture, factory, names=names, data_format=layout)
+            subject = f"JAX model from {spec} ({names} names, {layout})"
+        else:
+            from refattn.adapters import keras as kadapter
+
+            factory = kadapter.load_factory(keras_factory)  # type: ignore[arg-type]
+            theirs = kadapter.run_keras_case(fixture, factory, names=names,
+                                             data_format=data_format)
+            subject = (f"Keras layer from {spec} ({kadapter.backend()} backend, "
+                       f"{names} names)")
+    return validate_results(fixture, theirs, require=require, subject=subject)
 
 
 @contextlib.contextmanager

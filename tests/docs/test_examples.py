@@ -28,8 +28,9 @@ allowed in between); they do not show on the rendered page:
 ``<!-- raises: ValueError -->``
     This python block must raise that exception (or a subclass).
 ``<!-- requires: torch, matplotlib -->``
-    Skip unless these modules are importable (torch is required when
-    ``REFATTN_REQUIRE_TORCH=1``, as in CI).
+    Skip unless these modules are importable; a module ``m`` is required
+    (a failure, not a skip) when ``REFATTN_REQUIRE_<M>=1``, as CI sets for
+    torch, jax, flax and keras.
 ``<!-- slow -->``
     Mark the example ``slow`` (``-m "not slow"`` deselects it; it still runs
     when a later example of its page needs the page's state).
@@ -229,6 +230,13 @@ def _importable(name: str) -> bool:
         return False
 
 
+def required_but_missing(missing: list[str]) -> list[str]:
+    """The ``REFATTN_REQUIRE_<M>`` variables set to 1 for missing modules ``m``
+    (a dotted name is required through its top-level package)."""
+    names = [f"REFATTN_REQUIRE_{m.split('.')[0].upper()}" for m in missing]
+    return [n for n in names if os.environ.get(n) == "1"]
+
+
 def _refattn_command_env() -> dict[str, str]:
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
@@ -307,9 +315,11 @@ def run_example(examples: list[Example], index: int, state: PageRun) -> None:
             continue
         missing = _missing_modules(ex)
         if missing:
-            if "torch" in missing and os.environ.get("REFATTN_REQUIRE_TORCH") == "1":
+            required = required_but_missing(missing)
+            if required:
                 state.failed_at = ex.line
-                pytest.fail("REFATTN_REQUIRE_TORCH=1 but torch is not importable")
+                pytest.fail(f"{required[0]}=1 but {required[0][16:].lower()} is not "
+                            "importable")
             if k == index:
                 pytest.skip(f"needs {', '.join(missing)}")
             continue
@@ -475,6 +485,22 @@ def test_shell_runner_checks_exit_status(tmp_path: Path) -> None:
         run_shell(bad_usage, tmp_path)
     bad_usage.directives["exit"] = "2"
     run_shell(bad_usage, tmp_path)
+
+
+def test_required_modules_cannot_skip(tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFATTN_REQUIRE_NO_SUCH_MODULE_X", "1")
+    monkeypatch.delenv("REFATTN_REQUIRE_NO_SUCH_MODULE_Y", raising=False)
+    assert required_but_missing(["no_such_module_x.sub", "no_such_module_y"]) == [
+        "REFATTN_REQUIRE_NO_SUCH_MODULE_X"]
+    page = [Example("p.md", 2, "python", "pass", {"requires": "no_such_module_y"}),
+            Example("p.md", 6, "python", "pass", {"requires": "no_such_module_x"})]
+    state = PageRun(tmp_path, {})
+    with pytest.raises(pytest.skip.Exception, match="needs no_such_module_y"):
+        run_example(page, 0, state)
+    with pytest.raises(pytest.fail.Exception,
+                       match="REFATTN_REQUIRE_NO_SUCH_MODULE_X=1 but no_such_module_x"):
+        run_example(page, 1, state)
 
 
 def test_python_runner_tracebacks_point_at_the_page(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "she
 IMPORT_MODULE_ALLOWED = {
     "refattn/blocks/registry.py": "refattn's own block modules (_MODULES)",
     "refattn/cli/info.py": "optional backends, a constant tuple",
-    "refattn/adapters/torch.py": "the module the user names with --torch",
+    "refattn/adapters/common.py": "the module the user names with --torch/--jax/--keras",
     "refattn/ops/overrides.py": "the kernel tiers' loaders (LOADERS), a constant tuple",
 }
 
