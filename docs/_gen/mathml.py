@@ -14,7 +14,8 @@ so the built page can be checked again with the same engine
 
 The converter is lenient (an unknown command comes out as the text
 ``\\foo``); ``tex_to_mathml`` is not: it raises ``TexError`` on unbalanced
-braces, on a command the converter does not know, on an alignment ``&``
+braces, on a control character (a ``\\t`` or ``\\b`` that became a tab or
+a backspace), on a command the converter does not know, on an alignment ``&``
 outside an environment it supports, and on an empty operator.
 """
 
@@ -107,6 +108,9 @@ def tex_to_mathml(tex: str, *, display: bool) -> str:
     tex = tex.strip()
     if not tex:
         raise TexError("an empty formula")
+    control = re.search(r"[\x00-\x08\x0b-\x1f\x7f]", tex)
+    if control:  # "\theta" written through a string that turned "\t" into a tab
+        raise TexError(f"a control character {control.group()!r} in {tex!r}")
     for command in _REFUSED:
         if command in tex:
             raise TexError(f"{command} renders wrongly; use another form in {tex!r}")
