@@ -306,7 +306,7 @@ def step_label(function: str, number: int, comment: str) -> list[str]:
     """A numbered step label that cites its code comment (checked by the
     rendered-page test)."""
     title = re.split(r"[:;]", comment, maxsplit=1)[0].strip()
-    key = title.replace('"', "'")
+    key = title.split('"')[0].rstrip()  # a prefix of the comment, quote-free
     short = function.rsplit(".", 1)[1]
     return [f"**{number}. {title}** (`{short}`)",
             f'{{: .refattn-step data-code="{function}" data-step="{key}" }}', ""]
