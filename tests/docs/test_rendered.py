@@ -19,13 +19,23 @@ site renders math with (``latex2mathml``, run strictly by
 * nothing is loaded from another host: no external ``src`` / ``href`` on a
   script, stylesheet, image or frame, and no ``url(http...)`` in the CSS.
 
+Where a headless Chromium is installed (Debian's ``chromium``), the block
+pages are also loaded in it with name resolution off: the same checks run on
+the DOM the browser builds after the theme's scripts, and the browser's
+network log must show no request of the page to another host.  Without a
+browser those two tests skip; the engine checks above always run.
+
 Each check is also shown failing on a planted defect.
 """
 
 from __future__ import annotations
 
+import html
 import importlib.util
+import json
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -155,6 +165,21 @@ def raw_tex_problems(root: Node) -> list[str]:
             for m in RAW_TEX.finditer(visible)]
 
 
+def _canonical(fragment: str) -> str:
+    """A MathML fragment as a tree of (tag, sorted attributes, text), so that
+    a browser's re-serialisation (``<x/>`` as ``<x></x>``, entities as
+    characters) compares equal to the built page."""
+
+    def walk(node: Node) -> str:
+        attrs = " ".join(f"{k}={v!r}" for k, v in sorted(node.attrs.items())
+                         if k != "xmlns")
+        inner = "".join(c.strip() if isinstance(c, str) else walk(c)
+                        for c in node.children)
+        return f"<{node.tag} {attrs}>{inner}</{node.tag}>"
+
+    return walk(parse(fragment))
+
+
 def math_problems(page_html: str, mathml: ModuleType) -> list[str]:
     """Each <math> must carry its TeX and render from it, strictly, to exactly
     the MathML on the page."""
@@ -166,8 +191,6 @@ def math_problems(page_html: str, mathml: ModuleType) -> list[str]:
         if note is None:
             problems.append(f"a <math> without its TeX annotation: {element[:80]!r}")
             continue
-        import html
-
         tex = html.unescape(note.group(1))
         display = 'display="block"' in element.split(">", 1)[0]
         try:
@@ -175,7 +198,7 @@ def math_problems(page_html: str, mathml: ModuleType) -> list[str]:
         except mathml.TexError as err:
             problems.append(f"TeX error: {err}")
             continue
-        if again != element:
+        if _canonical(again) != _canonical(element):
             problems.append(f"the MathML of {tex!r} is not what the engine renders")
     return problems
 
@@ -426,3 +449,76 @@ def test_planted_external_resource_fails(site: Path, mathml: ModuleType,
                 '<img src="http://example.org/x.png">'):
         planted = page.replace("</head>", tag + "</head>", 1)
         assert external_loads(parse(planted)), tag
+
+
+# -- the same checks in a real headless browser, with the network off ---------
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+BROWSER_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--disable-extensions", "--disable-default-apps",
+    "--host-resolver-rules=MAP * ~NOTFOUND",  # no name resolves: network off
+    "--virtual-time-budget=3000",  # let the theme's scripts run
+)
+
+
+def _browser() -> str:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no headless browser installed (Debian: apt-get install chromium)")
+
+
+def browse(browser: str, page: Path, tmp: Path) -> tuple[str, list[str]]:
+    """The DOM a headless browser builds for `page` after running its scripts,
+    and the http(s) URLs the page itself tried to load (from the browser's
+    network log; the browser's own background requests are not the page's)."""
+    log = tmp / f"{page.stem}-{page.parent.name}-net.json"
+    proc = subprocess.run(
+        [browser, *BROWSER_FLAGS, f"--log-net-log={log}", "--dump-dom",
+         page.as_uri()],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0 and "<html" in proc.stdout, proc.stderr[-2000:]
+    events = json.loads(log.read_text(encoding="utf-8"))
+    start = {v: k for k, v in events["constants"]["logEventTypes"].items()}
+    urls = []
+    for event in events["events"]:
+        params = event.get("params", {})
+        if (start.get(event["type"]) == "URL_REQUEST_START_JOB"
+                and params.get("network_isolation_key", "").startswith("file://")
+                and re.match(r"^https?://", params.get("url", ""))):
+            urls.append(params["url"])
+    return proc.stdout, sorted(set(urls))
+
+
+def test_block_pages_in_a_headless_browser_offline(
+    site: Path, mathml: ModuleType, worked: ModuleType, tmp_path: Path
+) -> None:
+    browser = _browser()
+    problems = []
+    for name in BLOCK_PAGES:
+        dom, urls = browse(browser, site / "blocks" / name / "index.html", tmp_path)
+        assert dom.count("<math") > 5, f"{name}: the browser shows no formulas"
+        problems += [f"{name}: {p}" for p in
+                     page_problems(dom, mathml, worked, block_page=True)]
+        problems += [f"{name}: loads {u}" for u in urls]
+    assert not problems, "\n".join(problems)
+
+
+def test_headless_browser_check_fails_on_planted_defects(
+    site: Path, mathml: ModuleType, worked: ModuleType, tmp_path: Path
+) -> None:
+    browser = _browser()
+    page = (site / "blocks" / "gap" / "index.html").read_text(encoding="utf-8")
+    planted = site / "blocks" / "gap" / "planted.html"
+    planted.write_text(
+        page.replace("</head>", '<script src="https://cdn.example.org/m.js"></script>'
+                     "</head>", 1)
+        .replace("</article>", "<p>$$ y = \\frac{1}{L} x $$</p></article>", 1),
+        encoding="utf-8")
+    dom, urls = browse(browser, planted, tmp_path)
+    assert urls == ["https://cdn.example.org/m.js"]
+    assert any("'$'" in p for p in page_problems(dom, mathml, worked, block_page=True))
