@@ -108,7 +108,7 @@ def tex_to_mathml(tex: str, *, display: bool) -> str:
     tex = tex.strip()
     if not tex:
         raise TexError("an empty formula")
-    control = re.search(r"[\x00-\x08\x0b-\x1f\x7f]", tex)
+    control = re.search(r"[\x00-\x09\x0b-\x1f\x7f]", tex)
     if control:  # "\theta" written through a string that turned "\t" into a tab
         raise TexError(f"a control character {control.group()!r} in {tex!r}")
     for command in _REFUSED:
