@@ -1,4 +1,5 @@
-"""The built documentation site, shared by the tests that read it."""
+"""The built documentation site, and the docs build's own modules
+(``docs/_gen/mathml.py``, ``docs/_gen/worked.py``), shared by the tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -48,3 +50,29 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         if line.startswith(("WARNING", "ERROR", "Aborted")))
         pytest.fail(f"mkdocs build --strict failed:\n{log or proc.stderr[-6000:]}")
     return out
+
+
+def load_gen(name: str) -> ModuleType:
+    """A module of docs/_gen by file (it is not a package)."""
+    qualified = f"refattn_docs_{name}"
+    if qualified not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            qualified, ROOT / "docs" / "_gen" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[qualified]
+
+
+@pytest.fixture(scope="session")
+def mathml() -> ModuleType:
+    """The strict TeX -> MathML renderer of the site."""
+    pytest.importorskip("latex2mathml")
+    return load_gen("mathml")
+
+
+@pytest.fixture(scope="session")
+def worked() -> ModuleType:
+    """The worked-example generator (and the step-comment resolver)."""
+    return load_gen("worked")

@@ -58,29 +58,6 @@ LOADED = {"script": "src", "img": "src", "iframe": "src", "source": "src",
           "link": "href"}
 
 
-def _load(name: str) -> ModuleType:
-    qualified = f"refattn_docs_{name}"
-    if qualified not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            qualified, ROOT / "docs" / "_gen" / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[qualified] = module
-        spec.loader.exec_module(module)
-    return sys.modules[qualified]
-
-
-@pytest.fixture(scope="module")
-def mathml() -> ModuleType:
-    pytest.importorskip("latex2mathml")
-    return _load("mathml")
-
-
-@pytest.fixture(scope="module")
-def worked() -> ModuleType:
-    return _load("worked")
-
-
 # ---------------------------------------------------------------------------
 # a small DOM
 

@@ -9,33 +9,10 @@ block returns, computed independently.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str) -> ModuleType:
-    qualified = f"refattn_docs_{name}"
-    if qualified not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            qualified, ROOT / "docs" / "_gen" / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[qualified] = module
-        spec.loader.exec_module(module)
-    return sys.modules[qualified]
-
-
-@pytest.fixture(scope="module")
-def worked() -> ModuleType:
-    return _load("worked")
-
 
 def _steps(records, function: str) -> dict[int, dict[str, np.ndarray]]:
     return {r.number: r.values for r in records if r.function.endswith(function)}
@@ -92,9 +69,7 @@ def test_a_case_near_a_kink_is_refused(worked: ModuleType, monkeypatch) -> None:
         worked.run_case(worked.CASES["cbam"])
 
 
-def test_render_page_math_reports_tex_errors() -> None:
-    pytest.importorskip("latex2mathml")
-    mathml = _load("mathml")
+def test_render_page_math_reports_tex_errors(mathml: ModuleType) -> None:
     good = '<p><span class="arithmatex">\\(a \\odot b\\)</span></p>'
     out, errors = mathml.render_page_math(good)
     assert errors == [] and "<math" in out and "arithmatex" not in out
