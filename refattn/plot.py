@@ -264,8 +264,9 @@ def _step_panel(ax: Any, curve: StepCurve, title: str, a: float | None) -> None:
                 textcoords="offset points", fontsize=8, rotation=90, va="top")
     h_best, e_best = curve.best
     ax.set_xlabel("step h (x moves by h * max(1, |x|) * t, t a unit direction)")
-    ax.set_title(f"{title}\n{curve.dtype}: eps = {curve.eps:.2g}, "
-                 f"smallest error {e_best:.1e} at h = {h_best:.1e}", fontsize=9)
+    ax.set_title(f"{curve.dtype} finite differences: {title}\n"
+                 f"eps = {curve.eps:.2g}, smallest error {e_best:.1e} at "
+                 f"h = {h_best:.1e}", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -283,7 +284,14 @@ def step_error_figure(rows: Sequence[tuple[str, StepCurve, StepCurve]]) -> Any:
         a64.set_ylabel("|numeric - analytic| / |analytic|")
         lowest = min(lowest, *(float(np.nanmin(c.central)) for c in (c64, c32)))
     axes[0][0].set_ylim(lowest / 5, 10.0)
-    axes[0][1].legend(fontsize=8, loc="lower left")  # float32: empty down there
+    # one legend for every line of every panel (a guide may show in one dtype
+    # only), on the float32 panel, which is empty down there
+    entries: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, text in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(text, handle)
+    axes[0][1].legend(list(entries.values()), list(entries), fontsize=8,
+                      loc="lower left")
     fig.suptitle("finite differences against the step size (analytic = float64 "
                  "backward; one fixed random direction)", fontsize=10)
     return fig
@@ -508,9 +516,13 @@ def draw_cgnl(fig: Any, case: Any) -> None:
                      fontsize=9)
     axes[0].set_ylabel("per-group scalar")
     axes[0].legend(fontsize=8)
+    if s.ndim == 2:
+        what = "aux.s, one scalar per (sample, group); y = s * t in each group"
+    else:
+        what = (f"aux.s, {q1} moments s_q per (sample, group); "
+                "y = e_t * sum_q alpha_q s_q t^q in each group")
     fig.suptitle(f"CGNL ({cfg.get('kernel')} kernel, groups {cfg.get('groups')}, "
-                 f"use_scale {cfg.get('use_scale')}): aux.s, one scalar per (sample, "
-                 "group); y = s * t in each group", fontsize=9)
+                 f"use_scale {cfg.get('use_scale')}): {what}", fontsize=9)
 
 
 def draw_class_maps(fig: Any, case: Any) -> None:

@@ -191,3 +191,59 @@ def test_show_plot_without_maps_and_bad_names_exit_2(tmp_path: Path):
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and needle in lines[0], result.output
         assert not target.exists()
+
+
+# ---------------------------------------------------------------------------
+# what the figures say (titles, legends, subtitles)
+
+
+def _legend_gaps(fig) -> list[str]:
+    """Labelled lines of any panel that no legend of the figure lists."""
+    labels = {t for ax in fig.axes for t in ax.get_legend_handles_labels()[1]}
+    listed = {t.get_text() for ax in fig.axes if ax.get_legend() is not None
+              for t in ax.get_legend().get_texts()}
+    return sorted(labels - listed)
+
+
+@needs_mpl
+def test_step_error_figure_panels_are_titled_apart_and_every_line_is_in_the_legend():
+    from refattn.plot import step_error_figure
+
+    row = ("cross_layer/seed_fixed",
+           _curve("cross_layer", "seed_fixed", "float64"),
+           _curve("cross_layer", "seed_fixed", "float32"))
+    fig = step_error_figure([row])
+    titles = [ax.get_title().splitlines()[0] for ax in fig.axes]
+    assert len(set(titles)) == len(titles) == 2, titles
+    assert titles[0].startswith("float64") and titles[1].startswith("float32")
+    assert any("round-off" in t for ax in fig.axes
+               for t in ax.get_legend_handles_labels()[1])  # the guide is drawn
+    assert _legend_gaps(fig) == []
+    # the check sees a legend drawn from one panel only
+    fig.axes[1].legend(*fig.axes[1].get_legend_handles_labels())
+    only_own = set(fig.axes[1].get_legend_handles_labels()[1])
+    missing = {t for t in fig.axes[0].get_legend_handles_labels()[1]} - only_own
+    assert _legend_gaps(fig) == sorted(missing) and missing
+
+
+@needs_mpl
+@pytest.mark.parametrize("kernel, moments", [("dot", 0), ("gaussian", 3)])
+def test_cgnl_subtitle_names_the_kernels_formula(kernel: str, moments: int):
+    from types import SimpleNamespace
+
+    from matplotlib.figure import Figure
+
+    from refattn.plot import draw_cgnl
+
+    shape = (2, 4) if kernel == "dot" else (2, 4, moments)
+    s = np.arange(np.prod(shape), dtype=float).reshape(shape)
+    case = SimpleNamespace(tensors={"aux.s": s}, manifest={
+        "config": {"kernel": kernel, "groups": 4, "use_scale": False}})
+    fig = Figure()
+    draw_cgnl(fig, case)
+    title = fig.get_suptitle()
+    if kernel == "dot":
+        assert "y = s * t" in title and "moments" not in title
+    else:
+        assert "y = s * t" not in title
+        assert f"{moments} moments s_q" in title and "alpha_q s_q t^q" in title

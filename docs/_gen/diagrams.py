@@ -49,6 +49,8 @@ class Diagram:
     title: str
     nodes: list[Node] = field(default_factory=list)
     edges: list[tuple[str, str, str, str, float]] = field(default_factory=list)
+    # the backward: dashed arrows against a chain of the forward (later to earlier)
+    backs: list[tuple[str, str, str]] = field(default_factory=list)
 
     def op(self, key: str, label: str, col: float, row: float) -> None:
         self.nodes.append(Node(key, label, col, row, "op"))
@@ -67,6 +69,13 @@ class Diagram:
     def edge(self, a: str, b: str, label: str = "") -> None:
         self.edges.append((a, b, label, "", 0.0))
 
+    def back(self, *keys: str, label: str = "") -> None:
+        """Backward arrows along a forward chain, from its end to its start
+        (``keys`` in forward order; the label goes on the last arrow)."""
+        pairs = list(zip(keys, keys[1:]))
+        for i, (a, b) in enumerate(reversed(pairs)):
+            self.backs.append((b, a, label if i == 0 else ""))
+
     def skip(self, a: str, b: str, label: str = "", *, side: str = "under",
              rows: float = 0.8) -> None:
         """A skip connection along a row, drawn as a bracket ``rows`` grid
@@ -82,6 +91,7 @@ STYLE = {
               "style": "round"},
 }
 DX, DY = 2.25, 1.25  # grid spacing (data units)
+BACK_COLOR = "#b5332e"
 
 
 def draw(diagram: Diagram, path: Path) -> Path:
@@ -141,8 +151,23 @@ def draw(diagram: Diagram, path: Path) -> Path:
             ax.text(*mid, label, ha="center", va="center" if side else "bottom",
                     fontsize=7, color="0.3",
                     zorder=4, bbox={"fc": "white", "ec": "none", "pad": 0.5})
+    for a, b, label in diagram.backs:
+        pa, pb = positions[a], positions[b]
+        ax.annotate("", xy=pb, xytext=pa, zorder=1,
+                    arrowprops={"arrowstyle": "-|>", "color": BACK_COLOR, "lw": 1.0,
+                                "linestyle": (0, (4, 2)), "patchA": boxes[a],
+                                "patchB": boxes[b], "shrinkA": 3, "shrinkB": 3,
+                                "connectionstyle": "arc3,rad=0.35"})
+        if label:
+            mid = ((pa[0] + pb[0]) / 2, (pa[1] + pb[1]) / 2 - 0.32)
+            ax.text(*mid, label, ha="center", va="top", fontsize=7, color=BACK_COLOR,
+                    zorder=4, bbox={"fc": "white", "ec": "none", "pad": 0.5})
     ax.text(min(cols) * DX - DX / 2 + 0.1, -top * DY + 0.25,
             diagram.title, ha="left", va="center", fontsize=10, fontweight="bold")
+    if diagram.backs:
+        ax.text(max(cols) * DX + DX / 2 - 0.1, -top * DY + 0.25,
+                "solid: forward    dashed: backward (the VJPs, in reverse)",
+                ha="right", va="center", fontsize=8, color=BACK_COLOR)
     fig.savefig(path, format="png")
     return path
 
@@ -160,6 +185,7 @@ def conv1x1() -> Diagram:
     d.tensor("y", "out\n(N, O, Ho, Wo)", 2, 1)
     d.flow("x", "mix", "y")
     d.flow("w", "mix")
+    d.back("x", "mix", "y", label="1. dx = W^T dy")
     return d
 
 
@@ -169,6 +195,7 @@ def gap() -> Diagram:
     d.op("mean", "1. mean over\nall positions", 1, 0)
     d.tensor("y", "out (N, C)\nor (N, C, 1, 1)", 2, 0)
     d.flow("x", "mean", "y")
+    d.back("x", "mean", "y", label="1. dx = dy / L")
     return d
 
 
@@ -187,6 +214,8 @@ def mlpconv() -> Diagram:
     d.flow("x", "c0", "c1", "more", "y", "gap", "logits")
     d.flow("p0", "c0")
     d.flow("p1", "c1")
+    d.back("x", "c0", "c1", "more", "y", label="2., 1.")
+    d.back("y", "gap", "logits", label="3.")
     return d
 
 
@@ -223,6 +252,11 @@ def cbam() -> Diagram:
     d.flow("x1", "cp", "m", "conv", "bn", "s", "g2", "out")
     d.flow("sp", "conv")
     d.skip("x1", "g2", "x1", side="under")
+    # the backward: spatial gate 5..1, then channel gate 3..1; dx1 and dx each
+    # sum the gate path and the pool paths
+    d.back("x1", "cp", "m", "conv", "bn", "s", "g2", label="5. to 1.")
+    d.back("x", "avg", "mlpa", "sum", "a", "g1", label="3. to 1.")
+    d.back("x", "max", "mlpm", "sum")
     return d
 
 
@@ -249,6 +283,10 @@ def non_local() -> Diagram:
     d.flow("f", "sm", "A", "y", "W", "bn", "res", "z")
     d.tensor("x2", "x (residual)", 0, 3.4)
     d.skip("x2", "res", side="under")
+    d.back("A", "y", "W", "bn", "res", label="9. to 6.")
+    d.back("x", "theta", "f", "sm", "A", label="5. to 1.")
+    d.back("x", "phi", "f")
+    d.back("x", "g", "y")
     return d
 
 
@@ -270,6 +308,7 @@ def cgnl() -> Diagram:
     d.edge("split", "y", "t")
     d.tensor("x2", "x (residual)", 0, 2.2)
     d.skip("x2", "res", side="under")
+    d.back("x", "proj", "split", "s", "aux", "y", "z", "gn", "res", label="6. to 1.")
     return d
 
 
@@ -294,6 +333,9 @@ def cross_layer() -> Diagram:
     d.flow("xkv", "g", "y")
     d.flow("f", "sm", "A", "y", "W", "bn", "sum", "out")
     d.skip("xq", "out", "x_q (residual)", side="over")
+    d.back("xq", "theta", "f", "sm", "A", "y", "W", "bn", "sum", label="9. to 1.")
+    d.back("xkv", "phi", "f")
+    d.back("xkv", "g", "y")
     return d
 
 

@@ -12,6 +12,17 @@
     Every subcommand of the ``refattn`` click group: usage, help text,
     arguments, options (type, default, description) and the ``--help`` text.
 
+Two more hooks act on every page:
+
+``on_page_markdown``
+    expands each ``<!-- worked-example: NAME -->`` marker into the worked
+    example computed by ``docs/_gen/worked.py`` (the block run on a tiny case
+    during the build, every step's numbers under the code's step numbers);
+``on_page_content``
+    renders every formula to MathML with ``docs/_gen/mathml.py``, so the site
+    loads no script and no external URL to show math; a TeX error is logged
+    as a warning, which fails ``mkdocs build --strict``.
+
 The docstring contract is enforced here: a ``*_forward`` without its
 ``*_backward``, or a pair whose docstrings lack ``Math:`` or ``Shapes:``, is
 logged as a warning, which fails ``mkdocs build --strict``.
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import html
 import importlib
+import importlib.util
 import inspect
 import logging
 import pkgutil
@@ -497,12 +509,45 @@ def on_files(files: Any, config: Any) -> Any:
     return files
 
 
+def _sibling(name: str) -> Any:
+    """A module of docs/_gen by file (mkdocs loads this hook by path)."""
+    qualified = f"refattn_docs_{name}"
+    if qualified not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            qualified, Path(__file__).with_name(f"{name}.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[qualified]
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Expand the worked-example markers (``docs/_gen/worked.py``)."""
+    worked = _sibling("worked")
+    try:
+        return worked.expand_markers(markdown)
+    except ValueError as err:
+        log.warning("%s: %s", page.file.src_uri, err)
+        return markdown
+
+
+def on_page_content(html_text: str, page: Any, config: Any, files: Any) -> str:
+    """Every formula to MathML at build time (``docs/_gen/mathml.py``)."""
+    rendered, errors = _sibling("mathml").render_page_math(html_text)
+    for error in errors:
+        log.warning("%s: TeX error: %s", page.file.src_uri, error)
+    return rendered
+
+
 def on_serve(server: Any, config: Any, builder: Any) -> Any:
     """``mkdocs serve``: rebuild when the code the pages come from changes."""
+    import refattn.blocks
     import refattn.cli
     import refattn.ops
 
-    for path in (*refattn.ops.__path__, Path(refattn.cli.__file__).parent):
+    for path in (*refattn.ops.__path__, *refattn.blocks.__path__,
+                 Path(refattn.cli.__file__).parent):
         server.watch(str(path))
     return server
 
