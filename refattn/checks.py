@@ -293,7 +293,7 @@ def check_input_shapes(input_shapes: Any) -> dict[str, Shape]:
     return out
 
 
-def limit_sizes(block: str, shapes: Mapping[str, Shape]) -> Mapping[str, Shape]:
+def limit_sizes(block: str, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
     """`shapes` (parameter shapes), refusing any no array can have."""
     for key, shape in shapes.items():
         if math.prod(shape) > _MAX_ELEMENTS:
@@ -302,7 +302,7 @@ def limit_sizes(block: str, shapes: Mapping[str, Shape]) -> Mapping[str, Shape]:
                 f"{tuple(shape)}, more elements than an array can hold (check "
                 f"the config and the input shapes)"
             )
-    return shapes
+    return dict(shapes)
 
 
 # ---------------------------------------------------------------------------

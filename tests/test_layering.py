@@ -1,6 +1,7 @@
 """The layers of refattn (CONTRIBUTING.md): no module imports another in a
 cycle, each is a layer that can be read (and loaded) after the ones it uses,
-and the math (ops and block modules) imports none of the tools around it.
+and the math (ops and block math modules) imports none of the tools around
+it, the check module and the specs included.
 
 Every module under the two packages is parsed with ``ast``.  Each ``import``
 and ``from ... import`` in it, at module level or inside a function, that
@@ -145,28 +146,55 @@ def test_no_import_cycle_anywhere_in_refattn() -> None:
     assert find_cycles(package_graph()) == []
 
 
-TOOLS = ("refattn.golden", "refattn.cli", "refattn.cuda", "refattn.validate",
-         "refattn.gradcheck", "refattn.testing", "refattn.adapters", "refattn.plot")
+MATH_MAY_IMPORT = ("refattn._typing", "refattn.backend", "refattn.params", "refattn.ops")
+"""What the math sees: the array backend, parameter-dict helpers, the ops
+(the override table among them) and the other block math modules."""
+
+NOT_MATH = ("refattn.blocks.registry", "refattn.blocks.spec", "refattn.blocks.specs")
+
+
+def math_modules(graph: Mapping[str, set[str]]) -> list[str]:
+    """The ops and the block math modules (``refattn/blocks/<block>.py``)."""
+    return sorted(m for m in graph if m.startswith("refattn.ops")
+                  or (m.startswith("refattn.blocks.") and not m.startswith(NOT_MATH)))
 
 
 def tool_imports(graph: Mapping[str, set[str]]) -> list[tuple[str, str]]:
-    """(module, tool) for every tool a math module imports: ops and the block
-    modules (the math, and the spec section each ends with) see only the
-    backend, params, the override table, blocks/spec.py and each other; the
-    registry, which runs gradchecks, is the one exception."""
-    math = [m for m in graph if m.startswith(("refattn.ops", "refattn.blocks"))
-            and m != "refattn.blocks.registry"]
+    """(module, import) for every import of a math module outside what the
+    math may see: no check module (``refattn.checks``), no spec, no tool
+    (golden, cli, cuda, validate, gradcheck, plot, adapters)."""
+    math = math_modules(graph)
     assert len(math) >= 14
-    return sorted((m, d) for m in math for d in graph[m] if d.startswith(TOOLS))
+    blocks = {m for m in math if m.startswith("refattn.blocks.")}
+    return sorted((m, d) for m in math for d in graph[m]
+                  if not (d.startswith(MATH_MAY_IMPORT) or d in blocks))
 
 
 def test_the_math_imports_no_tool() -> None:
-    assert tool_imports(package_graph()) == []
+    graph = package_graph()
+    assert {"refattn.blocks.cbam", "refattn.blocks.cgnl", "refattn.ops.conv"} <= set(
+        math_modules(graph))
+    assert "refattn.blocks.specs.cbam" not in math_modules(graph)
+    assert tool_imports(graph) == []
+
+
+def test_the_checks_sit_above_the_math() -> None:
+    """Every spec module checks through refattn.checks, which imports no math."""
+    graph = package_graph()
+    specs = [m for m in graph if m.startswith("refattn.blocks.specs.")]
+    assert len(specs) >= 7
+    assert all("refattn.checks" in graph[m] for m in specs)
+    assert not any(d.startswith(("refattn.blocks", "refattn.ops"))
+                   for d in graph["refattn.checks"])
 
 
 def test_the_package_scan_finds_a_planted_tool_import_and_cycle() -> None:
     graph = package_graph()
     graph["refattn.ops.softmax"] = graph["refattn.ops.softmax"] | {"refattn.golden.format"}
     assert tool_imports(graph) == [("refattn.ops.softmax", "refattn.golden.format")]
+    graph["refattn.blocks.cbam"] = graph["refattn.blocks.cbam"] | {"refattn.checks"}
+    graph["refattn.blocks.gap"] = graph["refattn.blocks.gap"] | {"refattn.blocks.spec"}
+    assert ("refattn.blocks.cbam", "refattn.checks") in tool_imports(graph)
+    assert ("refattn.blocks.gap", "refattn.blocks.spec") in tool_imports(graph)
     graph["refattn.backend"] = graph["refattn.backend"] | {"refattn.ops.softmax"}
     assert ["refattn.backend", "refattn.ops.softmax", "refattn.backend"] in find_cycles(graph)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,8 +340,13 @@ def cross_layer() -> Diagram:
     return d
 
 
-DIAGRAMS = {f.__name__: f for f in (conv1x1, gap, mlpconv, cbam, non_local, cgnl,
-                                     cross_layer)}
+def diagrams() -> dict[str, Callable[[], Diagram]]:
+    """Block name -> its drawing function here, as the registry names it
+    (``BlockSpec.diagram``)."""
+    from refattn.blocks.registry import BLOCKS
+
+    return {name: globals()[spec.diagram] for name, spec in BLOCKS.items()
+            if spec.diagram is not None}
 
 # ---------------------------------------------------------------------------
 # the gradcheck and show pictures
@@ -394,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     written = [draw(f(), args.out / f"dataflow-{name}.png")
-               for name, f in DIAGRAMS.items()]
+               for name, f in diagrams().items()]
     if args.pictures:
         written += pictures(args.out)
     for p in written:

@@ -5,6 +5,7 @@ the block's BlockSpec, and each field is what its reader needs."""
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +58,29 @@ def test_every_spec_field_is_usable(name: str) -> None:
         assert 0 < width < 30 and 0 < height < 30
     for preset in spec.anchors:
         assert preset is None or preset in spec.presets, preset
+    if spec.diagram is not None:
+        source = (TESTS.parent / "docs" / "_gen" / "diagrams.py").read_text()
+        assert f"\ndef {spec.diagram}() -> Diagram:" in source, spec.diagram
+
+
+def test_the_registry_names_every_data_flow_diagram() -> None:
+    """docs/_gen/diagrams.py draws what the specs name: each of its drawing
+    functions belongs to a block (none is drawn by a hand-kept list)."""
+    source = (TESTS.parent / "docs" / "_gen" / "diagrams.py").read_text()
+    drawn = set(re.findall(r"\ndef (\w+)\(\) -> Diagram:", source))
+    named = {spec.diagram for spec in BLOCKS.values()} - {None}
+    assert drawn == named and len(named) >= 7
+
+
+def test_a_spec_is_stored_as_given() -> None:
+    """BlockSpec wraps nothing: the registry holds the spec modules' own
+    checked functions."""
+    from refattn.blocks.specs import cbam, non_local
+
+    assert BLOCKS["non_local"].forward is non_local.forward
+    assert BLOCKS["non_local"].backward is non_local.backward
+    assert BLOCKS["cbam"].forward is cbam.forward
+    assert BLOCKS["non_local"].param_shapes is non_local.param_shapes
 
 
 @pytest.mark.parametrize("name", [n for n in BLOCKS if BLOCKS[n].anchors])

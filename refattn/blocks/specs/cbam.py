@@ -131,7 +131,7 @@ def param_shapes(
         if cfg.spatial_bn is not None:
             for name in ("weight", "bias", "running_mean", "running_var"):
                 shapes[f"spatial.bn.{name}"] = (1,)
-    return dict(checks.limit_sizes(BLOCK_NAMES[part], shapes))
+    return checks.limit_sizes(BLOCK_NAMES[part], shapes)
 
 
 def _anchor_of(cfg: CBAMConfig) -> str:
@@ -445,6 +445,7 @@ def _spec(part: Part, summary: str) -> BlockSpec:
                          "x(8,256,28,28) r=16, avg+max, 7x7 conv + BN(train)")
                if part == "cbam" else None),
         figure=("draw_cbam", _FIGURES[part]),
+        diagram="cbam" if part == "cbam" else None,
         anchors={p: f"cbam:make_{p}{_ANCHOR_SUFFIX[part]}"
                  for p in ("jongchan", "luuuyi", "seed")},
     )

@@ -165,7 +165,7 @@ def param_shapes(
     elif cfg.norm is not None:
         for key in ("weight", "bias", "running_mean", "running_var"):
             shapes[f"bn.{key}"] = (C,)
-    return dict(checks.limit_sizes("cgnl", shapes))
+    return checks.limit_sizes("cgnl", shapes)
 
 
 @config_entry
@@ -457,6 +457,7 @@ SPECS: dict[str, BlockSpec] = {
     "cgnl": BlockSpec.of_module(
         __name__,
         name="cgnl",
+        diagram="cgnl",
         summary="compact generalized non-local block (Yue et al. 2018): dot and "
         "Taylor-expanded Gaussian kernels per channel group, GroupNorm",
         config_cls=CGNLConfig,

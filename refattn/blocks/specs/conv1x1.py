@@ -75,7 +75,7 @@ def param_shapes(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]) -> dict[
     shapes: dict[str, Shape] = {"weight": (o, c // cfg.groups, 1, 1)}
     if cfg.bias:
         shapes["bias"] = (o,)
-    return dict(checks.limit_sizes("conv1x1", shapes))
+    return checks.limit_sizes("conv1x1", shapes)
 
 
 @config_entry
@@ -163,6 +163,7 @@ SPECS: dict[str, BlockSpec] = {
     "conv1x1": BlockSpec.of_module(
         __name__,
         name="conv1x1",
+        diagram="conv1x1",
         summary="1x1 convolution (per-position linear layer) with stride, "
         "padding and groups",
         config_cls=Conv1x1Config,

@@ -181,7 +181,7 @@ def param_shapes(
         if cfg.bn is not None:
             for leaf in ("weight", "bias", "running_mean", "running_var"):
                 shapes[f"kv{m}.bn.{leaf}"] = (cq,)
-    return shapes
+    return checks.limit_sizes("cross_layer", shapes)
 
 
 @config_entry
@@ -415,6 +415,7 @@ SPECS: dict[str, BlockSpec] = {
     "cross_layer": BlockSpec.of_module(
         __name__,
         name="cross_layer",
+        diagram="cross_layer",
         summary="cross-layer non-local (Ye et al. 2020, CNL): queries from x_q, "
         "keys/values from one or several other layers x_kv.m",
         config_cls=CrossLayerConfig,

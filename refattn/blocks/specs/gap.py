@@ -101,6 +101,7 @@ SPECS: dict[str, BlockSpec] = {
     "gap": BlockSpec.of_module(
         __name__,
         name="gap",
+        diagram="gap",
         summary="global average pooling over all spatial positions",
         config_cls=GapConfig,
         presets=PRESETS,

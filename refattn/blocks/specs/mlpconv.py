@@ -137,7 +137,7 @@ def param_shapes(
         if cfg.bias:
             shapes[f"convs.{i}.bias"] = (c_out,)
         c_in = c_out
-    return dict(checks.limit_sizes(_block(cfg), shapes))
+    return checks.limit_sizes(_block(cfg), shapes)
 
 
 @config_entry
@@ -321,6 +321,7 @@ def _common(**kwargs: Any) -> dict[str, Any]:
 SPECS: dict[str, BlockSpec] = {
     "mlpconv": BlockSpec(
         name="mlpconv",
+        diagram="mlpconv",
         summary="Network-in-Network mlpconv: k x k conv + ReLU, then 1x1 convs + ReLU",
         config_cls=MlpconvConfig,
         presets=MLPCONV_PRESETS,

@@ -145,7 +145,7 @@ def param_shapes(
     if cfg.bn is not None:
         for key in ("weight", "bias", "running_mean", "running_var"):
             shapes[f"W_bn.{key}"] = (C,)
-    return dict(checks.limit_sizes("non_local", shapes))
+    return checks.limit_sizes("non_local", shapes)
 
 
 @config_entry
@@ -395,6 +395,7 @@ SPECS: dict[str, BlockSpec] = {
     "non_local": BlockSpec.of_module(
         __name__,
         name="non_local",
+        diagram="non_local",
         summary="non-local block (Wang et al. 2018): embedded Gaussian, Gaussian, "
         "dot product and concatenation; 1-, 2- and 3-D",
         config_cls=NonLocalConfig,
