@@ -226,8 +226,8 @@ def check_array(
     ``shape`` entries of ``-1`` match any size.
     """
     if _numpy_float_name(a) is None:  # else a float NumPy array: nothing to look up
-        if isinstance(a, np.ndarray) and type(a) is not np.ndarray:
-            raise TypeError(  # np.matrix, np.ma.MaskedArray: their arithmetic differs
+        if isinstance(a, (np.matrix, np.ma.MaskedArray)):
+            raise TypeError(  # their arithmetic differs from an array's
                 f"{name}: expected a plain float32 or float64 array, got the ndarray "
                 f"subclass {type(a).__module__}.{type(a).__qualname__} (convert it "
                 f"with numpy.asarray, after filling any masked values)"

@@ -100,7 +100,7 @@ def test_numpy_and_strict_runs_never_load_the_kernels() -> None:
 import sys
 import numpy as np
 import array_api_strict as xs
-import refattn.blocks.cbam as cbam
+import refattn.blocks.specs.cbam as cbam
 from refattn import backend
 from refattn.ops import softmax_forward
 

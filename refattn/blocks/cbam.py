@@ -59,7 +59,7 @@ The checked entry points, parameter shapes and draws are in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 from refattn._typing import Array, Params
@@ -139,53 +139,33 @@ class CBAMConfig:
     spatial_relu: bool = False  # act = ReLU (no anchor has it)
 
 
+# Jongchan/attention-module: Linear MLP with bias, ChannelPool max-then-mean,
+# BasicConv(2, 1, 7, relu=False): conv without bias + BatchNorm2d(1, eps=1e-5,
+# momentum=0.01); a fresh module trains, so BN uses batch statistics.
+_JONGCHAN = CBAMConfig(
+    reduction=16,
+    pool_types=("avg", "max"),
+    mlp_bias=True,
+    spatial=True,
+    spatial_kernel=7,
+    channel_pool_order="max_mean",
+    spatial_bias=False,
+    spatial_bn="train",
+    bn_eps=1e-5,
+    bn_momentum=0.01,
+    spatial_relu=False,
+)
+
 PRESETS: dict[str, CBAMConfig] = {
-    # Jongchan/attention-module: Linear MLP with bias, ChannelPool max-then-mean,
-    # BasicConv(2, 1, 7, relu=False): conv without bias + BatchNorm2d(1, eps=1e-5,
-    # momentum=0.01); a fresh module trains, so BN uses batch statistics.
-    "jongchan": CBAMConfig(
-        reduction=16,
-        pool_types=("avg", "max"),
-        mlp_bias=True,
-        spatial=True,
-        spatial_kernel=7,
-        channel_pool_order="max_mean",
-        spatial_bias=False,
-        spatial_bn="train",
-        bn_eps=1e-5,
-        bn_momentum=0.01,
-        spatial_relu=False,
-    ),
+    "jongchan": _JONGCHAN,  # the full config above
     # luuuyi/CBAM.PyTorch: 1x1-conv MLP without bias (Cr = C // 16 hard-coded),
     # cat([mean, max]), k x k conv without bias, no BN.
-    "luuuyi": CBAMConfig(
-        reduction=16,
-        pool_types=("avg", "max"),
-        mlp_bias=False,
-        spatial=True,
-        spatial_kernel=7,
-        channel_pool_order="mean_max",
-        spatial_bias=False,
-        spatial_bn=None,
-        bn_eps=1e-5,
-        bn_momentum=0.01,
-        spatial_relu=False,
-    ),
+    "luuuyi": replace(_JONGCHAN, mlp_bias=False, channel_pool_order="mean_max",
+                      spatial_bn=None),
     # the seed notes: Linear MLP with bias, cat([mean, max]), Conv2d(2, 1, 7,
     # padding=3) with bias, no BN.
-    "seed": CBAMConfig(
-        reduction=16,
-        pool_types=("avg", "max"),
-        mlp_bias=True,
-        spatial=True,
-        spatial_kernel=7,
-        channel_pool_order="mean_max",
-        spatial_bias=True,
-        spatial_bn=None,
-        bn_eps=1e-5,
-        bn_momentum=0.01,
-        spatial_relu=False,
-    ),
+    "seed": replace(_JONGCHAN, channel_pool_order="mean_max", spatial_bn=None,
+                    spatial_bias=True),
 }
 
 

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 from refattn._typing import Array, Shape
@@ -144,39 +144,27 @@ class CGNLConfig:
     residual: bool = True  # out = norm(z) + x
 
 
+# SpatialCGNL(inplanes, inplanes // 2, use_scale=False, groups=8)
+_YUE = CGNLConfig(
+    planes=None,
+    groups=8,
+    use_scale=False,
+    kernel="dot",
+    order=2,
+    gamma=1e-4,
+    beta="const",
+    norm="gn",
+    gn_groups=None,
+    eps=1e-5,
+    bn_momentum=0.1,
+    bias=False,
+    residual=True,
+)
+
 PRESETS: dict[str, CGNLConfig] = {
-    # SpatialCGNL(inplanes, inplanes // 2, use_scale=False, groups=8)
-    "yue": CGNLConfig(
-        planes=None,
-        groups=8,
-        use_scale=False,
-        kernel="dot",
-        order=2,
-        gamma=1e-4,
-        beta="const",
-        norm="gn",
-        gn_groups=None,
-        eps=1e-5,
-        bn_momentum=0.1,
-        bias=False,
-        residual=True,
-    ),
+    "yue": _YUE,  # the full config above
     # SpatialCGNLx(inplanes, inplanes // 2, use_scale=False, groups=8, order=3)
-    "yue_gaussian": CGNLConfig(
-        planes=None,
-        groups=8,
-        use_scale=False,
-        kernel="gaussian",
-        order=3,
-        gamma=1e-4,
-        beta="const",
-        norm="gn",
-        gn_groups=None,
-        eps=1e-5,
-        bn_momentum=0.1,
-        bias=False,
-        residual=True,
-    ),
+    "yue_gaussian": replace(_YUE, kernel="gaussian", order=3),
 }
 
 

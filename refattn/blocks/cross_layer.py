@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Literal, NamedTuple
 
@@ -120,32 +120,24 @@ class CrossLayerConfig:
     residual: bool = True
 
 
+# FouriYe/CNL-ICIP2020 CNL_5 with the transpose the official code omits
+# (P = 256 for the official 2048-channel query); residual as in CNLNet
+_CNL = CrossLayerConfig(
+    planes=256,
+    use_scale=True,
+    bias=False,
+    bn="train",
+    bn_eps=1e-5,
+    bn_momentum=0.1,
+    layout="transpose",
+    out_proj=True,
+    residual=True,
+)
+
 PRESETS: dict[str, CrossLayerConfig] = {
-    # FouriYe/CNL-ICIP2020 CNL_5 with the transpose the official code omits
-    # (P = 256 for the official 2048-channel query); residual as in CNLNet
-    "cnl": CrossLayerConfig(
-        planes=256,
-        use_scale=True,
-        bias=False,
-        bn="train",
-        bn_eps=1e-5,
-        bn_momentum=0.1,
-        layout="transpose",
-        out_proj=True,
-        residual=True,
-    ),
+    "cnl": _CNL,  # the full config above
     # the official code as written: o.view(N, P, Hq, Wq) without the transpose
-    "cnl_official_noperm": CrossLayerConfig(
-        planes=256,
-        use_scale=True,
-        bias=False,
-        bn="train",
-        bn_eps=1e-5,
-        bn_momentum=0.1,
-        layout="official_noperm",
-        out_proj=True,
-        residual=True,
-    ),
+    "cnl_official_noperm": replace(_CNL, layout="official_noperm"),
     # the seed notes' snippet corrected: q/k/v convs (with bias) to Cq
     # channels, softmax over keys, bmm(att, V), transpose before the reshape
     "seed_fixed": CrossLayerConfig(

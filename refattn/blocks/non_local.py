@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 from refattn._typing import Array, Shape
@@ -139,47 +139,27 @@ class NonLocalConfig:
     residual: bool = True  # z = W_z y + x
 
 
+# AlexHex7/Non-local_pytorch, non_local_embedded_gaussian.py (the other three
+# files are the same preset with `mode` changed); bn=None is bn_layer=False
+_ALEXHEX7 = NonLocalConfig(
+    mode="embedded_gaussian",
+    inter_channels=None,
+    sub_sample=True,
+    pool_position="after_proj",
+    use_scale=False,
+    bias=True,
+    bn="train",
+    bn_eps=1e-5,
+    bn_momentum=0.1,
+    residual=True,
+)
+
 PRESETS: dict[str, NonLocalConfig] = {
-    # AlexHex7/Non-local_pytorch, non_local_embedded_gaussian.py (the other three
-    # files are the same preset with `mode` changed); bn=None is bn_layer=False
-    "alexhex7": NonLocalConfig(
-        mode="embedded_gaussian",
-        inter_channels=None,
-        sub_sample=True,
-        pool_position="after_proj",
-        use_scale=False,
-        bias=True,
-        bn="train",
-        bn_eps=1e-5,
-        bn_momentum=0.1,
-        residual=True,
-    ),
+    "alexhex7": _ALEXHEX7,  # the full config above
     # facebookresearch/video-nonlocal-net (Caffe2 momentum 0.9 = PyTorch 0.1)
-    "facebook": NonLocalConfig(
-        mode="embedded_gaussian",
-        inter_channels=None,
-        sub_sample=True,
-        pool_position="before_proj",
-        use_scale=True,
-        bias=True,
-        bn="train",
-        bn_eps=1e-5,
-        bn_momentum=0.1,
-        residual=True,
-    ),
+    "facebook": replace(_ALEXHEX7, pool_position="before_proj", use_scale=True),
     # KaiyuYue/cgnl-network.pytorch, SpatialNL(inplanes, inplanes // 2, use_scale=True)
-    "cgnl_repo": NonLocalConfig(
-        mode="embedded_gaussian",
-        inter_channels=None,
-        sub_sample=False,
-        pool_position="after_proj",
-        use_scale=True,
-        bias=False,
-        bn="train",
-        bn_eps=1e-5,
-        bn_momentum=0.1,
-        residual=True,
-    ),
+    "cgnl_repo": replace(_ALEXHEX7, sub_sample=False, use_scale=True, bias=False),
 }
 
 
