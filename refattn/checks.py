@@ -97,14 +97,15 @@ class Int:
     def __call__(self, name: str, value: Any) -> Any:
         if value is None and self.optional:
             return None
-        alt = " or None" if self.optional else ""
+        want = f"an int >= {self.minimum}" + (" or None" if self.optional else "")
         if not _is_int(value):
-            raise ConfigError(f"{name}: expected an int >= {self.minimum}{alt}, got {value!r}")
+            raise ConfigError(f"{name}: expected {want}, got {value!r}")
         if value < self.minimum:
-            raise ConfigError(f"{name}: expected an int >= {self.minimum}{alt}, got {value}")
+            raise ConfigError(f"{name}: expected {want}, got {value}")
         if self.maximum is not None and value > self.maximum:
             raise ConfigError(
-                f"{name}: expected an int <= {self.maximum}{self.why_maximum}, got {value}"
+                f"{name}: expected an int <= {self.maximum}{self.why_maximum}, "
+                f"got {value}"
             )
         return int(value)
 
@@ -127,7 +128,8 @@ class Real:
             raise ConfigError(f"{name}: expected a finite float > 0, got {value!r}")
         if not self.low <= v <= self.high:
             raise ConfigError(
-                f"{name}: expected a float in [{self.low:g}, {self.high:g}], got {value!r}"
+                f"{name}: expected a float in [{self.low:g}, {self.high:g}], "
+                f"got {value!r}"
             )
         return v
 
@@ -195,7 +197,8 @@ class Choices:
         if self.item is not None:
             items = tuple(self.item(f"{name}[{i}]", v) for i, v in enumerate(items))
         else:
-            unknown = [v for v in items if not isinstance(v, str) or v not in self.allowed]
+            unknown = [v for v in items
+                       if not isinstance(v, str) or v not in self.allowed]
             if unknown:
                 raise ConfigError(
                     f"{name}: unknown item(s) {', '.join(map(repr, unknown))} "
@@ -319,7 +322,8 @@ def check_inputs(block: str, inputs: Any, ndims: Mapping[str, Any]) -> dict[str,
         a = inputs[name]
         backend.check_array(name, a, ndim=ndim)
         if any(int(s) == 0 for s in a.shape):
-            raise ValueError(f"{name}: expected a non-empty array, got shape {tuple(a.shape)}")
+            raise ValueError(
+                f"{name}: expected a non-empty array, got shape {tuple(a.shape)}")
         backend.check_finite(name, a)
     return dict(inputs)
 
@@ -327,9 +331,9 @@ def check_inputs(block: str, inputs: Any, ndims: Mapping[str, Any]) -> dict[str,
 def check_params(block: str, params: Any, state: Any, shapes: Mapping[str, Shape],
                  inputs: Mapping[str, Array], switches: str = "",
                  why: Callable[[str], str] | None = None
-                 ) -> tuple[dict[str, Array], dict[str, Array], Any]:
+                 ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Check a block's parameters and buffers against its parameter shapes;
-    return ``(params, state, xp)``.
+    return ``(params, state)``.
 
     Buffers (running statistics) may come in `state`, as the contract says,
     or among the params; they are moved to the state.  Then: the keys match
@@ -346,7 +350,8 @@ def check_params(block: str, params: Any, state: Any, shapes: Mapping[str, Shape
     params, state = dict(params), dict(state)
     for key in [k for k in params if is_buffer(k)]:
         if key in state:
-            raise ValueError(f"state: buffer {key!r} was given in both params and state")
+            raise ValueError(
+                f"state: buffer {key!r} was given in both params and state")
         state[key] = params.pop(key)
     for what, got, want in (
         ("params", params, [k for k in shapes if not is_buffer(k)]),
@@ -355,14 +360,16 @@ def check_params(block: str, params: Any, state: Any, shapes: Mapping[str, Shape
         missing = [k for k in want if k not in got]
         extra = sorted(k for k in got if k not in want)
         if missing or extra:
-            raise ValueError(f"{what}: {_key_mismatch(block, missing, extra, want, switches, why)}")
-    xp = backend.namespace(**inputs, **params, **state)
+            mismatch = _key_mismatch(block, missing, extra, want, switches, why)
+            raise ValueError(f"{what}: {mismatch}")
+    if params or state:  # one array library for all (the inputs' is checked)
+        backend.namespace(**inputs, **params, **state)
     for key, a in (params | state).items():
         backend.check_array(key, a, shape=tuple(shapes[key]))
     backend.check_same_dtype(**inputs, **params, **state)
     for key, a in (params | state).items():
         backend.check_finite(key, a)
-    return params, state, xp
+    return params, state
 
 
 def _key_mismatch(block: str, missing: list[str], extra: list[str], want: list[str],

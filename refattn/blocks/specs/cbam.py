@@ -43,8 +43,8 @@ RULES: dict[str, checks.Rule] = {
     "mlp_bias": checks.Bool(),
     "spatial": checks.Bool(),
     "spatial_kernel": checks.Int(1),
-    "channel_pool_order": checks.OneOf(CHANNEL_POOL_ORDERS,
-                                       " ('max_mean': Jongchan; 'mean_max': luuuyi, seed)"),
+    "channel_pool_order": checks.OneOf(
+        CHANNEL_POOL_ORDERS, " ('max_mean': Jongchan; 'mean_max': luuuyi, seed)"),
     "spatial_bias": checks.Bool(),
     "spatial_bn": checks.OneOf(BN_MODES),
     "bn_eps": checks.Real(positive=True),
@@ -223,8 +223,9 @@ def _entry(part: Part) -> Any:
         block = BLOCK_NAMES[part]
         inputs = checks.check_inputs(block, inputs, {"x": 4})
         shapes = param_shapes(cfg, {"x": tuple(inputs["x"].shape)}, part=part)
-        params, state, _ = checks.check_params(block, params, state, shapes, inputs,
-                                               why=partial(_flag_of, cfg=cfg, part=part))
+        why = partial(_flag_of, cfg=cfg, part=part)
+        params, state = checks.check_params(block, params, state, shapes, inputs,
+                                               why=why)
         return cbam.forward(inputs, params, state, cfg, part=part)
 
     return forward

@@ -269,7 +269,7 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
     x_shape = tuple(inputs["x"].shape)
     cfg = resolve(cfg, {"x": x_shape})
     shapes = param_shapes(cfg, {"x": x_shape})
-    params, state, _ = checks.check_params(
+    params, state = checks.check_params(
         "cgnl", params, state, shapes, inputs, f"bias={cfg.bias}, norm={cfg.norm!r}")
     if cfg.norm == "bn_train" and x_shape[0] * prod(x_shape[2:]) < 2:
         raise ValueError(
@@ -286,7 +286,8 @@ def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]
     checks.check_cache("cgnl", cache, (CGNLCache,))
     checks.check_douts("cgnl", douts, shape=cache.x_shape, like=cache.proj.conv.x3)
     dinputs, dparams = cgnl.backward(douts, cache)
-    order = [k for k in param_shapes(cache.cfg, {"x": cache.x_shape}) if not is_buffer(k)]
+    shapes = param_shapes(cache.cfg, {"x": cache.x_shape})
+    order = [k for k in shapes if not is_buffer(k)]
     return dinputs, {k: dparams[k] for k in order}
 
 

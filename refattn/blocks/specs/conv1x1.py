@@ -38,7 +38,8 @@ def _groups_divide_out(cfg: Conv1x1Config) -> str | None:
 
 
 def check_config(cfg: Any) -> Conv1x1Config:
-    return checks.check_config("conv1x1", cfg, Conv1x1Config, RULES, [_groups_divide_out])
+    return checks.check_config("conv1x1", cfg, Conv1x1Config, RULES,
+                               [_groups_divide_out])
 
 
 config_entry = checks.config_entry(check_config, shapes=True)
@@ -63,7 +64,8 @@ def x_shape(block: str, input_shapes: Mapping[str, Shape]) -> Shape:
 
 
 @config_entry
-def param_shapes(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+def param_shapes(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]
+                 ) -> dict[str, Shape]:
     """``weight (O, C/G, 1, 1)`` and, with ``bias``, ``bias (O,)``."""
     _, c, _, _ = x_shape("conv1x1", input_shapes)
     if c % cfg.groups:
@@ -101,7 +103,7 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
     cfg = check_config(cfg)
     inputs = checks.check_inputs("conv1x1", inputs, {"x": 4})
     shapes = param_shapes(cfg, {"x": tuple(inputs["x"].shape)})
-    params, _, _ = checks.check_params("conv1x1", params, state, shapes, inputs,
+    params, _ = checks.check_params("conv1x1", params, state, shapes, inputs,
                                        f"bias={cfg.bias}")
     return conv1x1.forward(inputs, params, {}, cfg)
 
@@ -130,7 +132,8 @@ def out_hw(stride: Any, padding: Any, h: int, w: int, k: Any = 1, dilation: Any 
 
 
 @config_entry
-def accumulation(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]) -> dict[str, int]:
+def accumulation(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]
+                 ) -> dict[str, int]:
     """out: C/G products (+ the bias); dx: O/G products; dW, db: N·Ho·Wo."""
     n, c, h, w = x_shape("conv1x1", input_shapes)
     ho, wo = out_hw(cfg.stride, cfg.padding, h, w)

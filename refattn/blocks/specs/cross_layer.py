@@ -247,14 +247,15 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
     inputs are passed on in layer order."""
     cfg = check_config(cfg)
     if not isinstance(inputs, Mapping):
-        raise ValueError(f"inputs: expected a dict of arrays, got {type(inputs).__name__}")
+        raise ValueError(
+            f"inputs: expected a dict of arrays, got {type(inputs).__name__}")
     names = kv_input_names(inputs)
     inputs = checks.check_inputs("cross_layer", {k: inputs[k] for k in ["x_q", *names]},
                                  dict.fromkeys(["x_q", *names], 4))
     input_shapes = {k: tuple(a.shape) for k, a in inputs.items()}
     cfg = resolve(cfg, input_shapes)  # checks the shapes too
     shapes = param_shapes(cfg, input_shapes)
-    params, state, _ = checks.check_params(
+    params, state = checks.check_params(
         "cross_layer", params, state, shapes, inputs,
         f"bias={cfg.bias}, bn={cfg.bn!r}, out_proj={cfg.out_proj}, "
         f"{len(names)} key/value layer(s)")

@@ -55,11 +55,13 @@ def check_mlpconv_config(cfg: Any) -> MlpconvConfig:
     if isinstance(cfg, NinHeadConfig):  # a subclass, but another block's config
         raise TypeError("cfg: expected a MlpconvConfig (the mlpconv config), got a "
                         "NinHeadConfig (the nin_head config)")
-    return checks.check_config("mlpconv", cfg, MlpconvConfig, RULES, [_groups_divide_first])
+    return checks.check_config("mlpconv", cfg, MlpconvConfig, RULES,
+                               [_groups_divide_first])
 
 
 def check_nin_head_config(cfg: Any) -> NinHeadConfig:
-    return checks.check_config("nin_head", cfg, NinHeadConfig, RULES, [_groups_divide_first])
+    return checks.check_config("nin_head", cfg, NinHeadConfig, RULES,
+                               [_groups_divide_first])
 
 
 def _check_either(cfg: Any) -> MlpconvConfig:
@@ -170,7 +172,7 @@ def _check_arguments(block: str, cfg: MlpconvConfig, inputs: Any, params: Any,
                      state: Any) -> tuple[dict[str, Array], dict[str, Array]]:
     inputs = checks.check_inputs(block, inputs, {"x": 4})
     shapes = param_shapes(cfg, {"x": tuple(inputs["x"].shape)})
-    params, _, _ = checks.check_params(
+    params, _ = checks.check_params(
         block, params, state, shapes, inputs,
         f"{len(cfg.channels)} convs, bias={cfg.bias}")
     return inputs, params
@@ -186,7 +188,8 @@ def mlpconv_forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 
 @checks.backward_entry("mlpconv")
-def mlpconv_backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def mlpconv_backward(douts: Any, cache: Any
+                     ) -> tuple[dict[str, Array], dict[str, Array]]:
     """``mlpconv.mlpconv_backward`` after checking the cotangent."""
     checks.check_cache("mlpconv", cache, (MlpconvCache,))
     last = cache.convs[-1]
@@ -206,7 +209,8 @@ def nin_head_forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 
 @checks.backward_entry("nin_head")
-def nin_head_backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def nin_head_backward(douts: Any, cache: Any
+                      ) -> tuple[dict[str, Array], dict[str, Array]]:
     """``mlpconv.nin_head_backward`` after checking the cotangent."""
     checks.check_cache("nin_head", cache, (NinHeadCache,))
     checks.check_douts("nin_head", douts, shape=cache.pool.x_shape[:2],

@@ -214,7 +214,7 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
     x_shape = tuple(inputs["x"].shape)
     cfg = resolve(cfg, {"x": x_shape})
     shapes = param_shapes(cfg, {"x": x_shape})
-    params, state, _ = checks.check_params(
+    params, state = checks.check_params(
         "non_local", params, state, shapes, inputs,
         f"mode={cfg.mode!r}, bias={cfg.bias}, bn={cfg.bn!r}")
     if cfg.bn == "train" and x_shape[0] * prod(x_shape[2:]) < 2:
@@ -232,7 +232,8 @@ def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]
     checks.check_cache("non_local", cache, (NonLocalCache,))
     checks.check_douts("non_local", douts, shape=cache.x_shape, like=cache.w.x3)
     dinputs, dparams = non_local.backward(douts, cache)
-    order = [k for k in param_shapes(cache.cfg, {"x": cache.x_shape}) if not is_buffer(k)]
+    shapes = param_shapes(cache.cfg, {"x": cache.x_shape})
+    order = [k for k in shapes if not is_buffer(k)]
     return dinputs, {k: dparams[k] for k in order}
 
 
