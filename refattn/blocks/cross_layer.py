@@ -223,7 +223,7 @@ def forward(
     aux: dict[str, Array] = {}
     new_state: dict[str, Array] = {}
     layers: list[KVCache] = []
-    total = None
+    zs: list[Array] = []  # Z_m of every layer, summed at step 9
     for m, x_m in enumerate(kvs):
         ck, hk, wk = (int(s) for s in x_m.shape[1:])
         lk = hk * wk
@@ -278,13 +278,14 @@ def forward(
                 new_state[f"state.kv{m}.bn.running_mean"] = new_mean
                 new_state[f"state.kv{m}.bn.running_var"] = new_var
 
-        total = z if total is None else total + z  # (N, Cq, Lq)
+        zs.append(z)  # (N, Cq, Lq)
         layers.append(
             KVCache(tuple(x_m.shape), kv_cache, affinity_cache, softmax_cache,
                     attend_cache, w_cache, bn_cache)
         )
 
     # 9. sum over the layers, plus the query itself (residual)
+    total = reduce(operator.add, zs)  # (N, Cq, Lq)
     out = total + xq3 if cfg.residual else total  # (N, Cq, Lq)
     outputs = {"out": xp.reshape(out, (N, cq, hq, wq))} | aux | new_state
     cache = CrossLayerCache(
