@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from refattn import backend
 from refattn._typing import Array
 from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 
@@ -43,7 +44,7 @@ PRESETS: dict[str, GapConfig] = {}
 
 class GapCache(NamedTuple):
     pool: GlobalPoolCache  # x's shape (avg needs nothing else)
-    dtype: Any  # x's dtype, which the cotangent must have
+    dtype: str  # x's dtype name ('float32' or 'float64'), the cotangent's too
 
 
 def forward(
@@ -63,7 +64,7 @@ def forward(
     x = inputs["x"]
     # 1. average every map
     out, pool = _global_pool(x, "avg", cfg.keepdim)  # (N, C)
-    return {"out": out}, GapCache(pool, x.dtype)
+    return {"out": out}, GapCache(pool, backend.dtype_name(x))
 
 
 def backward(

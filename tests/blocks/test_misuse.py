@@ -64,6 +64,26 @@ def test_a_cotangent_of_another_dtype_is_refused(name, forward_dtype, dout_dtype
     assert all(v.dtype == np.dtype(forward_dtype) for v in dinputs.values())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_native_cotangent_of_a_byteswapped_forward_is_accepted(name: str) -> None:
+    """Byte order is storage, not dtype: a big-endian float64 forward takes a
+    native float64 cotangent, and its gradients equal the native run's."""
+    spec, cfg, inputs, params, state = _case(name)
+    swapped = lambda d: {k: v.astype(v.dtype.newbyteorder(">")) for k, v in d.items()}  # noqa: E731
+    outputs, cache = spec.forward(inputs, params, state, cfg)
+    b_outputs, b_cache = spec.forward(swapped(inputs), swapped(params), swapped(state), cfg)
+    dout = np.random.default_rng(1).standard_normal(outputs["out"].shape)
+    grads = spec.backward({"out": dout}, cache)
+    b_grads = spec.backward({"out": dout}, b_cache)
+    np.testing.assert_array_equal(b_outputs["out"], outputs["out"])
+    for group, b_group in zip(grads, b_grads, strict=True):
+        assert group.keys() == b_group.keys()
+        for key in group:
+            np.testing.assert_allclose(b_group[key], group[key], rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match=r"douts\['out'\]"):
+        spec.backward({"out": dout.astype(np.float32)}, b_cache)
+
+
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 @pytest.mark.parametrize("name", ["gap", "cbam", "non_local"])
 def test_masked_arrays_and_matrices_are_refused(name: str) -> None:

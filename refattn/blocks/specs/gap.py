@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from refattn import checks
+from refattn import backend, checks
 from refattn._typing import Array, Shape
 from refattn.blocks import gap
 from refattn.blocks.gap import PRESETS, GapCache, GapConfig
@@ -70,9 +70,9 @@ def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]
     shape = pool.x_shape[:2] + (1,) * (len(pool.x_shape) - 2) if pool.keepdim \
         else pool.x_shape[:2]
     dout = checks.check_douts("gap", douts, shape=shape)
-    if dout.dtype != cache.dtype:
+    if backend.dtype_name(dout) != cache.dtype:
         raise TypeError(f"douts['out']: expected the forward's dtype {cache.dtype}, "
-                        f"got {dout.dtype}")
+                        f"got {backend.dtype_name(dout)}")
     return gap.backward(douts, cache)
 
 
