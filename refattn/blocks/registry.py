@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from refattn import backend
-from refattn.blocks.spec import BlockSpec, to_namespace
+from refattn.blocks.spec import BlockSpec
 from refattn.gradcheck import GradcheckReport, gradcheck
 from refattn.params import is_buffer
 
@@ -126,9 +126,3 @@ def gradcheck_block(spec: BlockSpec, cfg: Any, inputs: Mapping[str, Any],
         return {"out": outputs["out"]}, vjp
 
     return gradcheck(fn, args, **kwargs)
-
-
-def on_backend(d: Mapping[str, np.ndarray], xp: Any, device: Any = None,
-               dtype: str = "float64") -> dict[str, Any]:
-    """Host dict -> arrays of `xp` on `device` (re-exported for tests)."""
-    return to_namespace(d, xp, device=device, dtype=dtype)

@@ -287,7 +287,7 @@ def max_gap(values: Array, axis: int) -> float:
     return float(xp.min(gap)) / rms
 
 
-def to_namespace(d: Mapping[str, np.ndarray], xp: Any, *, device: Any = None,
+def to_namespace(d: Mapping[str, np.ndarray], xp: Any, device: Any = None,
                  dtype: str = "float64") -> Params:
     """Move a host dict into `xp` (on `device`) in `dtype`."""
     return {

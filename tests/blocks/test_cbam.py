@@ -20,10 +20,9 @@ from refattn.blocks import cbam
 from refattn.blocks.registry import (
     draw_case,
     gradcheck_block,
-    on_backend,
     run_block,
 )
-from refattn.blocks.spec import MIN_MARGIN, config_to_dict
+from refattn.blocks.spec import MIN_MARGIN, config_to_dict, to_namespace
 from refattn.blocks.specs import cbam as cbam_spec
 from refattn.params import is_buffer
 
@@ -493,9 +492,9 @@ def test_backend_and_float32(xb, block: str, preset: str) -> None:
     dout = np.random.default_rng(5).standard_normal(inputs["x"].shape)
     ref = refattn_tensors(spec, cfg, inputs, params, state, dout)
     for dtype, tol in (("float64", 1e-13), ("float32", 2e-5)):
-        ins, ps, st_ = (on_backend(d, xb.xp, xb.device, dtype)
+        ins, ps, st_ = (to_namespace(d, xb.xp, xb.device, dtype)
                         for d in (inputs, params, state))
-        d = on_backend({"d": dout}, xb.xp, xb.device, dtype)["d"]
+        d = to_namespace({"d": dout}, xb.xp, xb.device, dtype)["d"]
         got = refattn_tensors(spec, cfg, ins, ps, st_, d)
         assert set(got) == set(ref)
         for k, v in got.items():
@@ -508,7 +507,7 @@ def test_gradcheck_strict_backend(xb) -> None:
     spec = SPECS["cbam"]
     cfg = spec.config("jongchan", reduction=4)
     inputs, params, state = draw_clear(spec, cfg, {"x": (2, 8, 5, 4)})
-    ins, ps, st_ = (on_backend(d, xb.xp, xb.device) for d in (inputs, params, state))
+    ins, ps, st_ = (to_namespace(d, xb.xp, xb.device) for d in (inputs, params, state))
     report = gradcheck_block(spec, cfg, ins, ps, st_, mode="fast")
     assert report.ok, report.to_text()
 
@@ -532,9 +531,9 @@ def test_cupy_matches_numpy(block: str, kernels: bool) -> None:
             dout = np.random.default_rng(5).standard_normal(inputs["x"].shape)
             ref = refattn_tensors(spec, cfg, inputs, params, state, dout)
             for dtype, tol in (("float64", 1e-12), ("float32", 2e-5)):
-                ins, ps, st_ = (on_backend(d, cxp, None, dtype)
+                ins, ps, st_ = (to_namespace(d, cxp, None, dtype)
                                 for d in (inputs, params, state))
-                d = on_backend({"d": dout}, cxp, None, dtype)["d"]
+                d = to_namespace({"d": dout}, cxp, None, dtype)["d"]
                 got = refattn_tensors(spec, cfg, ins, ps, st_, d)
                 for k, v in got.items():
                     assert backend.is_cupy(backend.namespace(v)), k

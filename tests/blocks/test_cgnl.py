@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from refattn import backend
 from refattn.blocks import cgnl
-from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
-from refattn.blocks.spec import MIN_MARGIN, config_to_dict
+from refattn.blocks.registry import draw_case, gradcheck_block, run_block
+from refattn.blocks.spec import MIN_MARGIN, config_to_dict, to_namespace
 from refattn.blocks.specs import cgnl as cgnl_spec
 from refattn.golden.tolerance import tolerance_for
 from refattn.params import is_buffer
@@ -490,7 +490,7 @@ def test_gradcheck_strict_backend(xb) -> None:
     cfg = cfg_of(**G_SMALL, order=2, beta="per_element", norm="bn_train", bias=True,
                  groups=4)
     inputs, params, state = draw_case(SPEC, cfg, SMALL)
-    ins, ps, st_ = (on_backend(d, xb.xp, xb.device) for d in (inputs, params, state))
+    ins, ps, st_ = (to_namespace(d, xb.xp, xb.device) for d in (inputs, params, state))
     report = gradcheck_block(SPEC, cfg, ins, ps, st_, mode="fast")
     assert report.ok, report.to_text()
 
@@ -524,7 +524,7 @@ def test_backend_and_float32(xb, preset: str, overrides: dict) -> None:
         rounded = [{k: v.astype(dtype).astype(np.float64) for k, v in d.items()}
                    for d in (inputs, params, state, {"d": dout})]
         ref = refattn_tensors(cfg, *rounded[:3], rounded[3]["d"])
-        ins, ps, st_, d = (on_backend(r, xb.xp, xb.device, dtype) for r in rounded)
+        ins, ps, st_, d = (to_namespace(r, xb.xp, xb.device, dtype) for r in rounded)
         got = refattn_tensors(cfg, ins, ps, st_, d["d"])
         assert set(got) == set(ref)
         for k, v in got.items():

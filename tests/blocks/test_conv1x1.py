@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from refattn import backend
 from refattn.blocks.conv1x1 import Conv1x1Config
-from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
-from refattn.blocks.spec import config_from_dict, config_to_dict
+from refattn.blocks.registry import draw_case, gradcheck_block, run_block
+from refattn.blocks.spec import config_from_dict, config_to_dict, to_namespace
 from refattn.blocks.specs.conv1x1 import SPECS
 from refattn.ops.linear import linear_backward, linear_forward
 
@@ -77,8 +77,8 @@ def test_gradcheck_on_strict_backend(xb):
     report = gradcheck_block(
         SPEC,
         cfg,
-        on_backend(inputs, xb.xp, xb.device),
-        on_backend(params, xb.xp, xb.device),
+        to_namespace(inputs, xb.xp, xb.device),
+        to_namespace(params, xb.xp, xb.device),
         state,
         mode="fast",
     )
@@ -106,8 +106,8 @@ def test_planted_bug_fails_gradcheck():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_runs_on_backend_device_and_keeps_dtype(xb, dtype):
     cfg, inputs, params, _ = case({"stride": 2, "padding": 1, "groups": 2}, 4)
-    x = on_backend(inputs, xb.xp, xb.device, dtype)
-    p = on_backend(params, xb.xp, xb.device, dtype)
+    x = to_namespace(inputs, xb.xp, xb.device, dtype)
+    p = to_namespace(params, xb.xp, xb.device, dtype)
     dout_host = np.random.default_rng(1).standard_normal((2, 6, 4, 5))
     dout = xb.asarray(dout_host.astype(dtype))
     outputs, dinputs, dparams = run_block(SPEC, cfg, x, p, {}, dout)

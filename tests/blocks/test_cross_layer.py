@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from refattn import backend
 from refattn.blocks import cross_layer as cl
 from refattn.blocks import non_local as nl
-from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
-from refattn.blocks.spec import MIN_MARGIN, config_to_dict
+from refattn.blocks.registry import draw_case, gradcheck_block, run_block
+from refattn.blocks.spec import MIN_MARGIN, config_to_dict, to_namespace
 from refattn.blocks.specs import cross_layer as cl_spec
 from refattn.blocks.specs import non_local as nl_spec
 from refattn.params import is_buffer
@@ -463,9 +463,9 @@ def test_backend_and_float32(xb, preset: str, mode) -> None:
     dout = cotangent(inputs)
     ref = refattn_tensors(cfg, inputs, params, state, dout)
     for dtype, tol in (("float64", 1e-13), ("float32", 5e-5)):
-        ins, ps, st_ = (on_backend(d, xb.xp, xb.device, dtype)
+        ins, ps, st_ = (to_namespace(d, xb.xp, xb.device, dtype)
                         for d in (inputs, params, state))
-        d = on_backend({"d": dout}, xb.xp, xb.device, dtype)["d"]
+        d = to_namespace({"d": dout}, xb.xp, xb.device, dtype)["d"]
         got = refattn_tensors(cfg, ins, ps, st_, d)
         assert set(got) == set(ref)
         fam = max(float(np.max(np.abs(v))) for k, v in ref.items()
@@ -481,7 +481,7 @@ def test_backend_and_float32(xb, preset: str, mode) -> None:
 def test_gradcheck_strict_backend(xb) -> None:
     cfg = cfg_of("cnl", planes=3, bias=True)
     inputs, params, state = draw(cfg, THREE)
-    ins, ps, st_ = (on_backend(d, xb.xp, xb.device) for d in (inputs, params, state))
+    ins, ps, st_ = (to_namespace(d, xb.xp, xb.device) for d in (inputs, params, state))
     report = gradcheck_block(SPEC, cfg, ins, ps, st_, mode="fast")
     assert report.ok, report.to_text()
 

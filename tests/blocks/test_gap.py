@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from refattn import backend
 from refattn.blocks.gap import GapConfig
-from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
-from refattn.blocks.spec import config_to_dict
+from refattn.blocks.registry import draw_case, gradcheck_block, run_block
+from refattn.blocks.spec import config_to_dict, to_namespace
 from refattn.blocks.specs.gap import SPECS
 
 SPEC = SPECS["gap"]
@@ -54,7 +54,7 @@ def test_gradcheck_fast_fixture_on_backends(xb):
     cfg = SPEC.config()
     inputs, _, _ = draw_case(SPEC, cfg, seed=1)
     assert inputs["x"].shape == SPEC.fixture_shapes(cfg)["x"]
-    report = gradcheck_block(SPEC, cfg, on_backend(inputs, xb.xp, xb.device), {}, {})
+    report = gradcheck_block(SPEC, cfg, to_namespace(inputs, xb.xp, xb.device), {}, {})
     assert report.ok, report.to_text()
 
 
@@ -86,7 +86,7 @@ def test_runs_on_backend_device_and_keeps_dtype(xb, dtype):
     outputs, dinputs, _ = run_block(
         SPEC,
         cfg,
-        on_backend(inputs, xb.xp, xb.device, dtype),
+        to_namespace(inputs, xb.xp, xb.device, dtype),
         {},
         {},
         xb.asarray(dout_host.astype(dtype)),

@@ -15,8 +15,13 @@ from hypothesis import strategies as st
 
 from refattn import backend
 from refattn.blocks.mlpconv import NIN_CIFAR_HEAD, MlpconvConfig, NinHeadConfig
-from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
-from refattn.blocks.spec import MIN_MARGIN, config_from_dict, config_to_dict
+from refattn.blocks.registry import draw_case, gradcheck_block, run_block
+from refattn.blocks.spec import (
+    MIN_MARGIN,
+    config_from_dict,
+    config_to_dict,
+    to_namespace,
+)
 from refattn.blocks.specs.conv1x1 import SPECS as CONV1X1_SPECS
 from refattn.blocks.specs.mlpconv import SPECS
 from refattn.ops.elementwise import relu_backward, relu_forward
@@ -181,8 +186,8 @@ def test_gradcheck_on_backends(xb, block):
     report = gradcheck_block(
         spec,
         cfg,
-        on_backend(inputs, xb.xp, xb.device),
-        on_backend(params, xb.xp, xb.device),
+        to_namespace(inputs, xb.xp, xb.device),
+        to_namespace(params, xb.xp, xb.device),
         state,
     )
     assert report.ok, report.to_text()
@@ -237,8 +242,8 @@ def test_kink_margin_runs_on_backends(xb, block):
     spec, cfg, inputs, params, state = small_case(block, None, SMALL, (2, 3, 4, 5))
     host = spec.kink_margin(spec.forward(inputs, params, state, cfg)[1])
     _, cache = spec.forward(
-        on_backend(inputs, xb.xp, xb.device),
-        on_backend(params, xb.xp, xb.device),
+        to_namespace(inputs, xb.xp, xb.device),
+        to_namespace(params, xb.xp, xb.device),
         {},
         cfg,
     )
@@ -269,8 +274,8 @@ def test_runs_on_backend_device_and_keeps_dtype(xb, block, dtype):
     outputs, dinputs, dparams = run_block(
         spec,
         cfg,
-        on_backend(inputs, xb.xp, xb.device, dtype),
-        on_backend(params, xb.xp, xb.device, dtype),
+        to_namespace(inputs, xb.xp, xb.device, dtype),
+        to_namespace(params, xb.xp, xb.device, dtype),
         {},
         xb.asarray(dout_host.astype(dtype)),
     )

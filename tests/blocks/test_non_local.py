@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from refattn import backend
 from refattn.blocks import non_local
 from refattn.blocks.non_local import MODES, SOFTMAX_MODES, NonLocalConfig
-from refattn.blocks.registry import draw_case, gradcheck_block, on_backend, run_block
-from refattn.blocks.spec import MIN_MARGIN, config_to_dict
+from refattn.blocks.registry import draw_case, gradcheck_block, run_block
+from refattn.blocks.spec import MIN_MARGIN, config_to_dict, to_namespace
 from refattn.blocks.specs import non_local as non_local_spec
 from refattn.params import is_buffer
 
@@ -362,9 +362,9 @@ def test_gradcheck_alexhex7_modes_at_fixture_shapes(mode: str) -> None:
 def test_gradcheck_on_backends(xb, mode: str) -> None:
     cfg = cfg_of(mode, "before_proj" if mode == "gaussian" else "after_proj")
     inputs, params, state = draw_clear(cfg, {"x": (2, 4, 3, 5)})
-    report = gradcheck_block(SPEC, cfg, on_backend(inputs, xb.xp, xb.device),
-                             on_backend(params, xb.xp, xb.device),
-                             on_backend(state, xb.xp, xb.device), mode="fast")
+    report = gradcheck_block(SPEC, cfg, to_namespace(inputs, xb.xp, xb.device),
+                             to_namespace(params, xb.xp, xb.device),
+                             to_namespace(state, xb.xp, xb.device), mode="fast")
     assert report.ok, report.to_text()
 
 
@@ -386,7 +386,7 @@ def test_a_planted_backward_bug_fails_the_check(monkeypatch) -> None:
 def test_strict_device_and_float32(xb, mode: str) -> None:
     cfg = cfg_of(mode, "before_proj" if mode == "dot_product" else "after_proj")
     inputs, params, state = draw_clear(cfg, {"x": (2, 4, 2, 3, 5)})
-    f32 = {k: on_backend(d, xb.xp, xb.device, "float32")
+    f32 = {k: to_namespace(d, xb.xp, xb.device, "float32")
            for k, d in (("i", inputs), ("p", params), ("s", state))}
     dout64 = np.random.default_rng(0).standard_normal((2, 4, 2, 3, 5))
     dout = xb.asarray(dout64.astype(np.float32))
