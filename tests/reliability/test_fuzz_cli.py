@@ -13,6 +13,7 @@ with real subprocesses of the installed ``refattn`` script.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -216,6 +217,31 @@ def _check_result(result: Any, args: list[str]) -> int:
     return code
 
 
+def _report_targets(args: list[str], tree: Path, before: dict[str, bytes]) -> set[str]:
+    """The tree-relative paths given to --plot or --json that held a report
+    refattn wrote (a PNG naming refattn, or a JSON list of report entries):
+    the only files a command may replace."""
+    targets = set()
+    for opt, value in zip(args, args[1:]):
+        path = Path(value) if value else None
+        if opt not in ("--plot", "--json") or path is None or not path.is_relative_to(tree):
+            continue
+        key = path.relative_to(tree).as_posix()
+        old = before.get(key, b"")
+        if opt == "--plot":
+            ours = old.startswith(b"\x89PNG") and b"refattn" in old[:65536]
+        else:
+            try:
+                report = json.loads(old)
+            except ValueError:
+                report = None
+            ours = isinstance(report, list) and bool(report) and all(
+                isinstance(r, dict) and {"case", "ok"} <= set(r) for r in report)
+        if ours:
+            targets.add(key)
+    return targets
+
+
 def _fuzz_cli(box: dict[str, str], data: st.DataObject, counter: str) -> None:
     args = data.draw(command_lines(box), label="argv")
     gradcheck_blocks = [a for a in args if a in ("nin_head", "cbam_channel")]
@@ -230,9 +256,34 @@ def _fuzz_cli(box: dict[str, str], data: st.DataObject, counter: str) -> None:
     FIGURES[counter] += 1
     FIGURES[f"{counter} exit {code}"] += 1
     after = snapshot(Path(box["root"]) / "tree")
-    assert {k: after.get(k) for k in before} == before, args  # nothing changed or lost
+    # nothing changed or lost, but for an earlier refattn report that the
+    # command was told to write (it may replace its own plot or JSON)
+    written = _report_targets(args, Path(box["root"]) / "tree", before) if code != 2 else set()
+    kept = {k: v for k, v in before.items() if k not in written}
+    assert {k: after.get(k) for k in kept} == kept, args
     assert Path(box["file"]).read_text() == precious
 
+
+
+def test_only_an_earlier_refattn_report_may_be_replaced(tmp_path: Path) -> None:
+    """The fuzz test's one exception to 'nothing in the tree changes' covers a
+    refattn plot or report named by --plot/--json, never a manifest, a foreign
+    PNG or a file the command did not name."""
+    before = {"a.png": b"\x89PNG\r\n\x1a\n...tEXtSoftware\x00refattn 0.1",
+              "b.png": b"\x89PNG\r\n\x1a\n...tEXtSoftware\x00Matplotlib",
+              "r.json": b'[{"case": "c", "ok": true, "mode": "fast"}]',
+              "manifest.json": b'{"format": "refattn-golden"}',
+              "empty.json": b"[]"}
+    named = lambda *names: [a for n in names  # noqa: E731
+                            for a in ("--plot" if n.endswith("png") else "--json",
+                                      str(tmp_path / n))]
+    assert _report_targets(["gradcheck", *named("a.png", "r.json")], tmp_path,
+                           before) == {"a.png", "r.json"}
+    assert _report_targets(["gradcheck", *named("b.png", "manifest.json", "empty.json")],
+                           tmp_path, before) == set()
+    assert _report_targets(["gradcheck", "--plot", str(tmp_path.parent / "a.png")],
+                           tmp_path, before) == set()
+    assert _report_targets(["verify", str(tmp_path / "a.png")], tmp_path, before) == set()
 
 _SETTINGS = {
     "deadline": None,
