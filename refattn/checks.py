@@ -136,11 +136,16 @@ class Real:
 
 @dataclass(frozen=True)
 class Bool:
-    """True or False (not 0, 1 or "yes")."""
+    """True or False (not 0, 1 or "yes"); None too when `optional`."""
 
-    def __call__(self, name: str, value: Any) -> bool:
+    optional: bool = False
+
+    def __call__(self, name: str, value: Any) -> bool | None:
+        if value is None and self.optional:
+            return None
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected True or False, got {value!r}")
+            allowed = "True, False or None" if self.optional else "True or False"
+            raise ConfigError(f"{name}: expected {allowed}, got {value!r}")
         return value
 
 

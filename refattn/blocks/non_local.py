@@ -1,7 +1,9 @@
 """Non-local block: Wang, Girshick, Gupta, He, "Non-local Neural Networks",
 CVPR 2018 (arXiv:1711.07971), with the variants of its public implementations
 (AlexHex7/Non-local_pytorch, facebookresearch/video-nonlocal-net, and the
-PyTorch port ``SpatialNL`` in KaiyuYue/cgnl-network.pytorch).
+PyTorch port ``SpatialNL`` in KaiyuYue/cgnl-network.pytorch, mmcv's
+``NonLocal2d``, timm's ``NonLocalAttn``, and SAGAN's self-attention, which is
+DANet's position attention).
 
 Paper (Eq. 1 and 6, instantiations of section 3.2), over all positions j:
 
@@ -13,14 +15,15 @@ Paper (Eq. 1 and 6, instantiations of section 3.2), over all positions j:
     dot_product        θ(x_i)ᵀ φ(x_j)                 f / N_k
     concatenation      ReLU(w_fᵀ [θ(x_i); φ(x_j)])    f / N_k
 
-θ, φ, g are 1x1 convolutions C -> Ci and W_z a 1x1 convolution Ci -> C,
-optionally followed by batch norm.  The key/value branch (φ and g) may be
+θ, φ are 1x1 convolutions C -> Ci, g one C -> Cv (Cv = Ci unless set) and
+W_z a 1x1 convolution Cv -> C, optionally followed by batch norm, or absent
+(SAGAN: y itself, Cv = C, scaled by a learned scalar γ before the residual).  The key/value branch (φ and g) may be
 sub-sampled by a max-pool P (kernel = stride = (2,), (2, 2) or (1, 2, 2)):
 after the projection, ``P(W x)`` (paper, AlexHex7) or before it, ``W P(x)``
 with one pool shared by φ and g (facebook).  Only keys and values are
 sub-sampled, so the output keeps the input's (query) size.  The optional
-scale is ``s = 1/sqrt(Ci)`` (``1/sqrt(C)`` in gaussian mode), softmax modes
-only; N_k is the number of key positions after sub-sampling.
+scale is ``s = 1/sqrt(Ci)`` (``1/sqrt(C)`` in gaussian mode or with
+``scale_channels='in'``, timm's), softmax modes only; N_k is the number of key positions after sub-sampling.
 
 Computation (per sample; Θ (Ci, Lq), Φ (Ci, Lk), G (Ci, Lk) channel-first):
 
@@ -43,16 +46,20 @@ linear before its ReLU, so ``w_fᵀ [θ_i; φ_j] = u_i + v_j`` with
 | f(x_i, x_j)      | ``f`` (N, Lq, Lk)                   |                            |
 | f / C(x)         | ``attention`` A (N, Lq, Lk)         | ``aux.attention``          |
 | w_f = [a; b]     | ``w_cat`` (1, 2Ci)                  | ``concat_project.weight``  |
-| y                | ``y`` (N, Ci, Lq)                   |                            |
+| b_f              | ``bias`` of ``_concat_forward``     | ``concat_project.bias``    |
+| y                | ``y`` (N, Cv, Lq)                   |                            |
 | W_z              | ``W``                               | ``W.weight``, ``W.bias``   |
 | BN after W_z     | ``batch_norm_forward``              | ``W_bn.*``                 |
+| γ (SAGAN)        | ``params["gamma"]``                 | ``gamma``                  |
 | z                | ``out`` (N, C, *S)                  | ``out``                    |
 
-Parameters (``Ci = inter_channels``, ``k = (1,) * len(S)``):
-``theta.weight (Ci, C, *k)``, ``phi.weight (Ci, C, *k)`` (not in gaussian
-mode), ``g.weight (Ci, C, *k)``, ``W.weight (C, Ci, *k)``, each with a
-``.bias`` when ``bias``; ``concat_project.weight (1, 2Ci, 1, 1)``
-(concatenation only); ``W_bn.weight``, ``W_bn.bias`` and the buffers
+Parameters (``Ci = inter_channels``, ``Cv = value_channels``,
+``k = (1,) * len(S)``): ``theta.weight (Ci, C, *k)``, ``phi.weight (Ci, C,
+*k)`` (not in gaussian mode), ``g.weight (Cv, C, *k)``, each with a ``.bias``
+when ``bias``; ``W.weight (C, Cv, *k)`` with ``out_proj``, and ``W.bias``
+with ``out_bias``; ``concat_project.weight (1, 2Ci, 1, 1)`` (concatenation
+only) and its ``.bias (1,)`` with ``concat_bias``; ``gamma (1,)`` with
+``gamma``; ``W_bn.weight``, ``W_bn.bias`` and the buffers
 ``W_bn.running_mean``, ``W_bn.running_var`` ``(C,)`` when ``bn`` is set.
 
 The checked entry points, parameter shapes and draws are in
@@ -100,6 +107,7 @@ __all__ = [
 Mode = Literal["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
 PoolPosition = Literal["after_proj", "before_proj"]
 BnMode = Literal["train", "eval"]
+ScaleChannels = Literal["inter", "in"]
 
 MODES: tuple[str, ...] = (
     "embedded_gaussian", "gaussian", "dot_product", "concatenation"
@@ -107,6 +115,7 @@ MODES: tuple[str, ...] = (
 SOFTMAX_MODES: tuple[str, ...] = ("embedded_gaussian", "gaussian")
 POOL_POSITIONS: tuple[str, ...] = ("after_proj", "before_proj")
 BN_MODES: tuple[str | None, ...] = (None, "train", "eval")
+SCALE_CHANNELS: tuple[str, ...] = ("inter", "in")
 
 POOL_KERNELS: dict[int, tuple[int, ...]] = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 """Sub-sampling max-pool kernel (= stride) per spatial rank: time is never pooled."""
@@ -128,7 +137,7 @@ class NonLocalConfig:
     """
 
     mode: Mode = "embedded_gaussian"  # the pairwise function f and its C(x)
-    inter_channels: int | None = None  # Ci; None: max(C // 2, 1)
+    inter_channels: int | None = None  # Ci; None: from reduction and divisor
     sub_sample: bool = True  # the max-pool P on keys and values
     pool_position: PoolPosition = "after_proj"  # P(W x) or W P(x)
     use_scale: bool = False  # s = 1/sqrt(Ci) (1/sqrt(C) in gaussian mode)
@@ -137,6 +146,14 @@ class NonLocalConfig:
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
     residual: bool = True  # z = W_z y + x
+    reduction: int = 2  # Ci = max(C // reduction, 1) when inter_channels is None
+    divisor: int | None = None  # else Ci = C / reduction rounded to a multiple of it
+    value_channels: int | None = None  # Cv, g's width; None: Ci (C without W_z)
+    out_proj: bool = True  # W_z (without it, y itself, Cv = C, is added to x)
+    out_bias: bool | None = None  # W_z's bias; None: as ``bias``
+    gamma: bool = False  # a learned scalar γ: z = γ W_z y + x
+    scale_channels: ScaleChannels = "inter"  # s = 1/sqrt(Ci) or 1/sqrt(C)
+    concat_bias: bool = False  # a bias in w_f: ReLU(w_fᵀ[θ_i; φ_j] + b_f)
 
 
 # AlexHex7/Non-local_pytorch, non_local_embedded_gaussian.py (the other three
@@ -160,6 +177,18 @@ PRESETS: dict[str, NonLocalConfig] = {
     "facebook": replace(_ALEXHEX7, pool_position="before_proj", use_scale=True),
     # KaiyuYue/cgnl-network.pytorch, SpatialNL(inplanes, inplanes // 2, use_scale=True)
     "cgnl_repo": replace(_ALEXHEX7, sub_sample=False, use_scale=True, bias=False),
+    # mmcv NonLocal2d defaults (norm_cfg=None): W_z keeps its bias, no norm
+    "mmcv": replace(_ALEXHEX7, sub_sample=False, use_scale=True, bn=None),
+    # mmcv NonLocal2d with norm_cfg=BN (mmseg's NLHead, mmdet, mmaction): a
+    # ConvModule with a norm drops its conv bias, so W_z has none
+    "mmcv_bn": replace(_ALEXHEX7, sub_sample=False, use_scale=True, out_bias=False),
+    # timm NonLocalAttn: Ci = make_divisible(C / 8, 8), scale 1/sqrt(C)
+    "timm": replace(_ALEXHEX7, sub_sample=False, use_scale=True, scale_channels="in",
+                    reduction=8, divisor=8),
+    # SAGAN self-attention (Zhang et al. 2019) = DANet's position attention:
+    # query/key at C // 8, value at C, no W_z and no BN, out = γ y + x
+    "sagan": replace(_ALEXHEX7, sub_sample=False, reduction=8, out_proj=False,
+                     bn=None, gamma=True),
 }
 
 
@@ -197,12 +226,13 @@ class StackedConvCache(NamedTuple):
 
 
 class ConcatCache(NamedTuple):
-    theta_side: MatmulCache  # u = a Θ
+    theta_side: MatmulCache  # u = aᵀ Θ (+ b_f)
     phi_side: MatmulCache  # v = b Φ
     pair: AddCache  # u_i + v_j
     relu: ReluCache
     u: Array  # (N, Lq, 1) (kink_margin only)
     v: Array  # (N, 1, Lk) (kink_margin only)
+    has_bias: bool  # b_f added to u
 
 
 class NonLocalCache(NamedTuple):
@@ -218,8 +248,10 @@ class NonLocalCache(NamedTuple):
     concat: ConcatCache | None  # 4. concatenation
     softmax: SoftmaxCache | None  # 5. softmax modes
     attend: MatmulCache  # 6. A Gᵀ
-    w: PointwiseConvCache  # 7. W
+    w: PointwiseConvCache | None  # 7. W
     bn: BatchNormCache | None  # 8. W_bn
+    z: Array | None  # 9. what γ scales (N, C, Lq), with a learned scalar
+    gamma: Array | None  # 9. γ (1,)
 
 
 def forward(
@@ -236,7 +268,7 @@ def forward(
         G = P(W_g x + b_g)  or  W_g P(x) + b_g    gaussian: Φ = P(x); no P
                                                    without sub_sample)
         F = Θᵀ Φ;  A = softmax_keys(s F) | F / N_k | ReLU(aᵀΘ_i + bᵀΦ_j) / N_k
-        Y = (A Gᵀ)ᵀ;  out = BN(W Y + b_W) + x     (BN and + x optional)
+        Y = (A Gᵀ)ᵀ;  out = γ BN(W Y + b_W) + x   (W, BN, γ and + x optional)
     Shapes:
         inputs["x"]            (N, C, *S), S = (L,), (H, W) or (T, H, W)
         outputs["out"]         (N, C, *S)
@@ -294,11 +326,13 @@ def forward(
     affinity_cache, concat_cache = None, None
     scale = 1.0
     if cfg.mode == "concatenation":
-        f, concat_cache = _concat_forward(theta, phi, params["concat_project.weight"])
+        w_f, b_f = params["concat_project.weight"], params.get("concat_project.bias")
+        f, concat_cache = _concat_forward(theta, phi, w_f, b_f)  # (N, Lq, Lk)
     else:
         f, affinity_cache = _matmul(theta.mT, phi)  # (N, Lq, Lk)
         if cfg.use_scale:
-            scale = 1.0 / math.sqrt(theta.shape[1])  # Ci, or C in gaussian mode
+            width = C if cfg.scale_channels == "in" else theta.shape[1]  # Ci | C
+            scale = 1.0 / math.sqrt(width)
             f = f * scale  # (N, Lq, Lk)
 
     # 5. normalise over the keys (last axis)
@@ -308,13 +342,15 @@ def forward(
     else:
         attention = f * (1.0 / lk)  # (N, Lq, Lk)
 
-    # 6. Y = A Gᵀ, transposed back to channel-first: (N, Ci, Lq)
-    y_t, attend_cache = _matmul(attention, g.mT)  # (N, Lq, Ci)
-    y = y_t.mT  # (N, Ci, Lq)
+    # 6. Y = A Gᵀ, transposed back to channel-first: (N, Cv, Lq)
+    y_t, attend_cache = _matmul(attention, g.mT)  # (N, Lq, Cv)
+    y = y_t.mT  # (N, Cv, Lq)
 
-    # 7. W: Ci -> C
-    w2 = xp.reshape(params["W.weight"], (C, ci))  # (C, Ci)
-    z, w_cache = _pointwise_conv(y, w2, params.get("W.bias"), 1)  # (N, C, Lq)
+    # 7. W: Cv -> C (without it, y itself: Cv = C)
+    z, w_cache = y, None  # (N, C, Lq)
+    if cfg.out_proj:
+        w2 = xp.reshape(params["W.weight"], (C, int(y.shape[1])))  # (C, Cv)
+        z, w_cache = _pointwise_conv(y, w2, params.get("W.bias"), 1)  # (N, C, Lq)
 
     # 8. batch norm after W
     outputs: dict[str, Array] = {}
@@ -332,7 +368,10 @@ def forward(
             outputs["state.W_bn.running_mean"] = new_mean
             outputs["state.W_bn.running_var"] = new_var
 
-    # 9. residual
+    # 9. the learned scalar, then the residual
+    z_unscaled = None
+    if cfg.gamma:
+        z_unscaled, z = z, params["gamma"] * z  # (N, C, Lq)
     out = z + x3 if cfg.residual else z  # (N, C, Lq)
     outputs = {
         "out": xp.reshape(out, tuple(x.shape)),  # (N, C, *S)
@@ -341,6 +380,7 @@ def forward(
     cache = NonLocalCache(
         cfg, tuple(x.shape), lk, scale, proj_cache, pool_cache, pooled, kv_cache,
         affinity_cache, concat_cache, softmax_cache, attend_cache, w_cache, bn_cache,
+        z_unscaled, params.get("gamma"),
     )
     return outputs, cache
 
@@ -372,16 +412,19 @@ def backward(
     N, C = c.x_shape[0], c.x_shape[1]
     spatial = tuple(c.x_shape[2:])
     lq, lk = prod(spatial), c.lk
-    ci = int(cfg.inter_channels)  # type: ignore[arg-type]
     embedded = _embedded(cfg)
     pool_first = cfg.sub_sample and cfg.pool_position == "before_proj"
     dparams: dict[str, Array] = {}
     dout3 = xp.reshape(dout, (N, C, lq))  # (N, C, Lq)
 
-    # 9. residual: out = z + x, so z receives dout (x's share is added at step 1)
+    # 9. residual: out = γ z + x, so z receives γ dout (x's share is added at
+    #    step 1) and γ the sum of dout ⊙ z
     # Each step below `del`s the gradients it has consumed, so that the
     # backward holds a few of them at a time rather than the whole chain.
     dz = dout3  # (N, C, Lq)
+    if c.z is not None:
+        dparams["gamma"] = xp.reshape(xp.sum(dout3 * c.z), (1,))  # (1,)
+        dz = c.gamma * dout3  # (N, C, Lq)
 
     # 8. batch norm
     if c.bn is not None:
@@ -389,11 +432,13 @@ def backward(
         dparams["W_bn.weight"], dparams["W_bn.bias"] = dgamma, dbeta
 
     # 7. W
-    dy, dw2, db_w = _pointwise_conv_backward(dz, c.w)  # (N, Ci, Lq), (C, Ci), (C,)
+    dy = dz  # (N, Cv = C, Lq) without W
+    if c.w is not None:
+        dy, dw2, db_w = _pointwise_conv_backward(dz, c.w)  # (N, Cv, Lq), (C, Cv)
+        dparams["W.weight"] = xp.reshape(dw2, tuple(dw2.shape) + (1,) * len(spatial))
+        if db_w is not None:
+            dparams["W.bias"] = db_w  # (C,)
     del dz
-    dparams["W.weight"] = xp.reshape(dw2, (C, ci) + (1,) * len(spatial))
-    if db_w is not None:
-        dparams["W.bias"] = db_w
 
     # 6. Y = (A Gᵀ)ᵀ
     dattention, dg_t = _matmul_backward(dy.mT, c.attend)  # (N, Lq, Lk), (N, Lk, Ci)
@@ -409,7 +454,10 @@ def backward(
 
     # 4. pairwise function (and its scale)
     if cfg.mode == "concatenation":
-        dtheta, dphi, dparams["concat_project.weight"] = _concat_backward(df, c.concat)
+        dtheta, dphi, dw_f, db_f = _concat_backward(df, c.concat)
+        dparams["concat_project.weight"] = dw_f
+        if db_f is not None:
+            dparams["concat_project.bias"] = db_f
     else:
         if c.scale != 1.0:
             df = df * c.scale  # (N, Lq, Lk)
@@ -511,12 +559,14 @@ def _stacked_conv_backward(
 
 
 def _concat_forward(
-    theta: Array, phi: Array, weight: Array
+    theta: Array, phi: Array, weight: Array, bias: Array | None
 ) -> tuple[Array, ConcatCache]:
-    """f_ij = ReLU(aᵀ Θ_i + bᵀ Φ_j) with w_f = [a; b], without (Lq, Lk, 2Ci).
+    """f_ij = ReLU(aᵀ Θ_i + bᵀ Φ_j + b_f) with w_f = [a; b], without
+    (Lq, Lk, 2Ci).
 
     The 1x1 conv of the anchor on cat([Θ_i; Φ_j]) is linear, so it splits into
-    a per-query term u_i = aᵀ Θ_i and a per-key term v_j = bᵀ Φ_j.
+    a per-query term u_i = aᵀ Θ_i (+ b_f, when the conv has a bias) and a
+    per-key term v_j = bᵀ Φ_j.
     """
     xp = namespace(theta=theta)
     N, ci, lq = theta.shape
@@ -524,21 +574,24 @@ def _concat_forward(
     u_row, theta_side = _matmul(w_cat[:, :ci], theta)  # (N, 1, Lq)
     v, phi_side = _matmul(w_cat[:, ci:], phi)  # (N, 1, Lk)
     u = xp.reshape(u_row, (N, lq, 1))  # (N, Lq, 1)
+    if bias is not None:
+        u = u + bias  # (N, Lq, 1)
     pre, pair = _add(u, v)  # (N, Lq, Lk)
     f, relu = _relu(pre)  # (N, Lq, Lk)
-    return f, ConcatCache(theta_side, phi_side, pair, relu, u, v)
+    return f, ConcatCache(theta_side, phi_side, pair, relu, u, v, bias is not None)
 
 
 def _concat_backward(
     df: Array, cache: ConcatCache
-) -> tuple[Array, Array, Array]:
-    """VJP of _concat_forward: (dΘ, dΦ, d concat_project.weight)."""
+) -> tuple[Array, Array, Array, Array | None]:
+    """VJP of _concat_forward: (dΘ, dΦ, d concat_project.weight, d .bias)."""
     xp = namespace(df=df)
     N, lq = df.shape[0], df.shape[1]
     dpre = _relu_backward(df, cache.relu)  # (N, Lq, Lk)
     du, dv = _add_backward(dpre, cache.pair)  # (N, Lq, 1), (N, 1, Lk)
+    dbias = xp.reshape(xp.sum(du), (1,)) if cache.has_bias else None  # (1,)
     da, dtheta = _matmul_backward(xp.reshape(du, (N, 1, lq)), cache.theta_side)
     db, dphi = _matmul_backward(dv, cache.phi_side)  # (1, Ci), (N, Ci, Lk)
     ci = da.shape[1]
     dweight = xp.reshape(xp.concat([da, db], axis=1), (1, 2 * ci, 1, 1))
-    return dtheta, dphi, dweight
+    return dtheta, dphi, dweight, dbias

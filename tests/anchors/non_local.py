@@ -416,29 +416,215 @@ def make_cgnl_repo(config: dict[str, Any]) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------
+# SAGAN self-attention (= DANet's position attention module)
+
+
+class SelfAttention(nn.Module):
+    """SAGAN's attention layer: query and key 1x1 convs to C // 8, value to C,
+    softmax over the keys, out = gamma * (value · attentionᵀ) + x."""
+
+    def __init__(self, in_dim: int, qk_dim: int) -> None:
+        super().__init__()
+        self.query_conv = nn.Conv2d(in_dim, qk_dim, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_dim, qk_dim, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_dim, in_dim, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.softmax = nn.Softmax(dim=-1)
+        self.last_attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.size()
+        query = self.query_conv(x).view(batch, -1, height * width).permute(0, 2, 1)
+        key = self.key_conv(x).view(batch, -1, height * width)
+        energy = torch.bmm(query, key)  # (B, HW, HW)
+        attention = self.softmax(energy)
+        self.last_attention = attention.detach()
+        value = self.value_conv(x).view(batch, -1, height * width)
+        out = torch.bmm(value, attention.permute(0, 2, 1))
+        out = out.view(batch, channels, height, width)
+        return self.gamma * out + x
+
+
+def make_sagan(config: dict[str, Any]) -> nn.Module:
+    """SAGAN's ``Self_Attn(in_dim)`` (plus ``channels``): 2-D, embedded Gaussian
+    without scale or pooling, biased projections, value width C."""
+    _require("sagan", config, mode="embedded_gaussian", sub_sample=False,
+             use_scale=False, bias=True, out_proj=False, bn=None, gamma=True,
+             residual=True)
+    channels, rank = _dims(config, default_rank=2)
+    if rank != 2:
+        raise ValueError(f"config: SAGAN's layer is 2-D only, got spatial_rank={rank}")
+    return _finish(SelfAttention(channels, _inter(config, channels)), config)
+
+
+# ---------------------------------------------------------------------------
+# mmcv NonLocal1d/2d/3d (_NonLocalNd): ConvModule wrappers
+
+
+class ConvModule(nn.Module):
+    """mmcv's ConvModule reduced to what the non-local block uses: a conv
+    (``conv``), then an optional norm (``bn``); with a norm, no conv bias."""
+
+    def __init__(self, conv: type, c_in: int, c_out: int, norm: type | None = None,
+                 eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.conv = conv(c_in, c_out, 1, bias=norm is None)
+        if norm is not None:
+            self.bn = norm(c_out, eps=eps, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return self.bn(x) if hasattr(self, "bn") else x
+
+
+class MmcvNonLocal(nn.Module):
+    """mmcv's ``_NonLocalNd`` with ``sub_sample`` (max-pool after g and phi),
+    ``use_scale`` (1/sqrt(Ci), embedded Gaussian only) and ``norm_cfg`` (BN on
+    ``conv_out`` only); modes embedded_gaussian, gaussian and dot_product."""
+
+    def __init__(self, in_channels: int, inter_channels: int, rank: int, *,
+                 mode: str, use_scale: bool, sub_sample: bool, norm: bool,
+                 eps: float, momentum: float) -> None:
+        super().__init__()
+        conv = _CONV[rank]
+        self.mode, self.use_scale = mode, use_scale
+        self.inter_channels = inter_channels
+        self.g = ConvModule(conv, in_channels, inter_channels)
+        self.conv_out = ConvModule(conv, inter_channels, in_channels,
+                                   _BN[rank] if norm else None, eps, momentum)
+        if mode != "gaussian":
+            self.theta = ConvModule(conv, in_channels, inter_channels)
+            self.phi = ConvModule(conv, in_channels, inter_channels)
+        if sub_sample:
+            pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[rank]
+            max_pool = pool(kernel_size=_KERNEL[rank])
+            self.g = nn.Sequential(self.g, max_pool)
+            self.phi = (nn.Sequential(self.phi, max_pool) if mode != "gaussian"
+                        else max_pool)
+        self.last_attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        g_x = self.g(x).view(n, self.inter_channels, -1).permute(0, 2, 1)
+        if self.mode == "gaussian":
+            theta_x = x.view(n, x.size(1), -1).permute(0, 2, 1)
+            phi_x = (self.phi(x) if hasattr(self, "phi") else x).view(n, x.size(1), -1)
+        else:
+            theta_x = self.theta(x).view(n, self.inter_channels, -1).permute(0, 2, 1)
+            phi_x = self.phi(x).view(n, self.inter_channels, -1)
+        pairwise = torch.matmul(theta_x, phi_x)
+        if self.mode == "dot_product":
+            pairwise = pairwise / pairwise.shape[-1]
+        else:
+            if self.mode == "embedded_gaussian" and self.use_scale:
+                pairwise = pairwise / theta_x.shape[-1] ** 0.5
+            pairwise = pairwise.softmax(dim=-1)
+        self.last_attention = pairwise.detach()
+        y = torch.matmul(pairwise, g_x).permute(0, 2, 1).contiguous()
+        y = y.reshape(n, self.inter_channels, *x.size()[2:])
+        return x + self.conv_out(y)
+
+
+def make_mmcv(config: dict[str, Any]) -> nn.Module:
+    """mmcv's ``NonLocal{1,2,3}d(in_channels, reduction, use_scale, norm_cfg,
+    mode, sub_sample)``, for the presets ``mmcv`` (norm_cfg=None) and
+    ``mmcv_bn`` (norm_cfg=BN: W_z without bias)."""
+    _require("mmcv", config, mode=["embedded_gaussian", "gaussian", "dot_product"],
+             pool_position="after_proj", bias=True, out_proj=True, gamma=False,
+             residual=True, scale_channels="inter", reduction=2, divisor=None)
+    if config["mode"] != "embedded_gaussian":
+        _require("mmcv", config, use_scale=False)
+    _require("mmcv", config, out_bias=config["bn"] is None)
+    channels, rank = _dims(config)
+    module = MmcvNonLocal(
+        channels, _inter(config, channels), rank, mode=config["mode"],
+        use_scale=config["use_scale"], sub_sample=config["sub_sample"],
+        norm=config["bn"] is not None, eps=config["bn_eps"],
+        momentum=config["bn_momentum"])
+    return _finish(module, config)
+
+
+# ---------------------------------------------------------------------------
+# timm NonLocalAttn
+
+
+class NonLocalAttn(nn.Module):
+    """timm's spatial non-local block: biased ``t``, ``p``, ``g``, ``z`` 1x1
+    convs, BN ``norm``, the affinity scaled by 1/sqrt(C) (the INPUT width)."""
+
+    def __init__(self, in_channels: int, rd_channels: int, use_scale: bool = True,
+                 *, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.scale = in_channels ** -0.5 if use_scale else 1.0
+        self.t = nn.Conv2d(in_channels, rd_channels, kernel_size=1, bias=True)
+        self.p = nn.Conv2d(in_channels, rd_channels, kernel_size=1, bias=True)
+        self.g = nn.Conv2d(in_channels, rd_channels, kernel_size=1, bias=True)
+        self.z = nn.Conv2d(rd_channels, in_channels, kernel_size=1, bias=True)
+        self.norm = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
+        self.last_attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        t, p, g = self.t(x), self.p(x), self.g(x)
+        b, c, h, w = t.size()
+        t = t.view(b, c, -1).permute(0, 2, 1)
+        p = p.view(b, c, -1)
+        g = g.view(b, c, -1).permute(0, 2, 1)
+        att = torch.bmm(t, p) * self.scale
+        att = F.softmax(att, dim=2)
+        self.last_attention = att.detach()
+        x = torch.bmm(att, g)
+        x = x.permute(0, 2, 1).reshape(b, c, h, w)
+        x = self.z(x)
+        return self.norm(x) + shortcut
+
+
+def make_timm(config: dict[str, Any]) -> nn.Module:
+    """timm's ``NonLocalAttn(in_channels, use_scale, rd_channels)`` (plus
+    ``channels``): 2-D, no pooling, BN after z."""
+    _require("timm", config, mode="embedded_gaussian", sub_sample=False, bias=True,
+             out_proj=True, out_bias=True, bn=["train", "eval"], gamma=False,
+             residual=True)
+    if config["use_scale"]:
+        _require("timm", config, scale_channels="in")
+    channels, rank = _dims(config, default_rank=2)
+    if rank != 2:
+        raise ValueError(f"config: NonLocalAttn is 2-D only, got spatial_rank={rank}")
+    module = NonLocalAttn(channels, _inter(config, channels), config["use_scale"],
+                          eps=config["bn_eps"], momentum=config["bn_momentum"])
+    return _finish(module, config)
+
+
+# ---------------------------------------------------------------------------
 # a direct PyTorch version of every refattn option (canonical names)
 
 
 class ReferenceNonLocal(nn.Module):
-    """Every option of refattn's non-local block, with the canonical names."""
+    """Every option of refattn's non-local block, with the canonical names
+    (``config`` resolved: ``inter_channels``, ``value_channels`` and
+    ``out_bias`` filled in)."""
 
     def __init__(self, config: dict[str, Any], channels: int, rank: int) -> None:
         super().__init__()
         self.cfg = config
-        ci = self.ci = _inter(config, channels)
+        ci = _inter(config, channels)
+        cv = self.cv = config["value_channels"]
         conv, bias = _CONV[rank], config["bias"]
         self.kernel = _KERNEL[rank]
         self.rank = rank
         if config["mode"] != "gaussian":
             self.theta = conv(channels, ci, 1, bias=bias)
             self.phi = conv(channels, ci, 1, bias=bias)
-        self.g = conv(channels, ci, 1, bias=bias)
+        self.g = conv(channels, cv, 1, bias=bias)
         if config["mode"] == "concatenation":
-            self.concat_project = nn.Conv2d(2 * ci, 1, 1, bias=False)
-        self.W = conv(ci, channels, 1, bias=bias)
+            self.concat_project = nn.Conv2d(2 * ci, 1, 1, bias=config["concat_bias"])
+        if config["out_proj"]:
+            self.W = conv(cv, channels, 1, bias=config["out_bias"])
         if config["bn"] is not None:
             self.W_bn = _BN[rank](channels, eps=config["bn_eps"],
                                   momentum=config["bn_momentum"])
+        if config["gamma"]:
+            self.gamma = nn.Parameter(torch.zeros(1))
         self.last_attention: torch.Tensor | None = None
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
@@ -467,16 +653,21 @@ class ReferenceNonLocal(nn.Module):
         else:
             f = torch.einsum("nci,ncj->nij", theta, phi)
             if cfg["use_scale"]:
-                f = f / theta.shape[1] ** 0.5
+                width = c if cfg["scale_channels"] == "in" else theta.shape[1]
+                f = f / width ** 0.5
             if cfg["mode"] == "dot_product":
                 attention = f / lk
             else:
                 attention = torch.softmax(f, dim=-1)
         self.last_attention = attention.detach()
         y = torch.einsum("nij,ncj->nci", attention, g)
-        z = self.W(y.reshape((n, self.ci) + tuple(x.shape[2:])))
+        z = y.reshape((n, self.cv) + tuple(x.shape[2:]))
+        if cfg["out_proj"]:
+            z = self.W(z)
         if cfg["bn"] is not None:
             z = self.W_bn(z)
+        if cfg["gamma"]:
+            z = self.gamma * z
         return z + x if cfg["residual"] else z
 
 

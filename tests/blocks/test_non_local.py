@@ -64,8 +64,10 @@ def zero_grad_keys(cfg: NonLocalConfig) -> set[str]:
     keys = set()
     if cfg.bias and cfg.mode == "embedded_gaussian":
         keys.add("grad.param.phi.bias")
-    if cfg.bias and cfg.bn == "train":
+    out_bias = cfg.bias if cfg.out_bias is None else cfg.out_bias
+    if out_bias and cfg.bn == "train":
         keys.add("grad.param.W.bias")
+    if cfg.bias and cfg.bn == "train":
         if cfg.mode in SOFTMAX_MODES:
             keys.add("grad.param.g.bias")
     return keys
@@ -91,17 +93,36 @@ def test_registry_entry() -> None:
     assert SPEC.presets is non_local.PRESETS
 
 
-BLOCKS_MD_PRESETS = {  # reference/blocks.md section 9.3
+_NEW_KEYS = dict(reduction=2, divisor=None, value_channels=None, out_proj=True,
+                out_bias=None, gamma=False, scale_channels="inter", concat_bias=False)
+BLOCKS_MD_PRESETS = {  # reference/blocks.md section 9.3, and the sources named
     "alexhex7": dict(mode="embedded_gaussian", inter_channels=None, sub_sample=True,
                      pool_position="after_proj", use_scale=False, bias=True,
-                     bn="train", bn_eps=1e-5, bn_momentum=0.1, residual=True),
+                     bn="train", bn_eps=1e-5, bn_momentum=0.1, residual=True,
+                     **_NEW_KEYS),
     "facebook": dict(mode="embedded_gaussian", inter_channels=None, sub_sample=True,
                      pool_position="before_proj", use_scale=True, bias=True,
-                     bn="train", bn_eps=1e-5, bn_momentum=0.1, residual=True),
+                     bn="train", bn_eps=1e-5, bn_momentum=0.1, residual=True,
+                     **_NEW_KEYS),
     "cgnl_repo": dict(mode="embedded_gaussian", inter_channels=None,
                       sub_sample=False, pool_position="after_proj", use_scale=True,
                       bias=False, bn="train", bn_eps=1e-5, bn_momentum=0.1,
-                      residual=True),
+                      residual=True, **_NEW_KEYS),
+    "mmcv": dict(mode="embedded_gaussian", inter_channels=None, sub_sample=False,
+                 pool_position="after_proj", use_scale=True, bias=True, bn=None,
+                 bn_eps=1e-5, bn_momentum=0.1, residual=True, **_NEW_KEYS),
+    "mmcv_bn": dict(mode="embedded_gaussian", inter_channels=None, sub_sample=False,
+                    pool_position="after_proj", use_scale=True, bias=True, bn="train",
+                    bn_eps=1e-5, bn_momentum=0.1, residual=True,
+                    **(_NEW_KEYS | dict(out_bias=False))),
+    "timm": dict(mode="embedded_gaussian", inter_channels=None, sub_sample=False,
+                 pool_position="after_proj", use_scale=True, bias=True, bn="train",
+                 bn_eps=1e-5, bn_momentum=0.1, residual=True,
+                 **(_NEW_KEYS | dict(scale_channels="in", reduction=8, divisor=8))),
+    "sagan": dict(mode="embedded_gaussian", inter_channels=None, sub_sample=False,
+                  pool_position="after_proj", use_scale=False, bias=True, bn=None,
+                  bn_eps=1e-5, bn_momentum=0.1, residual=True,
+                  **(_NEW_KEYS | dict(reduction=8, out_proj=False, gamma=True))),
 }
 
 
@@ -112,6 +133,60 @@ def test_presets_are_complete_and_match_blocks_md() -> None:
         assert set(want) == fields
         assert dataclasses.asdict(non_local.PRESETS[name]) == want, name
     assert NonLocalConfig() == non_local.PRESETS["alexhex7"]
+
+
+@pytest.mark.parametrize("c, want", [
+    (64, 8),  # C/8 = 8 exactly
+    (100, 16),  # 12.5 rounds half up to 16
+    (200, 24),  # 25 rounds down to 24, within 10 %
+    (72, 16),  # 9 rounds down to 8, over 10 % lost: one more divisor
+    (20, 8),  # 2.5 rounds to 0: at least the divisor
+])
+def test_resolved_inter_channels_timm(c: int, want: int) -> None:
+    """timm's rd_channels = make_divisible(C / 8, 8), worked by hand."""
+    shapes = {"x": (2, c, 4, 4)}
+    assert non_local_spec.resolve(non_local.PRESETS["timm"], shapes).inter_channels == want
+    sagan = non_local_spec.resolve(non_local.PRESETS["sagan"], shapes)
+    assert sagan.inter_channels == max(c // 8, 1)  # SAGAN floors
+
+
+def test_resolved_widths_and_out_bias() -> None:
+    shapes = {"x": (2, 12, 4, 4)}
+    sagan = non_local_spec.resolve(non_local.PRESETS["sagan"], shapes)
+    assert (sagan.inter_channels, sagan.value_channels, sagan.out_bias) == (1, 12, False)
+    mmcv_bn = non_local_spec.resolve(non_local.PRESETS["mmcv_bn"], shapes)
+    assert (mmcv_bn.inter_channels, mmcv_bn.value_channels, mmcv_bn.out_bias) == (6, 6, False)
+    assert non_local_spec.resolve(cfg_of(reduction=4), shapes).inter_channels == 3
+    assert non_local_spec.resolve(cfg_of(value_channels=5), shapes).value_channels == 5
+    shapes_p = SPEC.param_shapes(cfg_of(value_channels=5, bias=False), shapes)
+    assert shapes_p["g.weight"] == (5, 12, 1, 1) and shapes_p["W.weight"] == (12, 5, 1, 1)
+    assert shapes_p["theta.weight"] == (6, 12, 1, 1) and "W.bias" not in shapes_p
+    sagan_p = SPEC.param_shapes(non_local.PRESETS["sagan"], shapes)
+    assert sagan_p["gamma"] == (1,) and "W.weight" not in sagan_p
+    cat = SPEC.param_shapes(cfg_of("concatenation", concat_bias=True), shapes)
+    assert cat["concat_project.bias"] == (1,)
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (dict(scale_channels="in"), ["scale_channels", "use_scale"]),
+    (dict(concat_bias=True), ["concat_bias", "mode"]),
+    (dict(out_proj=False), ["bn", "out_proj"]),
+    (dict(out_proj=False, bn=None, out_bias=True), ["out_bias", "out_proj"]),
+    (dict(reduction=0), ["reduction"]),
+    (dict(divisor=0), ["divisor"]),
+    (dict(out_bias=1), ["out_bias"]),
+    (dict(scale_channels="out"), ["scale_channels"]),
+])
+def test_new_switches_refuse_what_means_nothing(overrides, names) -> None:
+    with pytest.raises(ValueError) as err:
+        SPEC.check_config(cfg_of(**overrides))
+    assert all(n in str(err.value) for n in names), str(err.value)
+
+
+def test_without_w_z_the_value_width_must_be_c() -> None:
+    cfg = cfg_of(pool="none", out_proj=False, bn=None, value_channels=3)
+    with pytest.raises(ValueError, match=r"value_channels: out_proj=False .* C = 4"):
+        SPEC.param_shapes(cfg, {"x": (2, 4, 3, 5)})
 
 
 @pytest.mark.parametrize("c, want", [(1, 1), (2, 1), (7, 3), (256, 128)])
@@ -302,15 +377,38 @@ def test_init_params() -> None:
 
 
 def _options(i: int, mode: str) -> dict[str, Any]:
-    """The option set of case i: cycles bias, scale, BN mode and residual so that
-    every value meets every mode."""
+    """The option set of case i: cycles bias, scale and its width, BN mode,
+    residual, the value width, W_z and its bias, the learned scalar γ and the
+    concatenation bias, so that every value meets every mode."""
+    bias, bn = i % 2 == 0, ("train", "eval", None)[i % 3]
+    use_scale = mode in SOFTMAX_MODES and i % 3 != 1
+    out_proj = bn is not None or i % 2 == 0
     return dict(
-        bias=i % 2 == 0,
-        use_scale=mode in SOFTMAX_MODES and i % 3 != 1,
-        bn=("train", "eval", None)[i % 3],
+        bias=bias,
+        use_scale=use_scale,
+        bn=bn,
         residual=i % 4 != 3,
         inter_channels=(None, 3, 1)[i % 3],
+        value_channels=(None, 2)[i // 2 % 2] if out_proj else None,
+        out_proj=out_proj,
+        out_bias=(None, not bias)[i // 3 % 2] if out_proj else None,
+        gamma=i % 5 in (1, 3),
+        scale_channels="in" if use_scale and i // 2 % 2 else "inter",
+        concat_bias=mode == "concatenation" and i // 3 % 2 == 0,
     )
+
+
+def test_the_option_cycle_meets_every_new_value() -> None:
+    """The gradcheck and parity cases below reach every value of every switch."""
+    seen: dict[str, set] = {}
+    for mode, _, _, i in FAST_CASES:
+        for key, value in _options(i, mode).items():
+            seen.setdefault(key, set()).add(value)
+    for key in ("out_proj", "gamma", "concat_bias", "bias", "residual"):
+        assert seen[key] == {True, False}, key
+    assert seen["scale_channels"] == {"in", "inter"}
+    assert seen["value_channels"] == {None, 2}
+    assert seen["out_bias"] == {None, True, False}
 
 
 FULL_CASES = [(m, r, POOLS[(i + r) % 3])
@@ -338,8 +436,9 @@ def test_gradcheck_fast_every_mode_rank_pool(mode, rank, pool, i) -> None:
     assert report.ok, report.to_text()
 
 
-PRESET_CASES = [(p, bn) for p in non_local.PRESETS for bn in ("train", "eval")]
-PRESET_CASES += [("alexhex7", None)]
+PRESET_CASES = [(p, bn) for p, cfg in non_local.PRESETS.items()
+                for bn in (("train", "eval") if cfg.out_proj else (None,))]
+PRESET_CASES += [("alexhex7", None), ("mmcv_bn", None)]
 
 
 @pytest.mark.parametrize("preset, bn", PRESET_CASES)
@@ -532,7 +631,10 @@ def test_anchor_init_is_the_identity(preset: str) -> None:
     x = np.random.default_rng(0).standard_normal(shapes["x"])
     outputs, _ = SPEC.forward({"x": x}, params, state, cfg)
     np.testing.assert_array_equal(outputs["out"], x)
-    np.testing.assert_array_equal(state["W_bn.running_var"], 1.0)
+    if cfg.bn is not None:
+        np.testing.assert_array_equal(state["W_bn.running_var"], 1.0)
+    if cfg.gamma:  # SAGAN: γ = 0
+        np.testing.assert_array_equal(params["gamma"], 0.0)
     if cfg.use_scale:  # facebook / CGNL repo: N(0, 0.01^2) convs
         assert np.std(params["theta.weight"]) < 0.05
     params, state = SPEC.init_params(cfg_of(bn=None), shapes, seed=0, anchor_init=True)
@@ -660,6 +762,68 @@ def test_parity_cgnl_repo(torch, bn: str, use_scale: bool) -> None:
                               use_scale=use_scale)
     assert_parity(parity_errors(torch, anchors.make_cgnl_repo, "cgnl_repo", cfg,
                                 (2, 6, 5, 7)))
+
+
+def test_parity_sagan(torch) -> None:
+    from anchors import non_local as anchors
+
+    for seed in range(2):
+        assert_parity(parity_errors(torch, anchors.make_sagan, "sagan",
+                                    non_local.PRESETS["sagan"], (2, 16, 3, 5),
+                                    seed=seed))
+
+
+@pytest.mark.parametrize("preset, bn", [("mmcv", None), ("mmcv_bn", "train"),
+                                        ("mmcv_bn", "eval")])
+@pytest.mark.parametrize("mode", ("embedded_gaussian", "gaussian", "dot_product"))
+@pytest.mark.parametrize("rank", (1, 2, 3))
+def test_parity_mmcv(torch, preset: str, bn, mode: str, rank: int) -> None:
+    from anchors import non_local as anchors
+
+    shape = {1: (2, 6, 7), 2: (2, 6, 5, 7), 3: (2, 6, 2, 5, 7)}[rank]
+    for i, sub_sample in enumerate((False, True)):
+        cfg = dataclasses.replace(non_local.PRESETS[preset], bn=bn, mode=mode,
+                                  sub_sample=sub_sample,
+                                  use_scale=mode == "embedded_gaussian")
+        assert_parity(parity_errors(torch, anchors.make_mmcv, preset, cfg, shape,
+                                    seed=i))
+
+
+@pytest.mark.parametrize("bn", ("train", "eval"))
+@pytest.mark.parametrize("use_scale", (True, False))
+def test_parity_timm(torch, bn: str, use_scale: bool) -> None:
+    from anchors import non_local as anchors
+
+    cfg = dataclasses.replace(non_local.PRESETS["timm"], bn=bn, use_scale=use_scale,
+                              scale_channels="in" if use_scale else "inter")
+    assert_parity(parity_errors(torch, anchors.make_timm, "timm", cfg, (2, 24, 5, 7)))
+
+
+def test_each_new_switch_is_needed_for_its_source(torch) -> None:
+    """Each source differs from the preset next to it in the switch that was
+    added for it: validated with that switch flipped, the anchor disagrees."""
+    from anchors import non_local as anchors
+
+    def worst(factory, preset, cfg, shape, **flip):
+        cfg = non_local_spec.resolve(cfg, {"x": shape})
+        conf = config_to_dict(cfg) | {"channels": shape[1], "spatial_rank": 2}
+        names = SPEC.anchor_names(preset, cfg, {"x": shape})
+        module = factory(conf)
+        wrong = dataclasses.replace(cfg, **flip)
+        inputs, params, state = draw_clear(cfg, {"x": shape}, seed=0)
+        dout = np.random.default_rng(5).standard_normal(shape)
+        theirs = torch_tensors(torch, module, names, cfg, inputs, params, state, dout)
+        keep = SPEC.param_shapes(wrong, {"x": shape})
+        mine = refattn_tensors(wrong, inputs, {k: v for k, v in params.items()
+                                               if k in keep}, state, dout)
+        return rel_err(mine["out"], theirs["out"])
+
+    timm = non_local.PRESETS["timm"]
+    assert worst(anchors.make_timm, "timm", timm, (2, 24, 5, 7),
+                 scale_channels="inter") > 1e-3  # 1/sqrt(Ci) is not timm's
+    sagan = non_local.PRESETS["sagan"]
+    assert worst(anchors.make_sagan, "sagan", sagan, (2, 16, 3, 5),
+                 gamma=False) > 1e-3  # without γ the attention branch is unscaled
 
 
 @pytest.mark.parametrize("mode, rank, pool, i", FAST_CASES)

@@ -18,6 +18,7 @@ from refattn.blocks.non_local import (
     POOL_KERNELS,
     POOL_POSITIONS,
     PRESETS,
+    SCALE_CHANNELS,
     SOFTMAX_MODES,
     NonLocalCache,
     NonLocalConfig,
@@ -49,6 +50,14 @@ RULES: dict[str, checks.Rule] = {
     "bn_eps": checks.Real(positive=True),
     "bn_momentum": checks.Real(0.0, 1.0),
     "residual": checks.Bool(),
+    "reduction": checks.Int(1),
+    "divisor": checks.Int(1, optional=True),
+    "value_channels": checks.Int(1, optional=True),
+    "out_proj": checks.Bool(),
+    "out_bias": checks.Bool(optional=True),
+    "gamma": checks.Bool(),
+    "scale_channels": checks.OneOf(SCALE_CHANNELS),
+    "concat_bias": checks.Bool(),
 }
 
 
@@ -64,9 +73,34 @@ def _scale_needs_softmax(cfg: NonLocalConfig) -> str | None:
     return None
 
 
+def _scale_channels_need_scale(cfg: NonLocalConfig) -> str | None:
+    if cfg.scale_channels != "inter" and not cfg.use_scale:
+        return (f"scale_channels ({cfg.scale_channels!r}) picks the width of the "
+                f"affinity scale, which needs use_scale=True (got use_scale=False)")
+    return None
+
+
+def _concat_bias_needs_concatenation(cfg: NonLocalConfig) -> str | None:
+    if cfg.concat_bias and cfg.mode != "concatenation":
+        return (f"concat_bias (True) is the bias of concatenation's w_f; mode "
+                f"{cfg.mode!r} has no w_f (set concat_bias=False)")
+    return None
+
+
+def _no_out_proj_means_no_w_z(cfg: NonLocalConfig) -> str | None:
+    """Without W_z there is nothing for BN to follow and no W_z bias."""
+    if not cfg.out_proj and cfg.bn is not None:
+        return (f"bn ({cfg.bn!r}) normalises W_z's output, and out_proj=False "
+                f"removes W_z (set bn=None)")
+    if not cfg.out_proj and cfg.out_bias:
+        return "out_bias (True) is W_z's bias, and out_proj=False removes W_z"
+    return None
+
+
 def check_config(cfg: Any) -> NonLocalConfig:
-    return checks.check_config("non_local", cfg, NonLocalConfig, RULES,
-                               [_scale_needs_softmax])
+    return checks.check_config("non_local", cfg, NonLocalConfig, RULES, [
+        _scale_needs_softmax, _scale_channels_need_scale,
+        _concat_bias_needs_concatenation, _no_out_proj_means_no_w_z])
 
 
 config_entry = checks.config_entry(check_config, shapes=True)
@@ -94,7 +128,13 @@ def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
 
 
 def _check_input_shape(cfg: NonLocalConfig, x_shape: Shape) -> None:
-    """Input-dependent rules: the sub-sampling pool needs >= 2 along pooled dims."""
+    """Input-dependent rules: the sub-sampling pool needs >= 2 along pooled
+    dims; without W_z, y (Cv channels) is added to x (C channels)."""
+    if not cfg.out_proj and cfg.value_channels not in (None, x_shape[1]):
+        raise ValueError(
+            f"value_channels: out_proj=False adds y to x, so Cv must equal x's "
+            f"C = {x_shape[1]}, got value_channels={cfg.value_channels}"
+        )
     if not cfg.sub_sample:
         return
     spatial = x_shape[2:]
@@ -109,11 +149,34 @@ def _check_input_shape(cfg: NonLocalConfig, x_shape: Shape) -> None:
 
 @config_entry
 def resolve(cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]) -> NonLocalConfig:
-    """The config with ``inter_channels`` filled in: None -> max(C // 2, 1)."""
-    x_shape = _x_shape(input_shapes)
-    if cfg.inter_channels is not None:
+    """The config with every width and switch that depends on C filled in.
+
+    ``inter_channels`` None -> ``max(C // reduction, 1)``, or with a
+    ``divisor`` d, C / reduction rounded to the nearest multiple of d (at
+    least d, and bumped by d when rounding lost more than 10 %: timm's
+    ``make_divisible``); ``value_channels`` None -> Ci (C without W_z);
+    ``out_bias`` None -> ``bias`` (False without W_z).
+    """
+    C = _x_shape(input_shapes)[1]
+    ci = cfg.inter_channels
+    if ci is None:
+        ci = (max(C // cfg.reduction, 1) if cfg.divisor is None
+              else make_divisible(C / cfg.reduction, cfg.divisor))
+    cv = cfg.value_channels
+    if cv is None:
+        cv = ci if cfg.out_proj else C
+    out_bias = (cfg.bias and cfg.out_proj) if cfg.out_bias is None else cfg.out_bias
+    if (ci, cv, out_bias) == (cfg.inter_channels, cfg.value_channels, cfg.out_bias):
         return cfg
-    return dataclasses.replace(cfg, inter_channels=max(x_shape[1] // 2, 1))
+    return dataclasses.replace(cfg, inter_channels=ci, value_channels=cv,
+                               out_bias=out_bias)
+
+
+def make_divisible(width: float, divisor: int) -> int:
+    """`width` rounded to the nearest multiple of `divisor` (halves up), at
+    least `divisor`, plus one more `divisor` when the rounding lost over 10 %."""
+    rounded = max(divisor, int(width + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * width else rounded
 
 
 @config_entry
@@ -123,28 +186,36 @@ def param_shapes(
     """Every parameter and buffer key of `cfg` for these inputs, with its shape.
 
     Shapes:
-        theta/phi/g.weight (Ci, C, *k), .bias (Ci,); W.weight (C, Ci, *k),
-        W.bias (C,); concat_project.weight (1, 2Ci, 1, 1); W_bn.* (C,)
-        with k = (1,) * spatial rank.
+        theta/phi.weight (Ci, C, *k), .bias (Ci,); g.weight (Cv, C, *k),
+        .bias (Cv,); W.weight (C, Cv, *k), W.bias (C,); concat_project.weight
+        (1, 2Ci, 1, 1), .bias (1,); W_bn.* (C,); gamma (1,); with
+        k = (1,) * spatial rank.
     """
     x_shape = _x_shape(input_shapes)
     cfg = resolve(cfg, input_shapes)
     _check_input_shape(cfg, x_shape)
     C, ci = x_shape[1], int(cfg.inter_channels)  # type: ignore[arg-type]
+    cv = int(cfg.value_channels)  # type: ignore[arg-type]
     ones = (1,) * (len(x_shape) - 2)
     shapes: dict[str, Shape] = {}
     for name in (("theta",) if _embedded(cfg) else ()) + _kv_names(cfg):
-        shapes[f"{name}.weight"] = (ci, C) + ones
+        width = cv if name == "g" else ci
+        shapes[f"{name}.weight"] = (width, C) + ones
         if cfg.bias:
-            shapes[f"{name}.bias"] = (ci,)
+            shapes[f"{name}.bias"] = (width,)
     if cfg.mode == "concatenation":
         shapes["concat_project.weight"] = (1, 2 * ci, 1, 1)
-    shapes["W.weight"] = (C, ci) + ones
-    if cfg.bias:
-        shapes["W.bias"] = (C,)
+        if cfg.concat_bias:
+            shapes["concat_project.bias"] = (1,)
+    if cfg.out_proj:
+        shapes["W.weight"] = (C, cv) + ones
+        if cfg.out_bias:
+            shapes["W.bias"] = (C,)
     if cfg.bn is not None:
         for key in ("weight", "bias", "running_mean", "running_var"):
             shapes[f"W_bn.{key}"] = (C,)
+    if cfg.gamma:
+        shapes["gamma"] = (1,)
     return checks.limit_sizes("non_local", shapes)
 
 
@@ -160,14 +231,15 @@ def init_params(
 
     Default: random and non-degenerate (weights N(0, 1/fan_in), biases
     N(0, 0.1²), BN gamma in [0.5, 1.5], beta N(0, 0.1²), running mean
-    N(0, 0.1²) and variance in [0.5, 2]), so that every gradient is alive.
+    N(0, 0.1²) and variance in [0.5, 2], the scalar γ in [0.5, 1.5]), so
+    that every gradient is alive.
 
     ``anchor_init=True``: the anchors' identity-at-init scheme.  Without scale
     (AlexHex7): PyTorch's default conv init U(±1/sqrt(fan_in)) for weights and
     biases; with scale (facebook, the CGNL repo): weights N(0, 0.01²) and
     biases 0.  Then BN gamma = beta = 0 (or, without BN, a zero W weight and
-    bias) and running statistics (0, 1): the block is the identity and no
-    gradient reaches theta, phi or g.
+    bias; with a learned scalar, γ = 0) and running statistics (0, 1): the
+    block is the identity and no gradient reaches theta, phi or g.
     """
     shapes = param_shapes(cfg, input_shapes)
     rng = host_rng(seed)
@@ -175,6 +247,8 @@ def init_params(
     params: dict[str, Array] = {}
     state: dict[str, Array] = {}
     for key, shape in shapes.items():
+        if key == "gamma":  # drawn last, after the BN
+            continue
         module, leaf = key.rsplit(".", 1)
         if module == "W_bn":
             continue
@@ -202,6 +276,9 @@ def init_params(
             params["W_bn.weight"], params["W_bn.bias"] = draw_norm_affine(rng, C)
             mean, var = draw_bn_state(rng, C)
             state["W_bn.running_mean"], state["W_bn.running_var"] = mean, var
+    if cfg.gamma:  # SAGAN's zero at init; else a scale in [0.5, 1.5]
+        params["gamma"] = (zeros_like_shape(ref, (1,)) if anchor_init
+                           else rng.uniform(0.5, 1.5, (1,)))
     return params, state
 
 
@@ -230,7 +307,7 @@ def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]
     """``non_local.backward`` after checking the cotangent; dparams in the
     order of ``param_shapes``."""
     checks.check_cache("non_local", cache, (NonLocalCache,))
-    checks.check_douts("non_local", douts, shape=cache.x_shape, like=cache.w.x3)
+    checks.check_douts("non_local", douts, shape=cache.x_shape, like=cache.attend.a)
     dinputs, dparams = non_local.backward(douts, cache)
     shapes = param_shapes(cache.cfg, {"x": cache.x_shape})
     order = [k for k in shapes if not is_buffer(k)]
@@ -302,6 +379,10 @@ def anchor_names(
     (``W.0.*``, ``W.1.*``), ``concat_project.0.weight``.  ``facebook`` (the
     PyTorch port of the Caffe2 block): ``W -> out``, ``W_bn -> bn``.
     ``cgnl_repo`` (``SpatialNL``): ``theta, phi, g, W, W_bn -> t, p, g, z, bn``.
+    ``mmcv``/``mmcv_bn`` (``ConvModule``s): ``<m>.conv`` (``<m>.0.conv`` when
+    pooled), ``W -> conv_out.conv``, ``W_bn -> conv_out.bn``.  ``sagan``:
+    ``theta, phi, g -> query_conv, key_conv, value_conv``.  ``timm``
+    (``NonLocalAttn``): ``theta, phi, g, W, W_bn -> t, p, g, z, norm``.
     Empty when the preset has no anchor or the anchor cannot express `cfg`.
     """
     if preset not in PRESETS or not _anchor_supports(preset, cfg, input_shapes):
@@ -309,7 +390,7 @@ def anchor_names(
     shapes = param_shapes(cfg, input_shapes)
     names: dict[str, str] = {}
     for key in shapes:
-        module, leaf = key.rsplit(".", 1)
+        module, _, leaf = key.rpartition(".") if "." in key else (key, "", "")
         if preset == "alexhex7":
             if module in ("phi", "g") and cfg.sub_sample:
                 target = f"{module}.0"
@@ -323,10 +404,20 @@ def anchor_names(
                 target = module
         elif preset == "facebook":
             target = {"W": "out", "W_bn": "bn"}.get(module, module)
+        elif preset in ("mmcv", "mmcv_bn"):
+            pooled = cfg.sub_sample and module in ("phi", "g")
+            target = {"W": "conv_out.conv", "W_bn": "conv_out.bn"}.get(
+                module, f"{module}.0.conv" if pooled else f"{module}.conv")
+        elif preset == "sagan":
+            target = {"theta": "query_conv", "phi": "key_conv", "g": "value_conv",
+                      "gamma": "gamma"}[module]
+        elif preset == "timm":
+            target = {"theta": "t", "phi": "p", "W": "z", "W_bn": "norm"}.get(
+                module, module)
         else:
             cgnl = {"theta": "t", "phi": "p", "W": "z", "W_bn": "bn"}
             target = cgnl.get(module, module)
-        names[key] = f"{target}.{leaf}"
+        names[key] = target if module == key else f"{target}.{leaf}"
     return names
 
 
@@ -335,20 +426,49 @@ def _anchor_supports(
 ) -> bool:
     """Whether the anchor implementation of `preset` can express `cfg`."""
     rank = len(_x_shape(input_shapes)) - 2
-    if not cfg.residual:
+    cfg = resolve(cfg, input_shapes)
+    if not cfg.residual or cfg.concat_bias:
         return False
+    standard = (cfg.out_proj and not cfg.gamma and cfg.out_bias == cfg.bias
+                and cfg.value_channels == cfg.inter_channels
+                and cfg.scale_channels == "inter")
     if preset == "alexhex7":
         return (
-            not cfg.use_scale
+            standard
+            and not cfg.use_scale
             and cfg.bias
             and (not cfg.sub_sample or cfg.pool_position == "after_proj")
         )
     if preset == "facebook":
-        return cfg.mode in ("embedded_gaussian", "dot_product") and (
+        return standard and cfg.mode in ("embedded_gaussian", "dot_product") and (
             not cfg.sub_sample or cfg.pool_position == "before_proj"
         )
+    if preset in ("mmcv", "mmcv_bn"):
+        return (
+            cfg.out_proj and not cfg.gamma and cfg.bias
+            and cfg.out_bias == (cfg.bn is None)
+            and cfg.value_channels == cfg.inter_channels
+            and cfg.scale_channels == "inter"
+            and cfg.mode != "concatenation"
+            and (not cfg.use_scale or cfg.mode == "embedded_gaussian")
+            and (not cfg.sub_sample or cfg.pool_position == "after_proj")
+        )
+    if preset == "sagan":
+        return (
+            rank == 2 and cfg.mode == "embedded_gaussian" and not cfg.sub_sample
+            and not cfg.use_scale and cfg.bias and not cfg.out_proj
+            and cfg.bn is None and cfg.gamma
+        )
+    if preset == "timm":
+        return (
+            rank == 2 and cfg.mode == "embedded_gaussian" and not cfg.sub_sample
+            and cfg.bias and cfg.out_proj and cfg.out_bias and cfg.bn is not None
+            and not cfg.gamma and cfg.value_channels == cfg.inter_channels
+            and (not cfg.use_scale or cfg.scale_channels == "in")
+        )
     return (
-        rank == 2
+        standard
+        and rank == 2
         and cfg.mode == "embedded_gaussian"
         and not cfg.sub_sample
         and not cfg.bias
@@ -408,6 +528,6 @@ SPECS: dict[str, BlockSpec] = {
                         "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "
                         "BN(train)"),
         figure=("draw_non_local", (13.0, 3.2)),
-        anchors={p: f"non_local:make_{p}" for p in ("alexhex7", "facebook", "cgnl_repo")},
+        anchors={p: f"non_local:make_{p.removesuffix('_bn')}" for p in PRESETS},
     )
 }
