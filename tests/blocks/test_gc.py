@@ -553,7 +553,7 @@ def assert_parity(errors: dict[str, float]) -> None:
 
 @pytest.mark.parametrize("preset, pool, fusion", COMBOS)
 def test_parity_with_mmcv_structure(torch, preset, pool, fusion) -> None:
-    from anchors import gc as anchors
+    from anchors import context_block as anchors
 
     factory = getattr(anchors, f"make_{preset}")
     cfg = cfg_of(preset, pooling_type=pool, fusion_types=fusion)
@@ -573,7 +573,7 @@ def test_anchor_names() -> None:
 
 
 def test_anchor_state_dict_keys_are_mmcvs(torch) -> None:
-    from anchors import gc as anchors
+    from anchors import context_block as anchors
 
     cfg = gc_spec.resolve(cfg_of(fusion_types=("channel_add", "channel_mul")), TINY)
     module = anchors.make_mmcv(config_to_dict(cfg) | {"channels": 8})
@@ -585,7 +585,7 @@ def test_anchor_state_dict_keys_are_mmcvs(torch) -> None:
 
 def test_anchor_factories_refuse_what_the_bug_cannot_express() -> None:
     pytest.importorskip("torch")
-    from anchors import gc as anchors
+    from anchors import context_block as anchors
 
     conf = config_to_dict(gc_spec.resolve(cfg_of(pooling_type="avg"), TINY))
     with pytest.raises(ValueError, match="pooling_type='att'"):
@@ -618,7 +618,7 @@ BUGS = [
                          ids=[b[0] for b in BUGS])
 def test_buggy_module_disagrees_on_the_right_tensors(torch, factory, fusion, fails,
                                                     passes) -> None:
-    from anchors import gc as anchors
+    from anchors import context_block as anchors
 
     errors = parity_errors(torch, getattr(anchors, factory), "mmcv",
                            cfg_of(fusion_types=fusion), (2, 16, 5, 7))
@@ -655,8 +655,8 @@ def gc_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case", ["mmcv", "both"])
 def test_validate_passes_the_anchor(torch, gc_cases, case) -> None:
-    result = _cli("validate", gc_cases[case], "--torch", "anchors.gc:make_mmcv",
-                  "--names", "anchor", "--json")
+    result = _cli("validate", gc_cases[case], "--torch",
+                  "anchors.context_block:make_mmcv", "--names", "anchor", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] is True and not report["failed"]
@@ -674,8 +674,8 @@ def test_validate_passes_the_anchor(torch, gc_cases, case) -> None:
 ])
 def test_validate_catches_a_wrong_module(torch, gc_cases, factory, case, fails,
                                          passes) -> None:
-    result = _cli("validate", gc_cases[case], "--torch", f"anchors.gc:{factory}",
-                  "--names", "anchor", "--json")
+    result = _cli("validate", gc_cases[case], "--torch",
+                  f"anchors.context_block:{factory}", "--names", "anchor", "--json")
     assert result.exit_code == 1, result.output
     status = {r["name"]: r["status"] for r in json.loads(result.stdout)["rows"]}
     assert all(status[k] == "FAIL" for k in fails), status

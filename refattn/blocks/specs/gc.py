@@ -223,7 +223,8 @@ def anchor_names(
     preset: str | None, cfg: GCConfig, input_shapes: Mapping[str, Shape]
 ) -> dict[str, str]:
     """Canonical key -> mmcv ``ContextBlock``'s state_dict key
-    (tests/anchors/gc.py): ``conv_mask.*`` as is; each branch's transform is
+    (tests/anchors/context_block.py): ``conv_mask.*`` as is; each branch's
+    transform is
     ``channel_<b>_conv = Sequential(conv1, LayerNorm, ReLU, conv2)``, so
     ``<b>.conv1 -> <b>_conv.0``, ``<b>.ln -> <b>_conv.1``, ``<b>.conv2 ->
     <b>_conv.3``.  Every config is expressible (mmcv has every switch)."""
@@ -285,6 +286,6 @@ SPECS: dict[str, BlockSpec] = {
         flops=flops,
         bench=BenchCase("mmcv", {}, {"x": (8, 256, 28, 28)},
                         "x(8,256,28,28) att pooling, channel_add, ratio 1/4"),
-        anchors={p: f"gc:make_{p}" for p in PRESETS},
+        anchors={p: f"context_block:make_{p}" for p in PRESETS},
     )
 }
