@@ -185,6 +185,7 @@ def forward(
     N, C, H, W = (int(s) for s in x.shape)
     L = H * W
     x3 = xp.reshape(x, (N, C, L))  # (N, C, L)
+    out = x  # (N, C, H, W): the fusions of steps 5 and 7 act on it
     outputs: dict[str, Array] = {}
 
     mask_cache = softmax_cache = None
@@ -205,7 +206,6 @@ def forward(
         pooled, pool_cache = _global_pool(x, "avg", False)  # (N, C)
         context = xp.reshape(pooled, (N, C, 1))  # (N, C, 1)
 
-    out = x  # (N, C, H, W)
     mul_cache = gate_cache = add_cache = fuse_cache = None
     if "channel_mul" in cfg.fusion_types:
         # 4. transform δ_mul: conv1, LayerNorm, ReLU, conv2
