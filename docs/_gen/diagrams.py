@@ -13,7 +13,7 @@ writes into ``docs/img/``:
     what ``refattn gradcheck --block B --plot FILE`` draws, for cgnl and cbam.
 ``show-<block>.png`` (``--pictures``)
     what ``refattn show CASE --plot FILE`` draws, for cbam, non_local,
-    cross_layer and cgnl cases at the shapes listed in ``SHOW_CASES``.
+    cross_layer, cgnl and gc cases at the shapes listed in ``SHOW_CASES``.
 
 Needs the ``plot`` extra (``pip install 'refattn[plot]'``).  The images are
 committed; rerun this after changing a block's structure or the plots.
@@ -388,6 +388,8 @@ SHOW_CASES = {  # block: (preset, overrides, shapes)
                     {"x_q": (2, 16, 6, 6), "x_kv.0": (2, 8, 12, 12),
                      "x_kv.1": (2, 12, 9, 9)}),
     "cgnl": ("yue_gaussian", {"gamma": 0.1}, {"x": (2, 16, 6, 7)}),
+    "gc": ("mmcv", {"fusion_types": ("channel_add", "channel_mul")},
+           {"x": (2, 16, 9, 12)}),
 }
 
 

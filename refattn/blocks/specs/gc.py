@@ -286,6 +286,7 @@ SPECS: dict[str, BlockSpec] = {
         flops=flops,
         bench=BenchCase("mmcv", {}, {"x": (8, 256, 28, 28)},
                         "x(8,256,28,28) att pooling, channel_add, ratio 1/4"),
+        figure=("draw_gc", (10.0, 4.2)),
         anchors={p: f"context_block:make_{p}" for p in PRESETS},
     )
 }
