@@ -52,8 +52,8 @@ __all__ = [
     "make_gcnet_r16",
     "make_mmcv",
     "make_mmcv_add_before_mul",
-    "make_mmcv_norm_without_mean",
     "make_mmcv_layernorm_backward_without_means",
+    "make_mmcv_norm_without_mean",
     "make_mmcv_softmax_over_channels",
 ]
 

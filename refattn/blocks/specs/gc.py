@@ -247,7 +247,6 @@ def with_bn_mode(cfg: GCConfig, mode: str) -> None:
     """No batch norm (the LayerNorm has no running statistics): None."""
     if mode not in ("train", "eval"):
         raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
-    return None
 
 
 @config_only
