@@ -87,7 +87,7 @@ def build_config(
 
     spec = BLOCKS[block]
     cfg = spec.config(preset, **dict(overrides))
-    return cfg.resolved(shapes) if hasattr(cfg, "resolved") else cfg
+    return spec.resolve(cfg, shapes)
 
 
 def flops(block: str, cfg: Any, shapes: Mapping[str, Shape]) -> dict[str, int]:

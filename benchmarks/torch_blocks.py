@@ -22,6 +22,9 @@ The layout follows the anchor each refattn preset names (reference/blocks.md):
 | cross_layer | CNL: theta conv on the query, phi/g convs per key/value layer, |
 | | ``bmm`` + ``softmax(dim=-1)`` with 1/sqrt(P), transpose back, shared W |
 | | conv, ``BatchNorm2d`` per key/value layer, residual |
+| gc | mmcv ContextBlock: 1x1 mask conv, ``softmax`` over H*W, ``matmul`` |
+| | context (or ``x.mean``), per fusion ``conv -> LayerNorm([P,1,1]) -> ReLU |
+| | -> conv``; ``x * sigmoid(mul) + add`` |
 
 ``make_module(block, cfg, shapes)`` builds a module from a resolved refattn config
 (the dataclass or its dict) and the input shapes; ``load_refattn_params``
@@ -50,6 +53,7 @@ __all__ = [
     "CGNL",
     "GAP",
     "CrossLayerNL",
+    "GlobalContext",
     "MLPConv",
     "NonLocal2d",
     "input_order",
@@ -411,6 +415,47 @@ class CrossLayerNL(nn.Module):
 # factory and parameter loading
 
 
+class _Transform(nn.Module):
+    def __init__(self, channels: int, planes: int, eps: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, planes, 1)
+        self.ln = nn.LayerNorm([planes, 1, 1], eps=eps)
+        self.conv2 = nn.Conv2d(planes, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.ln(self.conv1(x)), inplace=True))
+
+
+class GlobalContext(nn.Module):
+    """GC block (mmcv ContextBlock), with refattn's parameter names."""
+
+    def __init__(self, channels: int, planes: int, pooling_type: str,
+                 fusion_types: Sequence[str], eps: float) -> None:
+        super().__init__()
+        self.pooling_type = pooling_type
+        if pooling_type == "att":
+            self.conv_mask = nn.Conv2d(channels, 1, 1)
+        self.channel_add = (_Transform(channels, planes, eps)
+                            if "channel_add" in fusion_types else None)
+        self.channel_mul = (_Transform(channels, planes, eps)
+                            if "channel_mul" in fusion_types else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if self.pooling_type == "att":
+            a = torch.softmax(self.conv_mask(x).view(n, 1, h * w), dim=-1)
+            context = torch.matmul(x.view(n, c, h * w), a.transpose(1, 2))
+            context = context.view(n, c, 1, 1)
+        else:
+            context = x.mean((2, 3), keepdim=True)
+        out = x
+        if self.channel_mul is not None:
+            out = out * torch.sigmoid(self.channel_mul(context))
+        if self.channel_add is not None:
+            out = out + self.channel_add(context)
+        return out
+
+
 def input_order(block: str, shapes: Mapping[str, Shape]) -> list[str]:
     """The refattn input names in the order the module's forward takes them."""
     if block == "cross_layer":
@@ -517,6 +562,9 @@ def make_module(block: str, cfg: Any, shapes: Mapping[str, Shape]) -> nn.Module:
             c["out_proj"],
             c["residual"],
         )
+    if block == "gc":
+        return GlobalContext(cin, c["planes"], c["pooling_type"], c["fusion_types"],
+                             c["ln_eps"])
     raise ValueError(f"block: no PyTorch benchmark module for {block!r}")
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "draw_cgnl",
     "draw_class_maps",
     "draw_cross_layer",
+    "draw_gc",
     "draw_non_local",
     "require_matplotlib",
     "step_error_curve",
@@ -581,3 +582,43 @@ def case_figure(case: Any) -> Any:
 
 def write_case_plot(path: str | Path, case: Any) -> Path:
     return _save(case_figure(case), path)
+
+
+def draw_gc(fig: Any, case: Any) -> None:
+    """GC block: per sample (at most 3) the channel mean of x and its attention
+    map over the positions (pooling 'att'), then the channel_mul gate (N, C)."""
+    t, cfg = case.tensors, case.manifest["config"]
+    x, att, gate = t["input.x"], t.get("aux.attention"), t.get("aux.channel_mul")
+    rows = [1.0] + ([0.6] if gate is not None else [])
+    subfigs = fig.subfigures(len(rows), 1, squeeze=False, height_ratios=rows)[:, 0]
+    shown = min(int(x.shape[0]), 3)
+    per = 2 if att is not None else 1
+    axes = subfigs[0].subplots(1, per * shown, squeeze=False)[0]
+    maps, im = [], None
+    for i in range(shown):
+        _image(axes[per * i], x[i].mean(axis=0), cmap="gray")
+        axes[per * i].set_title(f"n={i}: channel\nmean of x", fontsize=8)
+        if att is not None:
+            ax = axes[per * i + 1]
+            im = _image(ax, att[i, 0], vmin=0.0, vmax=float(att[:shown].max()))
+            ax.set_title(f"n={i}: attention\n(sums to 1)", fontsize=8)
+            maps.append(ax)
+    if im is not None:
+        subfigs[0].colorbar(im, ax=maps, shrink=0.8, label="attention weight")
+    pooling = ("aux.attention (N, 1, H, W): softmax over the H*W positions; "
+               "context = sum of x weighted by it" if att is not None else
+               "pooling 'avg': the context is the mean of x (no attention map)")
+    subfigs[0].suptitle(f"GC block ({cfg.get('pooling_type')}, "
+                        f"{' + '.join(cfg.get('fusion_types', []))}): {pooling}",
+                        fontsize=9)
+    if gate is not None:
+        ax = subfigs[1].subplots()
+        img = ax.imshow(gate[:, :, 0, 0], cmap="viridis", vmin=0.0, vmax=1.0,
+                        aspect="auto", interpolation="nearest")
+        ax.set_xlabel("channel c")
+        ax.set_ylabel("sample n")
+        ax.set_yticks(range(gate.shape[0]))
+        subfigs[1].colorbar(img, ax=ax, label="gate")
+        subfigs[1].suptitle("aux.channel_mul (N, C, 1, 1) = sigmoid(channel_mul "
+                            "transform of the context); out = x * gate (+ add term)",
+                            fontsize=9)

@@ -13,7 +13,7 @@ writes into ``docs/img/``:
     what ``refattn gradcheck --block B --plot FILE`` draws, for cgnl and cbam.
 ``show-<block>.png`` (``--pictures``)
     what ``refattn show CASE --plot FILE`` draws, for cbam, non_local,
-    cross_layer and cgnl cases at the shapes listed in ``SHOW_CASES``.
+    cross_layer, cgnl and gc cases at the shapes listed in ``SHOW_CASES``.
 
 Needs the ``plot`` extra (``pip install 'refattn[plot]'``).  The images are
 committed; rerun this after changing a block's structure or the plots.
@@ -340,6 +340,35 @@ def cross_layer() -> Diagram:
     return d
 
 
+def gc() -> Diagram:
+    d = Diagram("gc", "global context block: one context vector per sample, "
+                "transformed and broadcast over H, W (mmcv ContextBlock)")
+    d.tensor("x", "x\n(N, C, H, W)", 0, 2)
+    d.param("wk", "conv_mask.weight\n(1, C, 1, 1), .bias", 1, 0)
+    d.op("mask", "1. conv_mask:\n1x1 conv C -> 1", 1, 1)
+    d.op("sm", "2. softmax over\nthe H*W positions", 2, 1)
+    d.tensor("A", "aux.attention\n(N, 1, H, W)", 3, 1)
+    d.op("ctx", "3. context\nc = x A^T (N, C)\n(avg: mean of x)", 3, 2)
+    d.op("mul", "4. channel_mul:\nconv1, LN, ReLU,\nconv2", 4, 1)
+    d.tensor("x2", "x", 5, 0)
+    d.op("gate", "5. x * sigmoid(.)", 5, 1)
+    d.op("add", "6. channel_add:\nconv1, LN, ReLU,\nconv2", 4, 3)
+    d.param("tp", "<b>.conv1 (P, C, 1, 1)\n<b>.ln (P, 1, 1)\n"
+            "<b>.conv2 (C, P, 1, 1)", 5, 3)
+    d.op("plus", "7. . + channel_add\n(broadcast over H, W)", 6, 2)
+    d.tensor("out", "out\n(N, C, H, W)", 6, 3)
+    d.flow("x", "mask", "sm", "A", "ctx")
+    d.flow("wk", "mask")
+    d.flow("x", "ctx")
+    d.flow("ctx", "mul", "gate", "plus", "out")
+    d.flow("x2", "gate")
+    d.flow("ctx", "add", "plus")
+    d.flow("tp", "add")
+    d.back("x", "mask", "sm", "A", "ctx", "mul", "gate", "plus", label="7. to 1.")
+    d.back("x", "ctx", "add", "plus")
+    return d
+
+
 def diagrams() -> dict[str, Callable[[], Diagram]]:
     """Block name -> its drawing function here, as the registry names it
     (``BlockSpec.diagram``)."""
@@ -359,6 +388,8 @@ SHOW_CASES = {  # block: (preset, overrides, shapes)
                     {"x_q": (2, 16, 6, 6), "x_kv.0": (2, 8, 12, 12),
                      "x_kv.1": (2, 12, 9, 9)}),
     "cgnl": ("yue_gaussian", {"gamma": 0.1}, {"x": (2, 16, 6, 7)}),
+    "gc": ("mmcv", {"fusion_types": ("channel_add", "channel_mul")},
+           {"x": (2, 16, 9, 12)}),
 }
 
 

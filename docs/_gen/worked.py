@@ -249,6 +249,11 @@ CASES: dict[str, Case] = {
         '{"x_q": (1, 2, 2, 2), "x_kv": (1, 2, 2, 2)}', 0,
         ("refattn.blocks.cross_layer.forward", "refattn.blocks.cross_layer.backward"),
     ),
+    "gc": Case(
+        "gc", "mmcv", "planes=3, fusion_types=('channel_add', 'channel_mul')",
+        '{"x": (1, 4, 2, 2)}', 0,
+        ("refattn.blocks.gc.forward", "refattn.blocks.gc.backward"),
+    ),
 }
 
 

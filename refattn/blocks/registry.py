@@ -30,6 +30,7 @@ _MODULES = (
     "refattn.blocks.specs.non_local",
     "refattn.blocks.specs.cgnl",
     "refattn.blocks.specs.cross_layer",
+    "refattn.blocks.specs.gc",
 )
 
 

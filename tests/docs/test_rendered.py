@@ -47,7 +47,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK_PAGES = ("conv1x1", "gap", "mlpconv", "cbam", "non_local", "cgnl",
-               "cross_layer")
+               "cross_layer", "gc")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
         "source", "track", "wbr"}
 HIDDEN = {"code", "pre", "script", "style", "math", "kbd", "samp", "textarea"}
