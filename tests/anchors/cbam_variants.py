@@ -283,7 +283,8 @@ def _rd_args(config: dict[str, Any]) -> dict[str, Any]:
         return {"rd_channels": config["hidden_channels"]}
     if config["hidden_divisor"] is None:
         return {"rd_channels": _channels(config) // config["reduction"]}
-    return {"rd_ratio": 1.0 / config["reduction"], "rd_divisor": config["hidden_divisor"]}
+    return {"rd_ratio": 1.0 / config["reduction"],
+            "rd_divisor": config["hidden_divisor"]}
 
 
 def _timm(config: dict[str, Any], part: str, light: bool) -> nn.Module:
@@ -302,7 +303,8 @@ def _timm(config: dict[str, Any], part: str, light: bool) -> nn.Module:
     channel = spatial = None
     if part != "spatial":
         cls = LightChannelAttn if light else ChannelAttn
-        channel = cls(_channels(config), mlp_bias=config["mlp_bias"], **_rd_args(config))
+        channel = cls(_channels(config), mlp_bias=config["mlp_bias"],
+                      **_rd_args(config))
     if part != "channel":
         spatial = (LightSpatialAttn if light else SpatialAttn)(config["spatial_kernel"])
     return _finish(TimmCbam(channel, spatial), config)
