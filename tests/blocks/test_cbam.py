@@ -1,7 +1,8 @@
 """CBAM and its two gates (``cbam``, ``cbam_channel``, ``cbam_spatial``):
 configs, gradient checks over every preset and option, the strict backend,
-properties, identities, PyTorch parity with the three anchors, and the known
-buggy variants the validation tests use."""
+properties, identities, PyTorch parity with the anchors (Jongchan, luuuyi,
+seed; ultralytics, timm's CbamModule, LightCbamModule and SEModule), and the
+known buggy variants the validation tests use."""
 
 from __future__ import annotations
 
@@ -73,19 +74,42 @@ def test_registry_has_the_three_entries() -> None:
         assert BLOCKS[name].presets is cbam.PRESETS
 
 
-BLOCKS_MD_PRESETS = {  # reference/blocks.md section 9.3
+_WIDTH = dict(hidden_channels=None, hidden_divisor=None, mlp_layers=2)
+BLOCKS_MD_PRESETS = {  # reference/blocks.md section 9.3, then the libraries'
     "jongchan": dict(reduction=16, pool_types=("avg", "max"), mlp_bias=True,
                      spatial=True, spatial_kernel=7, channel_pool_order="max_mean",
                      spatial_bias=False, spatial_bn="train", bn_eps=1e-5,
-                     bn_momentum=0.01, spatial_relu=False),
+                     bn_momentum=0.01, spatial_relu=False, **_WIDTH),
     "luuuyi": dict(reduction=16, pool_types=("avg", "max"), mlp_bias=False,
                    spatial=True, spatial_kernel=7, channel_pool_order="mean_max",
                    spatial_bias=False, spatial_bn=None, bn_eps=1e-5,
-                   bn_momentum=0.01, spatial_relu=False),
+                   bn_momentum=0.01, spatial_relu=False, **_WIDTH),
     "seed": dict(reduction=16, pool_types=("avg", "max"), mlp_bias=True,
                  spatial=True, spatial_kernel=7, channel_pool_order="mean_max",
                  spatial_bias=True, spatial_bn=None, bn_eps=1e-5, bn_momentum=0.01,
+                 spatial_relu=False, **_WIDTH),
+    # ultralytics nn/modules/conv.py: ChannelAttention = avg pool, Conv2d(C, C,
+    # 1, bias=True), sigmoid; SpatialAttention = cat([mean, max]), Conv2d(2, 1,
+    # 7, padding=3, bias=False), sigmoid
+    "ultralytics": dict(reduction=16, hidden_channels=None, hidden_divisor=None,
+                        mlp_layers=1, pool_types=("avg",), mlp_bias=True,
+                        spatial=True, spatial_kernel=7, channel_pool_order="mean_max",
+                        spatial_bias=False, spatial_bn=None, bn_eps=1e-5,
+                        bn_momentum=0.01, spatial_relu=False),
+    # timm layers/cbam.py CbamModule defaults: rd_ratio 1/16, rd_divisor 1
+    # (make_divisible, round_limit 0), mlp_bias False; SpatialAttn =
+    # ConvNormAct(2, 1, 7, apply_act=False): conv without bias + BatchNorm2d
+    # (eps 1e-5, momentum 0.1)
+    "timm": dict(reduction=16, hidden_channels=None, hidden_divisor=1, mlp_layers=2,
+                 pool_types=("avg", "max"), mlp_bias=False, spatial=True,
+                 spatial_kernel=7, channel_pool_order="mean_max", spatial_bias=False,
+                 spatial_bn="train", bn_eps=1e-5, bn_momentum=0.1,
                  spatial_relu=False),
+    "timm_light": dict(reduction=16, hidden_channels=None, hidden_divisor=1,
+                       mlp_layers=2, pool_types=("avgmax",), mlp_bias=False,
+                       spatial=True, spatial_kernel=7, channel_pool_order="avgmax",
+                       spatial_bias=False, spatial_bn="train", bn_eps=1e-5,
+                       bn_momentum=0.1, spatial_relu=False),
 }
 
 PRESET_KEYS = {
@@ -95,6 +119,13 @@ PRESET_KEYS = {
     "luuuyi": {"mlp.fc1.weight", "mlp.fc2.weight", "spatial.conv.weight"},
     "seed": {"mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
              "spatial.conv.weight", "spatial.conv.bias"},
+    "ultralytics": {"mlp.fc1.weight", "mlp.fc1.bias", "spatial.conv.weight"},
+    "timm": {"mlp.fc1.weight", "mlp.fc2.weight", "spatial.conv.weight",
+             "spatial.bn.weight", "spatial.bn.bias", "spatial.bn.running_mean",
+             "spatial.bn.running_var"},
+    "timm_light": {"mlp.fc1.weight", "mlp.fc2.weight", "spatial.conv.weight",
+                   "spatial.bn.weight", "spatial.bn.bias", "spatial.bn.running_mean",
+                   "spatial.bn.running_var"},
 }
 
 
@@ -166,6 +197,16 @@ BAD_CONFIGS = [
     (dict(mlp_bias=1), ["mlp_bias", "1"]),
     (dict(spatial="yes"), ["spatial", "'yes'"]),
     (dict(spatial_relu=None), ["spatial_relu", "None"]),
+    (dict(hidden_channels=0), ["hidden_channels", "int >= 1 or None", "0"]),
+    (dict(hidden_channels=2.0), ["hidden_channels", "2.0"]),
+    (dict(hidden_divisor=0), ["hidden_divisor", "int >= 1 or None", "0"]),
+    (dict(hidden_divisor=True), ["hidden_divisor", "True"]),
+    (dict(mlp_layers=3), ["mlp_layers", "3", "ultralytics"]),
+    (dict(mlp_layers="1"), ["mlp_layers", "'1'"]),
+    (dict(pool_types=("avgmax", "avgmax")), ["pool_types", "once"]),
+    (dict(pool_types=("avg_max",)), ["pool_types", "'avg_max'", "'avgmax'"]),
+    (dict(channel_pool_order="avg_max"), ["channel_pool_order", "'avgmax'",
+                                          "LightCbam"]),
 ]
 
 
@@ -247,6 +288,12 @@ FLAG_MISMATCHES = [
     ("cbam", "jongchan", {}, lambda p, s: p.update(
         {"spatial.bn.running_mean": s["spatial.bn.running_mean"]}),
      ["state", "given in both params and state", "'spatial.bn.running_mean'"]),
+    ("cbam", "ultralytics", {}, lambda p, s: p.update(
+        {"mlp.fc2.weight": np.zeros((8, 8))}),
+     ["unexpected", "'mlp.fc2.weight'", "mlp_layers=1"]),
+    ("cbam_channel", "ultralytics", {}, lambda p, s: p.update(
+        {"mlp.fc2.bias": np.zeros(8)}),
+     ["unexpected", "'mlp.fc2.bias'", "mlp_layers=1"]),
 ]
 
 
@@ -441,6 +488,20 @@ OPTIONS = [  # (block, overrides of the jongchan preset with reduction 4)
     ("cbam_spatial", dict(spatial_kernel=3, channel_pool_order="mean_max")),
     ("cbam_spatial", dict(spatial_bn="eval", spatial_relu=True)),
     ("cbam_spatial", dict(spatial_bn=None, spatial_bias=True, spatial_relu=True)),
+    # the variants' keys (ultralytics, timm, LightCbam, SE)
+    ("cbam", dict(mlp_layers=1)),
+    ("cbam", dict(mlp_layers=1, mlp_bias=False, pool_types=("max", "avgmax"))),
+    ("cbam", dict(hidden_channels=3)),
+    ("cbam", dict(hidden_channels=11, mlp_bias=False)),  # wider than C
+    ("cbam", dict(hidden_divisor=3)),  # Cr = 3, where C // r = 2
+    ("cbam", dict(pool_types=("avgmax",))),
+    ("cbam", dict(pool_types=("avgmax", "lse", "avg"))),
+    ("cbam", dict(channel_pool_order="avgmax")),
+    ("cbam", dict(channel_pool_order="avgmax", spatial_bn="eval", spatial_bias=True)),
+    ("cbam", dict(channel_pool_order="avgmax", spatial_bn=None, spatial_relu=True)),
+    ("cbam_channel", dict(mlp_layers=1, pool_types=("avg",))),
+    ("cbam_channel", dict(hidden_divisor=8, pool_types=("avgmax",))),
+    ("cbam_spatial", dict(channel_pool_order="avgmax", spatial_kernel=3)),
 ]
 
 
@@ -550,13 +611,19 @@ def block_cases(draw):
     block = draw(st.sampled_from(sorted(SPECS)))
     r = draw(st.integers(1, 4))
     C = draw(st.integers(r, 3 * r + 1))
+    width = draw(st.sampled_from(["floor", "channels", "divisor"]))
+    hidden_channels = draw(st.integers(1, 6)) if width == "channels" else None
+    hidden_divisor = draw(st.integers(1, 4)) if width == "divisor" else None
     N, H, W = (draw(st.integers(1, 3)) for _ in range(3))
-    pools = draw(st.permutations(cbam.POOL_TYPES))[: draw(st.integers(1, 4))]
+    pools = draw(st.permutations(cbam.POOL_TYPES))[
+        : draw(st.integers(1, len(cbam.POOL_TYPES)))]
     bn = draw(st.sampled_from([None, "train", "eval"]))
     if bn == "train" and N * H * W < 2:
         bn = "eval"
     cfg = cbam.CBAMConfig(
-        reduction=r, pool_types=tuple(pools), mlp_bias=draw(st.booleans()),
+        reduction=r, hidden_channels=hidden_channels, hidden_divisor=hidden_divisor,
+        mlp_layers=draw(st.sampled_from([1, 2])),
+        pool_types=tuple(pools), mlp_bias=draw(st.booleans()),
         spatial=draw(st.booleans()), spatial_kernel=draw(st.sampled_from([1, 3, 5, 7])),
         channel_pool_order=draw(st.sampled_from(cbam.CHANNEL_POOL_ORDERS)),
         spatial_bias=draw(st.booleans()), spatial_bn=bn,
@@ -603,7 +670,8 @@ def test_backward_is_linear_keys_match_nothing_mutated(case) -> None:
         assert a.shape == shape[:2] and np.all((a >= 0) & (a <= 1))
     if "aux.spatial_gate" in outputs:
         assert outputs["aux.spatial_gate"].shape == (shape[0], 1) + shape[2:]
-        assert outputs["aux.spatial_descriptor"].shape == (shape[0], 2) + shape[2:]
+        D = 1 if cfg.channel_pool_order == "avgmax" else 2
+        assert outputs["aux.spatial_descriptor"].shape == (shape[0], D) + shape[2:]
 
 
 # ---------------------------------------------------------------------------
@@ -622,7 +690,9 @@ def test_zero_mlp_gives_half(preset: str) -> None:
 
 
 @pytest.mark.parametrize("preset, mode", [("jongchan", "train"), ("jongchan", "eval"),
-                                          ("luuuyi", None), ("seed", None)])
+                                          ("luuuyi", None), ("seed", None),
+                                          ("ultralytics", None), ("timm", "train"),
+                                          ("timm_light", "eval")])
 def test_zero_mlp_and_spatial_conv_give_a_quarter(preset: str, mode) -> None:
     spec = SPECS["cbam"]
     cfg = cbam.PRESETS[preset]
@@ -681,10 +751,24 @@ def test_gates_compose_into_cbam() -> None:
 # PyTorch parity with the anchors
 
 
+class _Anchors:
+    """The factories of anchors.cbam and anchors.cbam_variants, by name."""
+
+    def __init__(self) -> None:
+        self.modules = [importlib.import_module("anchors.cbam"),
+                        importlib.import_module("anchors.cbam_variants")]
+
+    def __getattr__(self, name: str) -> Any:
+        for module in self.modules:
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(name)
+
+
 @pytest.fixture
 def anchors(torch):
     torch.set_default_dtype(torch.float64)
-    return importlib.import_module("anchors.cbam")
+    return _Anchors()
 
 
 def torch_tensors(torch, module, names, inputs, params, state, dout):
@@ -756,6 +840,28 @@ ANCHOR_CASES = [  # (block, preset, bn mode, overrides, factory)
                                 "pool_types": ("lp",)}, "make_jongchan"),
     ("cbam", "jongchan", None, {"spatial": False, "pool_types": ("max", "lse")},
      "make_jongchan"),
+    # ultralytics, timm CbamModule and LightCbamModule, and their gates
+    ("cbam", "ultralytics", None, {}, "make_ultralytics"),
+    ("cbam", "ultralytics", None, {"spatial_kernel": 3}, "make_ultralytics"),
+    ("cbam_channel", "ultralytics", None, {}, "make_ultralytics_channel"),
+    ("cbam_spatial", "ultralytics", None, {}, "make_ultralytics_spatial"),
+    ("cbam", "timm", "train", {}, "make_timm"),
+    ("cbam", "timm", "eval", {}, "make_timm"),
+    ("cbam_channel", "timm", None, {}, "make_timm_channel"),
+    ("cbam_spatial", "timm", "train", {}, "make_timm_spatial"),
+    ("cbam_spatial", "timm", "eval", {}, "make_timm_spatial"),
+    ("cbam", "timm_light", "train", {}, "make_timm_light"),
+    ("cbam", "timm_light", "eval", {}, "make_timm_light"),
+    ("cbam_channel", "timm_light", None, {}, "make_timm_light_channel"),
+    ("cbam_spatial", "timm_light", "train", {}, "make_timm_light_spatial"),
+    ("cbam_spatial", "timm_light", "eval", {}, "make_timm_light_spatial"),
+    # every switch timm's classes have: mlp_bias, rd_channels, rd_ratio,
+    # rd_divisor, the kernel size
+    ("cbam", "timm", "train", {"mlp_bias": True, "hidden_channels": 5,
+                               "spatial_kernel": 3}, "make_timm"),
+    ("cbam", "timm", "eval", {"reduction": 4, "hidden_divisor": 8}, "make_timm"),
+    ("cbam", "timm_light", "train", {"mlp_bias": True, "reduction": 8,
+                                     "spatial_kernel": 5}, "make_timm_light"),
 ]
 
 
@@ -864,3 +970,235 @@ def test_swapped_pool_order_agrees_with_swapped_weights(torch, anchors) -> None:
         :, [1, 0]]
     errors = compare(got, ref)
     assert max(errors.values()) < PARITY_RTOL, errors
+
+
+# ---------------------------------------------------------------------------
+# the library variants: hidden width, one-layer MLP, avgmax pools, SE
+
+
+@pytest.mark.parametrize("divisor", [1, 8])
+def test_hidden_divisor_is_timms_make_divisible(anchors, divisor: int) -> None:
+    """Cr = make_divisible(C / r, d, round_limit=0.) as timm computes it (in
+    floats, C * (1 / r)), for every C up to 300 and power-of-two r; and it
+    differs from C // r where rounding half up does."""
+    differs = 0
+    for r in (1, 2, 4, 8, 16, 32):
+        cfg = SPECS["cbam"].config("timm", reduction=r, hidden_divisor=divisor)
+        for C in range(1, 301):
+            want = anchors.make_divisible(C * (1.0 / r), divisor, round_limit=0.0)
+            got = cbam_spec.param_shapes(cfg, {"x": (1, C, 2, 2)})["mlp.fc1.weight"]
+            assert got == (want, C), (r, C)
+            differs += want != C // r
+    assert differs > 100
+
+
+def test_hidden_width_keys() -> None:
+    shapes = {"x": (2, 40, 3, 3)}
+
+    def width(**overrides):
+        cfg = SPECS["cbam"].config("jongchan", **overrides)
+        return cbam_spec.param_shapes(cfg, shapes)["mlp.fc1.weight"][0]
+
+    assert width() == 2  # 40 // 16
+    assert width(hidden_divisor=1) == 3  # 40 / 16 = 2.5, rounded half up
+    assert width(hidden_divisor=8) == 8  # at least the divisor
+    assert width(hidden_divisor=2, reduction=4) == 10
+    assert width(hidden_channels=7) == 7
+    assert width(hidden_channels=7, hidden_divisor=8, reduction=2) == 7  # it wins
+    assert width(hidden_channels=64) == 64  # wider than C is allowed
+    one = SPECS["cbam"].config("ultralytics", hidden_channels=3, reduction=64)
+    assert cbam_spec.param_shapes(one, shapes)["mlp.fc1.weight"] == (40, 40)
+    # C < r, which the floor rule refuses, has a width with a divisor
+    small = SPECS["cbam"].config("timm")
+    fc1 = cbam_spec.param_shapes(small, {"x": (1, 8, 2, 2)})["mlp.fc1.weight"]
+    assert fc1 == (1, 8)
+    with pytest.raises(ValueError, match="would be 0 .*hidden_channels or hidden_div"):
+        SPECS["cbam"].param_shapes(SPECS["cbam"].config("seed"), {"x": (1, 8, 2, 2)})
+
+
+def test_variant_anchor_names() -> None:
+    shapes = {"x": (2, 8, 7, 6)}
+    ul = cbam.PRESETS["ultralytics"]
+    assert SPECS["cbam"].anchor_names("ultralytics", ul, shapes) == {
+        "mlp.fc1.weight": "channel_attention.fc.weight",
+        "mlp.fc1.bias": "channel_attention.fc.bias",
+        "spatial.conv.weight": "spatial_attention.cv1.weight"}
+    for preset in ("timm", "timm_light"):
+        assert SPECS["cbam"].anchor_names(preset, cbam.PRESETS[preset], shapes) == {
+            "mlp.fc1.weight": "channel.fc1.weight",
+            "mlp.fc2.weight": "channel.fc2.weight",
+            "spatial.conv.weight": "spatial.conv.conv.weight",
+            "spatial.bn.weight": "spatial.conv.bn.weight",
+            "spatial.bn.bias": "spatial.conv.bn.bias",
+            "spatial.bn.running_mean": "spatial.conv.bn.running_mean",
+            "spatial.bn.running_var": "spatial.conv.bn.running_var"}
+    light = cbam.PRESETS["timm_light"]
+    assert cbam_spec.param_shapes(light, shapes)["spatial.conv.weight"] == (1, 1, 7, 7)
+
+
+def test_variant_fixture_shapes_and_anchor_init() -> None:
+    assert SPECS["cbam"].fixture_shapes(cbam.PRESETS["seed"]) == {"x": (2, 32, 7, 6)}
+    for preset in ("ultralytics", "timm", "timm_light"):
+        cfg = cbam.PRESETS[preset]
+        assert SPECS["cbam"].fixture_shapes(cfg) == {"x": (2, 8, 7, 6)}
+        assert SPECS["cbam_spatial"].fixture_shapes(cfg) == {"x": (2, 4, 7, 6)}
+    # PyTorch's defaults: BN gamma 1, beta 0, running statistics (0, 1); every
+    # weight and bias within ±1/sqrt(fan_in)
+    shapes = {"x": (2, 8, 7, 6)}
+    for preset in ("ultralytics", "timm", "timm_light"):
+        params, state = cbam_spec.init_params(cbam.PRESETS[preset], shapes, seed=2,
+                                              anchor_init=True)
+        for k, v in params.items():
+            if k.startswith("spatial.bn."):
+                assert np.all(v == (1.0 if k.endswith("weight") else 0.0)), k
+                continue
+            w = params[k.rsplit(".", 1)[0] + ".weight"]
+            bound = 1 / np.sqrt(np.prod(w.shape[1:]))
+            assert np.all(np.abs(v) <= bound) and np.any(v != 0), k
+        assert {k: float(v[0]) for k, v in state.items()} in ({}, {
+            "spatial.bn.running_mean": 0.0, "spatial.bn.running_var": 1.0})
+
+
+def test_avgmax_with_a_linear_mlp_halves_the_two_pool_logits() -> None:
+    """One linear layer is linear: W ½(avg + max) = ½ (W avg + W max), so
+    pool_types ['avgmax'] with W equals ['avg', 'max'] with W / 2 (no bias),
+    forward and backward (dW = ½ dW')."""
+    spec = SPECS["cbam_channel"]
+    light = spec.config("ultralytics", mlp_bias=False, pool_types=("avgmax",))
+    two = dataclasses.replace(light, pool_types=("avg", "max"))
+    inputs, params, state = draw_clear(spec, light, {"x": (2, 6, 4, 5)})
+    dout = np.random.default_rng(3).standard_normal((2, 6, 4, 5))
+    got = refattn_tensors(spec, light, inputs, params, state, dout)
+    half = {k: v / 2 for k, v in params.items()}
+    ref = refattn_tensors(spec, two, inputs, half, state, dout)
+    ref["grad.param.mlp.fc1.weight"] = ref["grad.param.mlp.fc1.weight"] / 2
+    for k in ref:
+        assert rel_err(got[k], ref[k]) < 1e-13, k
+    # and it is not the sum of the two pools' logits (a missing ½)
+    wrong = refattn_tensors(spec, two, inputs, params, state, dout)
+    assert rel_err(wrong["aux.channel_gate"], got["aux.channel_gate"]) > 1e-3
+
+
+def test_avgmax_spatial_descriptor_is_a_halved_two_map_conv() -> None:
+    """The 1-map conv with w on ½(mean + max) equals the 2-map conv with
+    [w/2, w/2] on [mean, max], forward and backward (dw = ½ Σ dW')."""
+    spec = SPECS["cbam_spatial"]
+    one = spec.config("timm_light", spatial_bn="eval")
+    two = dataclasses.replace(one, channel_pool_order="mean_max")
+    inputs, params, state = draw_clear(spec, one, {"x": (2, 5, 6, 4)})
+    dout = np.random.default_rng(4).standard_normal((2, 5, 6, 4))
+    got = refattn_tensors(spec, one, inputs, params, state, dout)
+    w = params["spatial.conv.weight"]  # (1, 1, k, k)
+    split = dict(params, **{"spatial.conv.weight": np.concatenate([w / 2, w / 2], 1)})
+    ref = refattn_tensors(spec, two, inputs, split, state, dout)
+    dw = ref["grad.param.spatial.conv.weight"]
+    ref["grad.param.spatial.conv.weight"] = 0.5 * (dw[:, :1] + dw[:, 1:])
+    for k in ref:
+        assert rel_err(got[k], ref[k]) < 1e-13, k
+    x = inputs["x"]
+    want = 0.5 * (x.mean(axis=1, keepdims=True) + x.max(axis=1, keepdims=True))
+    out, _ = spec.forward(inputs, params, state, one)
+    assert rel_err(out["aux.spatial_descriptor"], want) < 1e-15
+
+
+def test_kink_margin_of_the_variants() -> None:
+    """avgmax holds a max (ties count); one layer has no ReLU (no dead-branch
+    redraw)."""
+    spec = SPECS["cbam_channel"]
+    cfg = spec.config("timm_light")
+    inputs, params, state = draw_clear(spec, cfg)
+    x = inputs["x"].copy()
+    x[0, 2, 1, 1] = x[0, 2, 3, 4] = 9.0
+    assert spec.kink_margin(spec.forward({"x": x}, params, state, cfg)[1]) == 0.0
+    one = spec.config("ultralytics")
+    inputs, params, state = draw_case(spec, one)
+    _, cache = spec.forward(inputs, params, state, one)
+    assert cache.gate.hidden is None and cache.gate.fc2 is None
+    assert spec.kink_margin(cache) == np.inf  # avg pool, no ReLU: no kink at all
+    dead = dict(params, **{"mlp.fc1.bias": np.full(8, -100.0)})  # no ReLU to kill
+    assert spec.kink_margin(spec.forward(inputs, dead, state, one)[1]) == np.inf
+
+
+SE_CASES = [  # (overrides of the timm preset, SEModule arguments they stand for)
+    ({"pool_types": ["avg"], "mlp_bias": True, "hidden_divisor": 8}, "defaults"),
+    ({"pool_types": ["avgmax"], "mlp_bias": True, "hidden_divisor": 8},
+     "add_maxpool=True"),
+    ({"pool_types": ["avg"], "mlp_bias": False, "hidden_divisor": 8,
+      "reduction": 4}, "bias=False, rd_ratio=0.25"),
+    ({"pool_types": ["avg"], "mlp_bias": True, "hidden_channels": 5},
+     "rd_channels=5"),
+]
+
+
+@pytest.mark.parametrize("overrides, what", SE_CASES, ids=[w for _, w in SE_CASES])
+def test_parity_with_timm_se_module(torch, anchors, overrides, what) -> None:
+    """timm's SEModule is cbam_channel with the mean (or avgmax) pool, the
+    MLP with biases and hidden_divisor 8; its names are the gate's own
+    (fc1.*, fc2.*)."""
+    spec = SPECS["cbam_channel"]
+    cfg = spec.config("timm", **overrides)
+    shapes = {"x": (3, 40, 5, 6)}
+    inputs, params, state = draw_clear(spec, cfg, shapes, seed=4)
+    dout = np.random.default_rng(7).standard_normal(shapes["x"])
+    ref = refattn_tensors(spec, cfg, inputs, params, state, dout)
+    module = anchors.make_timm_se(config_to_dict(cfg) | {"channels": 40})
+    names = {k: k.removeprefix("mlp.") for k in params}
+    assert set(names.values()) == set(module.state_dict())
+    errors = compare(torch_tensors(torch, module, names, inputs, params, state, dout),
+                     ref)
+    assert max(errors.values()) < PARITY_RTOL, errors
+
+
+MISCONFIGURED = [  # (block, factory, preset, refattn's overrides, tensors that differ)
+    # the light anchor against refattn's two-descriptor CBAM: the MLP sees the
+    # avg and max descriptors separately instead of their average
+    ("cbam_channel", "make_timm_light_channel", "timm_light",
+     {"pool_types": ("avg", "max")},
+     {"out", "aux.channel_gate", "grad.input.x", "grad.param.mlp.fc1.weight",
+      "grad.param.mlp.fc2.weight"}),
+    # ultralytics' [mean, max] against refattn's [max, mean]
+    ("cbam", "make_ultralytics", "ultralytics", {"channel_pool_order": "max_mean"},
+     {"out", "aux.spatial_gate", "grad.input.x", "grad.param.mlp.fc1.weight",
+      "grad.param.mlp.fc1.bias", "grad.param.spatial.conv.weight"}),
+]
+
+
+@pytest.mark.parametrize("block, factory, preset, overrides, differ", MISCONFIGURED,
+                         ids=[m[1] for m in MISCONFIGURED])
+def test_variant_parity_fails_on_a_wrong_config(torch, anchors, block, factory, preset,
+                                               overrides, differ) -> None:
+    """The parity comparison can fail: the anchor built for the preset, refattn
+    run with one key changed (same parameters); every other tensor agrees."""
+    spec = SPECS[block]
+    cfg = spec.config(preset)
+    wrong = dataclasses.replace(cfg, **overrides)
+    shapes = {"x": (3, 16, 7, 6)}
+    inputs, params, state = draw_clear(spec, wrong, shapes, seed=4)
+    dout = np.random.default_rng(7).standard_normal(shapes["x"])
+    ref = refattn_tensors(spec, wrong, inputs, params, state, dout)
+    module = getattr(anchors, factory)(config_to_dict(cfg) | {"channels": 16})
+    names = spec.anchor_names(preset, cfg, shapes)
+    errors = compare(torch_tensors(torch, module, names, inputs, params, state, dout),
+                     ref)
+    assert {k for k, e in errors.items() if e > 1e-6} == differ, errors
+    assert all(e < PARITY_RTOL for k, e in errors.items() if k not in differ), errors
+
+
+def test_variant_factories_refuse_what_they_cannot_express(anchors) -> None:
+    def d(preset, **over):
+        return config_to_dict(cbam.PRESETS[preset]) | {"channels": 16} | over
+
+    with pytest.raises(ValueError, match="spatial_kernel 3 or 7"):
+        anchors.make_ultralytics(d("ultralytics", spatial_kernel=5))
+    with pytest.raises(ValueError, match="mlp_layers"):
+        anchors.make_ultralytics(d("ultralytics", mlp_layers=2))
+    with pytest.raises(ValueError, match="always has a BatchNorm2d"):
+        anchors.make_timm(d("timm", spatial_bn=None))
+    with pytest.raises(ValueError, match="bn_momentum"):
+        anchors.make_timm_spatial(d("timm", bn_momentum=0.01))
+    with pytest.raises(ValueError, match="channel_pool_order"):
+        anchors.make_timm_light(d("timm_light", channel_pool_order="mean_max"))
+    with pytest.raises(ValueError, match="pool_types"):
+        anchors.make_timm(d("timm", pool_types=["avgmax"]))
+    with pytest.raises(ValueError, match=r"add_maxpool.*\['avg', 'max'\]"):
+        anchors.make_timm_se(d("timm"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from refattn.blocks.registry import BLOCKS
-from refattn.blocks.spec import config_from_dict
+from refattn.blocks.spec import config_from_dict, json_ready
 from refattn.golden.format import find_cases, read_case, verify_case
 from refattn.golden.generate import (
     CaseRequest,
@@ -59,7 +60,32 @@ def test_case_verifies_and_regenerates_within_tolerance(case_dir: Path):
             np.testing.assert_allclose(
                 got, expected, rtol=tol["rtol"], atol=tol["atol"], err_msg=key
             )
-    same = json.dumps(fresh.manifest["config"], sort_keys=True) == json.dumps(
-        m["config"], sort_keys=True
-    )
-    assert same
+    assert same_config(m["config"], fresh.manifest["config"], spec.config_cls)
+
+
+def same_config(stored: dict, now: dict, cls: type) -> bool:
+    """Does a stored manifest config state the config the code now writes?  A
+    case written before a config key existed lacks that key; it states the
+    same config only if the key is at its default in the fresh one."""
+    added = set(now) - set(stored)
+    if not set(stored) <= set(now):
+        return False
+    if json.dumps(stored, sort_keys=True) != json.dumps(
+        {k: v for k, v in now.items() if k not in added}, sort_keys=True
+    ):
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: now[k] for k in added} == json_ready({k: defaults[k] for k in added})
+
+
+def test_same_config_refuses_a_different_config():
+    from refattn.blocks.cbam import CBAMConfig
+
+    now = json_ready(dataclasses.asdict(CBAMConfig()))
+    assert same_config(dict(now), now, CBAMConfig)
+    older = {k: v for k, v in now.items() if k != "hidden_divisor"}
+    assert same_config(older, now, CBAMConfig)  # a key added since, at its default
+    assert not same_config(older, now | {"hidden_divisor": 8}, CBAMConfig)
+    assert not same_config(now | {"reduction": 8}, now, CBAMConfig)
+    assert not same_config(now | {"colour": 1}, now, CBAMConfig)
+    assert not same_config(now, older, CBAMConfig)  # a key the code dropped

@@ -17,6 +17,7 @@ from refattn.blocks.cbam import (
     BLOCK_NAMES,
     BN_MODES,
     CHANNEL_POOL_ORDERS,
+    MLP_LAYERS,
     POOL_TYPES,
     PRESETS,
     CBAMCache,
@@ -38,13 +39,18 @@ from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
     "reduction": checks.Int(1),
+    "hidden_channels": checks.Int(1, optional=True),
+    "hidden_divisor": checks.Int(1, optional=True),
+    "mlp_layers": checks.OneOf(MLP_LAYERS, " (2: fc-ReLU-fc; 1: one C -> C layer, "
+                               "ultralytics)"),
     "pool_types": checks.Choices(POOL_TYPES, what="an ordered sequence of 'avg', "
-                                 "'max', 'lp', 'lse'"),
+                                 "'max', 'lp', 'lse', 'avgmax'"),
     "mlp_bias": checks.Bool(),
     "spatial": checks.Bool(),
     "spatial_kernel": checks.Int(1),
     "channel_pool_order": checks.OneOf(
-        CHANNEL_POOL_ORDERS, " ('max_mean': Jongchan; 'mean_max': luuuyi, seed)"),
+        CHANNEL_POOL_ORDERS, " ('max_mean': Jongchan; 'mean_max': luuuyi, seed, "
+        "ultralytics, timm; 'avgmax': one map ½(mean + max), timm's LightCbam)"),
     "spatial_bias": checks.Bool(),
     "spatial_bn": checks.OneOf(BN_MODES),
     "bn_eps": checks.Real(positive=True),
@@ -82,14 +88,31 @@ def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
 
 
 def _hidden_width(cfg: CBAMConfig, x_shape: Shape) -> int:
-    """Cr = C // r, which must be at least 1 (the anchors do not check)."""
+    """The MLP's hidden width Cr: ``hidden_channels`` when given; with
+    ``hidden_divisor = d``, timm's make_divisible(C / r, d, round_limit=0) =
+    max(d, ⌊C/r + d/2⌋ rounded down to a multiple of d), computed in integers
+    as ⌊(2C + d·r) / (2r)⌋; otherwise C // r, which must be at least 1 (the
+    anchors do not check).  With ``mlp_layers = 1`` the one layer is C -> C."""
     C = x_shape[1]
+    if cfg.mlp_layers == 1:
+        return C
+    if cfg.hidden_channels is not None:
+        return cfg.hidden_channels
+    if cfg.hidden_divisor is not None:
+        d, r = cfg.hidden_divisor, cfg.reduction
+        return max(d, (2 * C + d * r) // (2 * r) // d * d)
     if C // cfg.reduction < 1:
         raise ValueError(
             f"reduction ({cfg.reduction}) must not exceed the channels C ({C}): "
-            f"the MLP's hidden width C // reduction would be {C // cfg.reduction}"
+            f"the MLP's hidden width C // reduction would be {C // cfg.reduction} "
+            "(or set hidden_channels or hidden_divisor)"
         )
     return C // cfg.reduction
+
+
+def _descriptor_maps(cfg: CBAMConfig) -> int:
+    """D, the spatial descriptor's maps: 1 for 'avgmax', else 2."""
+    return 1 if cfg.channel_pool_order == "avgmax" else 2
 
 
 def _uses_channel(part: Part) -> bool:
@@ -109,7 +132,9 @@ def param_shapes(
     Shapes:
         mlp.fc1.weight (Cr, C), mlp.fc1.bias (Cr,)      with mlp_bias
         mlp.fc2.weight (C, Cr), mlp.fc2.bias (C,)       with mlp_bias
-        spatial.conv.weight (1, 2, k, k), spatial.conv.bias (1,) with spatial_bias
+        (mlp_layers = 1: mlp.fc1.weight (C, C), mlp.fc1.bias (C,) only)
+        spatial.conv.weight (1, D, k, k), spatial.conv.bias (1,) with spatial_bias
+        (D = 2, or 1 with channel_pool_order = 'avgmax')
         spatial.bn.{weight, bias, running_mean, running_var} (1,) with spatial_bn
     """
     x_shape = _x_shape(input_shapes)
@@ -120,12 +145,13 @@ def param_shapes(
         shapes["mlp.fc1.weight"] = (Cr, C)
         if cfg.mlp_bias:
             shapes["mlp.fc1.bias"] = (Cr,)
-        shapes["mlp.fc2.weight"] = (C, Cr)
-        if cfg.mlp_bias:
-            shapes["mlp.fc2.bias"] = (C,)
+        if cfg.mlp_layers == 2:
+            shapes["mlp.fc2.weight"] = (C, Cr)
+            if cfg.mlp_bias:
+                shapes["mlp.fc2.bias"] = (C,)
     if _uses_spatial(cfg, part):
         k = cfg.spatial_kernel
-        shapes["spatial.conv.weight"] = (1, 2, k, k)
+        shapes["spatial.conv.weight"] = (1, _descriptor_maps(cfg), k, k)
         if cfg.spatial_bias:
             shapes["spatial.conv.bias"] = (1,)
         if cfg.spatial_bn is not None:
@@ -135,10 +161,14 @@ def param_shapes(
 
 
 def _anchor_of(cfg: CBAMConfig) -> str:
-    """The anchor whose structure the config has (for anchor_init)."""
+    """The anchor whose initialisation the config's structure identifies (for
+    anchor_init): Jongchan, luuuyi, or PyTorch's defaults ("pytorch": seed,
+    ultralytics, timm)."""
     if cfg.channel_pool_order == "max_mean":
         return "jongchan"
-    return "seed" if cfg.mlp_bias else "luuuyi"
+    luuuyi = (not cfg.mlp_bias and cfg.mlp_layers == 2 and cfg.spatial_bn is None
+              and cfg.hidden_divisor is None and cfg.channel_pool_order == "mean_max")
+    return "luuuyi" if luuuyi else "pytorch"
 
 
 @config_entry
@@ -156,13 +186,14 @@ def init_params(
     N(0, 0.1²), BN gamma in [0.5, 1.5], running statistics away from (0, 1)).
 
     ``anchor_init=True``: the distributions of the anchor the config's
-    structure identifies (``max_mean`` -> Jongchan, ``mean_max`` with MLP bias
-    -> seed, without -> luuuyi), drawn with refattn's RNG:
+    structure identifies (``max_mean`` -> Jongchan; ``mean_max`` without MLP
+    bias, BN or hidden_divisor -> luuuyi; otherwise PyTorch's defaults, as
+    seed, ultralytics and timm build them), drawn with refattn's RNG:
     Jongchan: Linear weights U(±1/sqrt(fan_in)) (PyTorch default), every bias
     0, the spatial conv Kaiming-normal fan_out, spatial BN gamma 0 and beta 0,
     running statistics (0, 1).  luuuyi: every conv (the 1x1 MLP convs too)
-    N(0, 2/(k·k·out_channels)).  seed: PyTorch defaults, weights and biases
-    U(±1/sqrt(fan_in)).
+    N(0, 2/(k·k·out_channels)).  PyTorch defaults: weights and biases
+    U(±1/sqrt(fan_in)), BN gamma 1 and beta 0, running statistics (0, 1).
     """
     shapes = param_shapes(cfg, input_shapes, part=part)
     rng = host_rng(seed)
@@ -176,7 +207,8 @@ def init_params(
             gamma, beta = draw_norm_affine(rng, 1)
             if anchor_init:
                 zero = zeros_like_shape(gamma, (1,))
-                gamma, beta, mean, var = zero, zero + 0.0, zero + 0.0, zero + 1.0
+                g0 = 0.0 if anchor == "jongchan" else 1.0  # Jongchan zeroes gamma
+                gamma, beta, mean, var = zero + g0, zero + 0.0, zero + 0.0, zero + 1.0
             values["spatial.bn.weight"], values["spatial.bn.bias"] = gamma, beta
             values["spatial.bn.running_mean"] = mean
             values["spatial.bn.running_var"] = var
@@ -207,7 +239,7 @@ def _anchor_draw(
             host = rng.standard_normal(0)  # an empty host float64 array as template
             return zeros_like_shape(host, shape)  # Jongchan zeroes every bias
         return rng.uniform(-bound, bound, shape)
-    if key == "spatial.conv.weight" and anchor != "seed":
+    if key == "spatial.conv.weight" and anchor != "pytorch":
         return rng.standard_normal(shape) * math.sqrt(2.0 / fan_out)
     if anchor == "luuuyi":  # the MLP's 1x1 convs: N(0, 2 / out_channels)
         return rng.standard_normal(shape) * math.sqrt(2.0 / fan_out)
@@ -248,6 +280,8 @@ def _flag_of(key: str, *, cfg: CBAMConfig, part: Part) -> str:
     """The config key that decides whether parameter `key` exists."""
     if key.startswith("spatial.") and part == "cbam" and not cfg.spatial:
         return "spatial=False"
+    if key.startswith("mlp.fc2.") and part != "spatial" and cfg.mlp_layers == 1:
+        return "mlp_layers=1"
     if key.startswith("mlp.") and key.endswith(".bias"):
         return f"mlp_bias={cfg.mlp_bias}"
     if key == "spatial.conv.bias":
@@ -267,9 +301,10 @@ def _flag_of(key: str, *, cfg: CBAMConfig, part: Part) -> str:
 
 def kink_margin(cache: CBAMCache | _GateCache) -> float:
     """The smallest relative distance of this forward from a kink or a tie:
-    MLP hidden ReLU inputs from 0, the max descriptor's top two positions per
-    channel, the channel max's top two channels per position, and the
-    spatial ReLU input (spatial_relu) from 0.
+    MLP hidden ReLU inputs from 0, the max (and avgmax) descriptor's top two
+    positions per channel, the channel max's top two channels per position
+    (every channel_pool_order has that max), and the spatial ReLU input
+    (spatial_relu) from 0.
 
     A pool type whose MLP branch has every hidden ReLU off (for every sample)
     also counts as 0: such a draw is degenerate (that branch reaches the
@@ -285,14 +320,16 @@ def kink_margin(cache: CBAMCache | _GateCache) -> float:
         spatial = cache.gate if cache.part == "spatial" else None
     margins = [math.inf]
     if channel is not None:
-        hidden = channel.hidden  # (T, N, Cr)
-        xp = namespace(hidden=hidden)
-        live = xp.any(hidden > 0, axis=(1, 2))  # (T,)
-        if not bool(xp.all(live)):
-            return 0.0
-        margins.append(relu_margin(hidden))
-        if any(p.kind == "max" for p in channel.pools):
+        hidden = channel.hidden  # (T, N, Cr); None with mlp_layers = 1
+        if hidden is not None:
+            xp = namespace(hidden=hidden)
+            live = xp.any(hidden > 0, axis=(1, 2))  # (T,)
+            if not bool(xp.all(live)):
+                return 0.0
+            margins.append(relu_margin(hidden))
+        if any(p.kind == "max" for pools in channel.pools for p in pools):
             x = channel.gate.x
+            xp = namespace(x=x)
             flat = xp.reshape(x, (x.shape[0], x.shape[1], -1))  # (N, C, L)
             margins.append(max_gap(flat, axis=2))
     if spatial is not None:
@@ -308,7 +345,8 @@ def accumulation(
 ) -> dict[str, int]:
     """Longest chain of summed terms behind each tensor family.
 
-    Forward: pooling over L = H·W, fc1 over C, fc2 over Cr, the T logits;
+    Forward: pooling over L = H·W, fc1 over C, fc2 over Cr (with two
+    layers), the T logits;
     then the channel mean over C, the conv over 2·k·k and train-mode BN over
     N·L.  The backward adds the transposed sums (over C for the spatial gate,
     N·L for BN, k·k for the conv, L for the channel gate, C and Cr for the
@@ -318,16 +356,17 @@ def accumulation(
     N, C, H, W = _x_shape(input_shapes)
     L = H * W
     k2 = cfg.spatial_kernel ** 2
+    D = _descriptor_maps(cfg)
     T = len(cfg.pool_types)
     bn_sum = N * L if cfg.spatial_bn == "train" else 1
     fwd = bwd = param = 0
     if _uses_channel(part):
-        Cr = _hidden_width(cfg, (N, C, H, W))
+        Cr = _hidden_width(cfg, (N, C, H, W)) if cfg.mlp_layers == 2 else 0
         fwd += L + C + Cr + T
         bwd += L + C + Cr + T
         param = max(param, T * N)
     if _uses_spatial(cfg, part):
-        fwd += C + 2 * k2 + bn_sum
+        fwd += C + D * k2 + bn_sum
         bwd += C + k2 + bn_sum
         param = max(param, N * L)
     return {
@@ -351,6 +390,10 @@ def anchor_names(
     seed: ``channel_attention.shared_MLP.{0,2}.*``,
     ``spatial_attention.conv2d.*`` (the seed notes show the two modules; they
     are composed under these attribute names).
+    ultralytics: ``channel_attention.fc.*`` (the one layer, 1x1-conv shape
+    (C, C, 1, 1)), ``spatial_attention.cv1.weight``.
+    timm, timm_light: ``channel.fc1.weight``, ``channel.fc2.weight`` (1x1-conv
+    shapes), ``spatial.conv.conv.weight``, ``spatial.conv.bn.*`` (ConvNormAct).
     The gate-only blocks use the names the gate has inside the anchor's CBAM.
     Buffers are mapped too; PyTorch's ``num_batches_tracked`` has no
     counterpart.
@@ -372,6 +415,12 @@ def anchor_names(
             "mlp.fc2": "channel_attention.shared_MLP.2",
             "spatial.conv": "spatial_attention.conv2d",
         },
+        "ultralytics": {
+            "mlp.fc1": "channel_attention.fc",
+            "spatial.conv": "spatial_attention.cv1",
+        },
+        "timm": _TIMM_NAMES,
+        "timm_light": _TIMM_NAMES,
     }
     table = tables.get(preset or "")
     if table is None:
@@ -382,6 +431,14 @@ def anchor_names(
         if module in table:
             out[key] = f"{table[module]}.{leaf}"
     return out
+
+
+_TIMM_NAMES = {
+    "mlp.fc1": "channel.fc1",
+    "mlp.fc2": "channel.fc2",
+    "spatial.conv": "spatial.conv.conv",
+    "spatial.bn": "spatial.conv.bn",
+}
 
 
 @config_only
@@ -398,30 +455,38 @@ def with_bn_mode(
 
 @config_only
 def fixture_shapes(cfg: CBAMConfig, *, part: Part = "cbam") -> dict[str, Shape]:
-    """x (2, C, 7, 6) with C = 2·reduction (Cr = 2); C = 4 for the spatial
-    gate alone.  H != W catches transposed spatial axes, and 7 >= every
-    anchor kernel."""
-    C = 4 if part == "spatial" else 2 * cfg.reduction
+    """x (2, C, 7, 6) with C = 2·reduction (Cr = 2) when Cr = C // r; C = 8
+    when the width comes another way (mlp_layers = 1, hidden_channels,
+    hidden_divisor: with r = 16 and d = 1, Cr = 1 where C // r is 0, so a
+    floor-rounding implementation cannot even load the case); C = 4 for the
+    spatial gate alone.  H != W catches transposed spatial axes, and 7 >=
+    every anchor kernel."""
+    floor_width = (cfg.mlp_layers == 2 and cfg.hidden_channels is None
+                   and cfg.hidden_divisor is None)
+    C = 4 if part == "spatial" else 2 * cfg.reduction if floor_width else 8
     return {"x": (2, C, 7, 6)}
 
 
 @config_entry
 def flops(cfg: CBAMConfig, input_shapes: Mapping[str, Shape], *,
           part: Part = "cbam") -> int:
-    """The shared MLP on each of the T pooled vectors, 2·N·T·(C·Cr + Cr·C),
-    and the spatial gate's conv, 2·N·H·W·2·k²."""
+    """The shared MLP on each of the T pooled vectors, 2·N·T·(C·Cr + Cr·C)
+    (2·N·T·C·C with one layer), and the spatial gate's conv, 2·N·H·W·D·k²."""
     N, C, H, W = _x_shape(input_shapes)
     total = 0
     if _uses_channel(part):
         Cr = _hidden_width(cfg, (N, C, H, W))
-        total += len(cfg.pool_types) * 2 * N * (C * Cr + Cr * C)
+        per = C * Cr + (Cr * C if cfg.mlp_layers == 2 else 0)
+        total += len(cfg.pool_types) * 2 * N * per
     if _uses_spatial(cfg, part):
-        total += 2 * N * H * W * 2 * cfg.spatial_kernel ** 2
+        total += 2 * N * H * W * _descriptor_maps(cfg) * cfg.spatial_kernel ** 2
     return total
 
 
 _FIGURES = {"cbam": (12.0, 6.0), "channel": (12.0, 2.6), "spatial": (12.0, 3.4)}
 _ANCHOR_SUFFIX = {"cbam": "", "channel": "_channel", "spatial": "_spatial"}
+_ANCHOR_MODULE = {"ultralytics": "cbam_variants", "timm": "cbam_variants",
+                  "timm_light": "cbam_variants"}
 
 
 def _spec(part: Part, summary: str) -> BlockSpec:
@@ -447,8 +512,8 @@ def _spec(part: Part, summary: str) -> BlockSpec:
                if part == "cbam" else None),
         figure=("draw_cbam", _FIGURES[part]),
         diagram="cbam" if part == "cbam" else None,
-        anchors={p: f"cbam:make_{p}{_ANCHOR_SUFFIX[part]}"
-                 for p in ("jongchan", "luuuyi", "seed")},
+        anchors={p: f"{_ANCHOR_MODULE.get(p, 'cbam')}:make_{p}{_ANCHOR_SUFFIX[part]}"
+                 for p in PRESETS},
     )
 
 
