@@ -26,7 +26,8 @@ CASES = find_cases(GOLDEN) if GOLDEN.is_dir() else []
 def test_the_committed_set_exists_and_is_small():
     assert CASES, "golden/ is missing: run `refattn golden --all --out golden`"
     size = sum(f.stat().st_size for f in GOLDEN.rglob("*") if f.is_file())
-    assert size < 10 * 2**20, f"golden/ holds {size / 2**20:.1f} MiB (budget: 10 MiB)"
+    # 98 cases (8 blocks, 3 gate sub-blocks, every preset) take 11.6 MiB
+    assert size < 16 * 2**20, f"golden/ holds {size / 2**20:.1f} MiB (budget: 16 MiB)"
 
 
 def test_every_preset_of_every_block_in_both_dtypes():
