@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from refattn.validate import ValidationReport, validate_results
+from refattn.validate import ValidationReport, validate_results, validate_run
 
 __all__ = ["FRAMEWORKS", "assert_matches_golden", "golden_cases", "validate_case"]
 
@@ -100,8 +100,9 @@ def validate_case(case_dir: str | Path,
     else:
         from refattn.adapters.torch import run_torch_case
 
-        results = run_torch_case(case, subject, names=names, device=device)
-        what = "torch module"
+        return validate_run(
+            case, lambda: run_torch_case(case, subject, names=names, device=device),
+            subject=f"torch module from {label}", require=require)
     return validate_results(case, results, subject=f"{what} from {label}", require=require)
 
 

@@ -21,6 +21,15 @@ tolerance that cannot reject a wrong result); FAIL on any mismatch.  With
 ``require="all"`` a PARTIAL verdict fails too: use it in CI, where a
 silently narrowed check must not stay green.
 
+On FAIL the report also diagnoses: it names the first failing tensor in
+data-flow order (the intermediates and the output before the gradients),
+points to the gate-level cases of a block made of gates, and names the
+simple signature a failing tensor has, when it has one (``SIGNATURES``:
+all zeros, a sign flip, a constant factor, transposed axes, a missing or an
+extra sigmoid, a softmax over the wrong axis).  When the implementation's
+backward raised, its forward is still compared (``validate_run``) and the
+error is reported after the table, with the verdict FAIL.
+
 Their tensors must be real floating-point arrays (float16, float32 or
 float64): complex, integer, boolean, string, structured and object arrays are
 refused by name, never cast.
@@ -41,14 +50,19 @@ from refattn.golden.strength import CHECKED_PREFIXES, tolerance_weaknesses
 
 __all__ = [
     "CHECKED_PREFIXES",
+    "GATE_CASES",
     "REQUIRE",
+    "SIGNATURES",
+    "BackwardError",
     "TensorComparison",
     "ValidationInputError",
     "ValidationReport",
     "check_real_float",
     "compare_tensor",
     "load_results",
+    "signature",
     "validate_results",
+    "validate_run",
 ]
 
 FIRST_MISMATCHES = 5
@@ -60,6 +74,33 @@ of the case is provided and passes and none is unchecked ("all")."""
 
 class ValidationInputError(ValueError):
     """Their tensors cannot be compared (unknown keys, shapes, nothing given)."""
+
+
+class BackwardError(ValidationInputError):
+    """Their forward ran and their backward raised.  ``results`` holds what
+    the forward gave, under fixture keys (output, running statistics,
+    intermediates), for ``validate_run`` to compare before it reports the
+    error."""
+
+    def __init__(self, message: str, results: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.results = dict(results)
+
+
+GATE_CASES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "cbam": (
+        ("cbam_channel", ("aux.channel_gate", "grad.param.mlp.")),
+        ("cbam_spatial", ("aux.spatial_descriptor", "aux.spatial_gate",
+                          "grad.param.spatial.")),
+    ),
+}
+"""A block made of gates -> (gate-level block, the fixture keys that belong
+to that gate (prefixes)): a diagnosis points a failure to the gate's own
+cases, which check the gate alone."""
+
+SIGNATURES = ("all zeros", "sign flip", "constant factor", "transposed",
+              "missing sigmoid", "extra sigmoid", "softmax over the wrong axis")
+"""The signatures ``signature`` detects, in the order it tries them."""
 
 
 @dataclass
@@ -85,6 +126,7 @@ class TensorComparison:
     expected_at_worst: float | None = None
     actual_at_worst: float | None = None
     first_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    signature: str | None = None  # a failure's simple signature, if it has one
 
     @property
     def mismatch_pct(self) -> float:
@@ -114,6 +156,11 @@ class ValidationReport:
     subject: str
     rows: list[TensorComparison]
     require: str = "provided"
+    errors: list[str] = field(default_factory=list)
+    """What stopped their code before every tensor was computed (the
+    backward raised): the verdict is FAIL."""
+    order: list[str] = field(default_factory=list)
+    """The fixture's tensor keys in the fixture's order (for the diagnosis)."""
 
     reference = "refattn golden fixture (expected, float64 reference math)"
 
@@ -138,7 +185,7 @@ class ValidationReport:
     def verdict(self) -> str:
         """The verdict: "PASS" (everything checked and passed), "PARTIAL"
         (what was checked passed, something was not checked) or "FAIL"."""
-        if self.failed or not self.checked:
+        if self.failed or self.errors or not self.checked:
             return "FAIL"
         return "PASS" if self.complete else "PARTIAL"
 
@@ -174,8 +221,59 @@ class ValidationReport:
             "subject": self.subject,
             "failed": self.failed,
             "not_checked": self.not_checked,
+            "errors": list(self.errors),
+            "diagnosis": self.diagnosis(),
             "rows": rows,
         }
+
+    def first_failure(self) -> str | None:
+        """The first failing tensor in data-flow order: the intermediates
+        (``aux.*``, in the order the forward computes them), the output and
+        the running statistics, then the parameter gradients and the input
+        gradients."""
+        failed = set(self.failed)
+        if not failed:
+            return None
+        position = {k: i for i, k in enumerate(self.order)}
+        return min(failed, key=lambda k: (_flow(k), position.get(k, 0), k))
+
+    def diagnosis(self) -> list[str]:
+        """The diagnosis lines of a FAIL (none otherwise)."""
+        first = self.first_failure()
+        lines = []
+        if first is not None:
+            forward = _flow(first) < _flow("grad.param.")
+            lines.append(f"first failing tensor in data-flow order: {first}"
+                         + ("" if forward else " (the forward agrees: every output "
+                            "and intermediate compared passed)"))
+        position = {k: i for i, k in enumerate(self.order)}
+        for r in sorted(self.rows, key=lambda r: (_flow(r.name),
+                                                  position.get(r.name, 0))):
+            if r.status == "FAIL" and r.signature:
+                lines.append(f"{r.name}: {r.signature}")
+        gates = GATE_CASES.get(self.block)
+        if gates and (first is not None or self.errors):
+            preset = f" --preset {self.preset}" if self.preset else ""
+            status = {r.name: r.status for r in self.rows}
+            culprits = [g for g, keys in gates
+                        if first is not None and first.startswith(keys)]
+            # a gate whose intermediates were compared and all passed
+            passing = [g for g, keys in gates
+                       if [status.get(k) for k in keys if k.startswith("aux.")
+                           and status.get(k) in ("PASS", "FAIL")]
+                       and all(status.get(k) != "FAIL" for k in keys)]
+            if culprits:
+                lines.append(
+                    f"{first} belongs to {culprits[0]}: check that gate alone with "
+                    f"its own cases (refattn golden --block {culprits[0]}{preset})")
+            else:
+                names = " and ".join(g for g, _ in gates)
+                lines.append(f"the gate-level cases {names} check each gate alone "
+                             f"(refattn golden --block <gate>{preset}); exposing "
+                             "intermediates (aux.*) shows which gate differs")
+            for g in passing:
+                lines.append(f"{g}: its intermediates passed")
+        return lines
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -217,22 +315,122 @@ class ValidationReport:
                 continue
             e, a = r.expected_at_worst, r.actual_at_worst
             allowed = r.atol + r.rtol * abs(e)
+            shown_e, shown_a = distinct(e, a, at_least=10)
             lines.append(
-                f"  {r.name}: worst at index {r.worst_index}: expected {e:.10g}, "
-                f"actual {a:.10g} (|diff| {abs(a - e):.3e}, allowed {allowed:.3e})"
+                f"  {r.name}: worst at index {r.worst_index}: expected {shown_e}, "
+                f"actual {shown_a} (|diff| {abs(a - e):.3e}, allowed {allowed:.3e})"
             )
             firsts = ", ".join(
-                f"{tuple(m['index'])}: {m['expected']:.6g} vs {m['actual']:.6g}"
+                f"{tuple(m['index'])}: " + " vs ".join(distinct(m["expected"],
+                                                                m["actual"]))
                 for m in r.first_mismatches
             )
             lines.append(f"    first mismatches (expected vs actual): {firsts}")
         if self.not_checked:
             lines.append(f"  not checked ({len(self.not_checked)}): "
                          + ", ".join(self.not_checked))
+        for error in self.errors:
+            lines.append(f"  error: {error}")
+        diagnosis = self.diagnosis()
+        if diagnosis:
+            lines.append("  diagnosis:")
+            lines += [f"    {d}" for d in diagnosis]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def distinct(expected: float, actual: float, *, at_least: int = 6) -> tuple[str, str]:
+    """Both numbers with as many significant digits as it takes for their
+    printed forms to differ (from `at_least` up to 17, which shows any two
+    different float64 values apart)."""
+    for digits in range(at_least, 18):
+        e, a = f"{expected:.{digits}g}", f"{actual:.{digits}g}"
+        if e != a:
+            return e, a
+    return e, a
+
+
+def _flow(name: str) -> int:
+    """The data-flow rank of a fixture key (see ``first_failure``)."""
+    for i, prefix in enumerate(("aux.", "output.out", "output.", "grad.param.",
+                                "grad.input.")):
+        if name.startswith(prefix):
+            return i
+    return 9
+
+
+def _close(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> bool:
+    """Every element of `a` within atol + rtol·|b| of `b` (all finite)."""
+    with np.errstate(all="ignore"):
+        return bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(b)))
+
+
+def _softmax_axes(x: np.ndarray, rtol: float) -> list[int]:
+    """The axes (of size > 1) over which non-negative `x` sums to 1."""
+    if x.ndim < 2 or np.any(x < 0):
+        return []
+    slack = max(rtol, 1e-12) * 10
+    return [ax for ax in range(x.ndim) if x.shape[ax] > 1
+            and np.all(np.abs(np.sum(x, axis=ax) - 1.0) <= slack * x.shape[ax])]
+
+
+def signature(expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float
+              ) -> str | None:
+    """The simple signature of a wrong `actual`, or None.
+
+    Tried in order (``SIGNATURES``), each with the row's own tolerance rule
+    |x - y| <= atol + rtol·|y| on the transformed tensors:
+
+    * all zeros: every actual value is 0 while the expected tensor is not;
+    * sign flip: actual ≈ -expected;
+    * constant factor: actual ≈ k·expected (k the least-squares factor;
+      not for a tensor with fewer than two non-zero values, which any
+      factor fits);
+    * transposed: actual ≈ expected with two or more equal-sized axes
+      permuted;
+    * missing sigmoid: sigmoid(actual) ≈ expected, i.e. actual ≈
+      logit(expected) (expected strictly inside (0, 1));
+    * extra sigmoid: actual ≈ sigmoid(expected);
+    * softmax over the wrong axis: both sum to 1, expected over one axis and
+      actual over another (and not over expected's).
+    """
+    import itertools
+
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if e.shape != a.shape or not e.size or not (np.isfinite(a).all()
+                                                and np.isfinite(e).all()):
+        return None
+    if not np.any(a) and np.max(np.abs(e)) > atol:
+        return "all zeros: the actual tensor is 0 everywhere"
+    ee = float(np.sum(e * e))
+    if ee > 0:
+        k = float(np.sum(a * e) / ee)
+        if k != 0 and _close(a, k * e, rtol, atol * max(abs(k), 1.0)):
+            if abs(k + 1) <= max(rtol, 1e-12) * 10:
+                return "sign flip: actual ≈ -expected"
+            if np.count_nonzero(e) >= 2:  # any one number is a multiple of another
+                return f"constant factor: actual ≈ {k:.6g} × expected"
+    if 2 <= e.ndim <= 6:
+        for perm in itertools.permutations(range(e.ndim)):
+            if perm == tuple(range(e.ndim)) or any(
+                    e.shape[p] != e.shape[i] for i, p in enumerate(perm)):
+                continue
+            if _close(a, np.transpose(e, perm), rtol, atol):
+                return (f"transposed: actual ≈ expected with its axes permuted to "
+                        f"{perm}")
+    with np.errstate(all="ignore"):
+        if np.all((e > 0) & (e < 1)) and _close(1.0 / (1.0 + np.exp(-a)), e, rtol, atol):
+            return "missing sigmoid: actual ≈ logit(expected)"
+        if _close(a, 1.0 / (1.0 + np.exp(-e)), rtol, atol):
+            return "extra sigmoid: actual ≈ sigmoid(expected)"
+    theirs, ours = _softmax_axes(a, rtol), _softmax_axes(e, rtol)
+    if ours and theirs and not set(ours) & set(theirs):
+        return (f"softmax over the wrong axis: actual sums to 1 over axis {theirs[0]}, "
+                f"expected over axis {ours[0]}")
+    return None
 
 
 def _finite_json(obj: Any) -> Any:
@@ -277,6 +475,7 @@ def compare_tensor(name: str, expected: np.ndarray, actual: np.ndarray, rtol: fl
         row.worst_index = tuple(int(i) for i in worst)
         row.expected_at_worst = float(e[worst])
         row.actual_at_worst = float(a[worst])
+        row.signature = signature(e, a, rtol, atol)
         for flat in np.flatnonzero(bad)[:FIRST_MISMATCHES]:
             idx = np.unravel_index(int(flat), e.shape)
             row.first_mismatches.append({
@@ -372,8 +571,21 @@ def check_real_float(name: str, value: Any, subject: str) -> np.ndarray:
     return a
 
 
+def validate_run(case: Any, run: Any, *, subject: str, require: str = "provided"
+                 ) -> ValidationReport:
+    """``validate_results`` of ``run()`` (an adapter's run of their code).
+    When ``run`` raises ``BackwardError``, the forward it carries is still
+    compared and the error goes into the report: the verdict is FAIL."""
+    try:
+        results = run()
+    except BackwardError as err:
+        return validate_results(case, err.results, subject=subject, require=require,
+                                errors=[str(err)])
+    return validate_results(case, results, subject=subject, require=require)
+
+
 def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "results",
-                     require: str = "provided") -> ValidationReport:
+                     require: str = "provided", errors: Any = ()) -> ValidationReport:
     """Compare `results` (fixture key names) with a case read by read_case.
 
     Args:
@@ -383,6 +595,9 @@ def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "r
         subject: who "actual" is, for the report and the errors.
         require: "provided" (default) or "all": whether a PARTIAL verdict
             (some tensor not checked) still counts as ok (see REQUIRE).
+        errors: what stopped their code early (``BackwardError``): the
+            tensors it did not give are NOT CHECKED with that reason, and
+            the verdict is FAIL.
 
     Raises:
         ValidationInputError: unknown keys, a wrong shape, a tensor that is
@@ -418,14 +633,15 @@ def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "r
             rows.append(unchecked)
             continue
         if name not in results:
-            unchecked.reason = "not provided"
+            unchecked.reason = ("not computed: their backward raised (below)"
+                                if errors and name.startswith("grad.") else "not provided")
             rows.append(unchecked)
             continue
         a = check_real_float(name, results[name], subject)
         if tuple(a.shape) != tuple(e.shape):
             raise ValidationInputError(
                 f"{subject}: {name} has shape {tuple(a.shape)}, the fixture's is "
-                f"{tuple(e.shape)}"
+                f"{tuple(e.shape)}" + _transposed_hint(e, a, rtol, atol)
             )
         row = compare_tensor(name, e, a, rtol, atol)
         row.check = check
@@ -435,7 +651,7 @@ def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "r
     report = ValidationReport(
         case=str(case.path), block=manifest["block"], preset=manifest.get("preset"),
         dtype=manifest["dtype"], mode=manifest.get("mode"), subject=subject, rows=rows,
-        require=require,
+        require=require, errors=[str(x) for x in errors], order=list(case.tensors),
     )
     if not report.checked:
         provided = printable(", ".join(sorted(results)), 400) or "nothing"
@@ -445,6 +661,21 @@ def validate_results(case: Any, results: Mapping[str, Any], *, subject: str = "r
             + ")"
         )
     return report
+
+
+def _transposed_hint(e: np.ndarray, a: np.ndarray, rtol: float, atol: float) -> str:
+    """``" (...transposed...)"`` when `a` is `e` with its axes permuted."""
+    import itertools
+
+    if sorted(a.shape) != sorted(e.shape) or not 2 <= e.ndim <= 6:
+        return ""
+    af = np.asarray(a, dtype=np.float64)
+    for perm in itertools.permutations(range(e.ndim)):
+        moved = np.transpose(np.asarray(e, dtype=np.float64), perm)
+        if moved.shape == af.shape and _close(af, moved, rtol, atol):
+            return (f" (its values are the fixture's with the axes permuted to {perm}: "
+                    "a transposed tensor)")
+    return ""
 
 
 def _order(name: str) -> tuple[int, str]:

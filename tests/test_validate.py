@@ -535,7 +535,10 @@ def test_names_map_json(golden: Golden, user_module: Callable, tmp_path: Path) -
     names.write_text(json.dumps({"weigth": "0.weight"}))
     line = one_line_error(run("validate", case, "--torch", f"{name}:make",
                               "--names", names))
-    assert "unknown: weigth" in line and "known: bias, weight" in line
+    # a rule no name matches is ignored, and named when the names do not match
+    assert "no name of this case matches: 'weigth'" in line
+    assert "the case's names: bias, weight" in line
+    assert "nearest names: bias ~ 0.bias, weight ~ 0.weight" in line
     names.write_text("{not json")
     assert "cannot read JSON map" in one_line_error(
         run("validate", case, "--torch", f"{name}:make", "--names", names))

@@ -10,6 +10,9 @@ not depend on the framework live here, once:
 * ``factory_config``: the dict a factory is called with;
 * ``build_name_map``: canonical fixture name -> the name the user's code
   gives the tensor (``canonical``, ``anchor`` or a JSON map);
+* ``resolve_names``: ``build_name_map`` then ``match_names``, with the
+  anchor map also fitting one part of the anchor's model on its own and a
+  mismatch that names the nearest names;
 * ``match_names``: that map resolved against the names the user's code
   really has, with the Flax/Keras leaf aliases (``kernel`` for ``weight``,
   ``moving_variance`` for ``running_var``...);
@@ -26,6 +29,7 @@ not depend on the framework live here, once:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -57,6 +61,7 @@ __all__ = [
     "load_value",
     "match_names",
     "raised",
+    "resolve_names",
     "to_canonical",
     "to_data_format",
     "to_theirs",
@@ -178,7 +183,16 @@ def build_name_map(case: Any, names: str | Mapping[str, str]) -> dict[str, str]:
     """canonical fixture name -> the user's name for it.
 
     `names`: ``"canonical"`` (identical names), ``"anchor"`` (the manifest's
-    anchor map) or a mapping / path of a JSON file with the user's map.
+    anchor map), or the user's map: a mapping, a JSON object given inline
+    (text starting with ``{``) or the path of a JSON file.  A key of the
+    user's map is a canonical name (an exact rule) or, when it is empty or
+    ends with ``.``, a prefix rule: ``{"mlp.": "ChannelGate.mlp."}`` renames
+    every name starting ``mlp.``.  An exact rule wins over a prefix rule,
+    and a longer prefix over a shorter one; a name no rule covers keeps its
+    canonical name, and a rule no name of the case matches is ignored, so
+    one map serves every config of a block and its gate-level blocks.
+    Keys of the form ``aux.<name>`` name forward hooks instead
+    (``aux_hooks``) and are not parameter rules.
     """
     canonical = [k.split(".", 1)[1] for k in case.tensors if k.startswith(("param.", "state."))]
     if names == "canonical":
@@ -191,19 +205,147 @@ def build_name_map(case: Any, names: str | Mapping[str, str]) -> dict[str, str]:
                 "anchor name map; use --names canonical or a JSON map"
             )
         return {k: anchor.get(k, k) for k in canonical}
+    user = user_name_map(names)
+    rules = {k: v for k, v in user.items() if not k.startswith(AUX_PREFIX)}
+    return {k: apply_name_rules(rules, k) for k in canonical}
+
+
+AUX_PREFIX = "aux."
+"""A key ``aux.<name>`` of a --names map names the submodule whose forward
+output is the fixture's ``aux.<name>`` tensor (``refattn.adapters.torch``)."""
+
+
+def is_prefix_rule(key: str) -> bool:
+    """A --names key that renames a prefix: empty, or ending with ``.``."""
+    return key == "" or key.endswith(".")
+
+
+def apply_name_rules(rules: Mapping[str, str], name: str) -> str:
+    """`name` renamed by the exact rule for it, else by the longest prefix
+    rule it starts with, else unchanged."""
+    if name in rules and not is_prefix_rule(name):
+        return rules[name]
+    best = None
+    for key in rules:
+        if is_prefix_rule(key) and name.startswith(key) and (
+                best is None or len(key) > len(best)):
+            best = key
+    return name if best is None else rules[best] + name[len(best):]
+
+
+def user_name_map(names: str | Mapping[str, str]) -> dict[str, str]:
+    """The user's --names map (a mapping, inline JSON or a JSON file),
+    checked to be an object of strings."""
     if isinstance(names, str):
-        user = _read_name_map(Path(names))
+        if names.lstrip().startswith("{"):
+            from refattn.golden.files import shown
+
+            try:
+                user = json.loads(names)
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise ValidationInputError(
+                    f"--names: cannot read the inline JSON map: {shown(str(err))}"
+                ) from None
+        else:
+            user = _read_name_map(Path(names))
     else:
         user = dict(names)
-    if not isinstance(user, dict) or not all(isinstance(v, str) for v in user.values()):
-        raise ValidationInputError("--names: the map must be a JSON object of strings")
-    unknown = sorted(set(user) - set(canonical))
-    if unknown:
+    if not isinstance(user, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise ValidationInputError(
-            f"--names: the map's keys must be the fixture's parameter names; unknown: "
-            f"{', '.join(unknown)} (known: {', '.join(sorted(canonical)) or 'none'})"
-        )
-    return {k: user.get(k, k) for k in canonical}
+            '--names: the map must be a JSON object of strings, e.g. '
+            '{"mlp.": "ChannelGate.mlp."}')
+    return user
+
+
+def resolve_names(case: Any, names: str | Mapping[str, str], theirs: Iterable[str], *,
+                  aliases: bool = True, what: str = "module") -> dict[str, str]:
+    """canonical name -> their tensor's name: ``match_names`` of
+    ``build_name_map``, with two helps.
+
+    * ``names="anchor"`` also matches a module that is one part of the
+      anchor's model on its own (Jongchan's ``ChannelGate`` rather than a
+      ``CBAM`` holding it): when every anchor name starts with the same
+      attribute (``ChannelGate.``) and the module's names are the anchor
+      names without it, those are used.
+    * A mismatch names the nearest of their names for each name they lack,
+      and says so when ``--names anchor`` (or ``canonical``) would match.
+    """
+    their_set = set(theirs)
+    try:
+        return _fit(case, names, their_set, aliases=aliases, what=what)
+    except ValidationInputError as err:
+        failure = err
+    name_map = build_name_map(case, names)
+    hints = []
+    for other in ("anchor", "canonical"):
+        if other == names or (other == "anchor" and not case.manifest.get("anchor_names")):
+            continue
+        try:
+            _fit(case, other, their_set, aliases=aliases, what=what)
+        except ValidationInputError:
+            continue
+        hints.append(f"--names {other} matches this {what}")
+        break
+    wanted = {m for m in name_map.values()
+              if (_resolve(m, their_set) if aliases else m if m in their_set else None)
+              is None}
+    extra = sorted(their_set - set(_found_names(name_map, their_set, aliases)))
+    near = []
+    for name in sorted(wanted):
+        close = difflib.get_close_matches(name, extra, n=1, cutoff=0.3)
+        if close:
+            near.append(f"{name} ~ {close[0]}")
+    if names not in ("canonical", "anchor"):
+        canonical = list(name_map)
+        unused = sorted(k for k in user_name_map(names)
+                        if not k.startswith(AUX_PREFIX) and not any(
+                            n == k or (is_prefix_rule(k) and n.startswith(k))
+                            for n in canonical))
+        if unused:
+            hints.append(f"rules of the map that no name of this case matches: "
+                         f"{', '.join(repr(k) for k in unused[:8])} (the case's names: "
+                         f"{', '.join(sorted(canonical)) or 'none'})")
+    if near:
+        hints.append("nearest names: " + ", ".join(near[:8])
+                     + (f" (+{len(near) - 8} more)" if len(near) > 8 else ""))
+    if not hints:
+        raise failure
+    raise ValidationInputError(f"{failure}; " + "; ".join(hints)) from None
+
+
+def _fit(case: Any, names: str | Mapping[str, str], their_set: set[str], *,
+         aliases: bool, what: str) -> dict[str, str]:
+    """``match_names`` of ``build_name_map``; for the anchor map, also the
+    map without the first component all its names share."""
+    name_map = build_name_map(case, names)
+    try:
+        return match_names(name_map, their_set, aliases=aliases, what=what)
+    except ValidationInputError:
+        stripped = _without_common_head(name_map) if names == "anchor" else None
+        if stripped is None:
+            raise
+    return match_names(stripped, their_set, aliases=aliases, what=what)
+
+
+def _found_names(name_map: Mapping[str, str], their_set: set[str],
+                 aliases: bool) -> list[str]:
+    out = []
+    for mapped in name_map.values():
+        f = _resolve(mapped, their_set) if aliases else (
+            mapped if mapped in their_set else None)
+        if f is not None:
+            out.append(f)
+    return out
+
+
+def _without_common_head(name_map: Mapping[str, str]) -> dict[str, str] | None:
+    """The map with the first component its values all share removed (None
+    when they share none, or when there is nothing to map)."""
+    heads = {v.split(".", 1)[0] for v in name_map.values()}
+    if len(heads) != 1 or not all("." in v for v in name_map.values()):
+        return None
+    return {k: v.split(".", 1)[1] for k, v in name_map.items()}
 
 
 NAME_MAP_LIMIT = 2**20

@@ -193,7 +193,7 @@ def _run(case: Any, factory: Callable[[dict[str, Any]], Any], their: TheirCode, 
     their.doing = "while loading the fixture's parameters into the pytree"
     leaves, treedef = pytree_names(params)
     floats = {name for name, leaf in leaves if _is_float(leaf)}
-    found = common.match_names(common.build_name_map(case, names), floats, what=what)
+    found = common.resolve_names(case, names, floats, what=what)
     by_theirs = {theirs: canon for canon, theirs in found.items()}
     new_leaves = []
     for name, leaf in leaves:

@@ -168,7 +168,7 @@ def _run(case: Any, factory: Callable[[dict[str, Any]], Any], their: TheirCode, 
     their.doing = "while loading the fixture's parameters into the layer"
     variables = {variable_name(v, layer.name): v for v in layer.variables
                  if np.issubdtype(np.dtype(v.dtype), np.floating)}
-    found = common.match_names(common.build_name_map(case, names), variables, what="layer")
+    found = common.resolve_names(case, names, variables, what="layer")
     for canon, theirs in found.items():
         v = variables[theirs]
         v.assign(common.load_value(case, canon, theirs, tuple(v.shape)).astype(v.dtype))

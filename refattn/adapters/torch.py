@@ -8,6 +8,22 @@ returns the module's outputs, updated running statistics, input gradients and
 parameter gradients under the fixture's key names, ready for
 ``refattn.validate.validate_results``.
 
+Intermediates (``aux.*``) are compared too when the module exposes them,
+by either convention (both may be used at once):
+
+* the module returns ``(out, {name: tensor})``: each ``name`` (with or
+  without the ``aux.`` prefix) is the fixture's ``aux.<name>``;
+* the --names map has ``"aux.<name>": "<submodule>"`` entries: a forward
+  hook records that submodule's output (its last call, when it runs more
+  than once; the first element of a tuple output).
+
+A tensor that differs from the fixture's only by size-1 axes is reshaped.
+
+When the module's backward raises, ``BackwardError`` carries the forward's
+results (output, running statistics, intermediates), so that the forward is
+still compared and reported before the error (``refattn.validate.
+validate_run``).
+
 torch is imported lazily, and only the module the user names is imported.
 
 Their code cannot end the run without a verdict: ``sys.exit()`` or a raised
@@ -18,6 +34,7 @@ A real Ctrl-C (SIGINT) during their code stays a ``KeyboardInterrupt``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,7 +49,7 @@ from refattn.adapters.common import (
     factory_label,
     raised,
 )
-from refattn.validate import ValidationInputError
+from refattn.validate import BackwardError, ValidationInputError
 
 __all__ = ["UserCodeError", "build_name_map", "factory_config", "load_factory",
            "run_torch_case"]
@@ -117,10 +134,10 @@ def _run_module(case: Any, factory: Callable[[dict[str, Any]], Any], their: Thei
     module = module.to(device=device, dtype=dtype)
 
     # 1. load parameters and buffers by name
-    name_map = build_name_map(case, names)
     state_dict = module.state_dict()
     theirs = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
-    common.match_names(name_map, theirs, aliases=False, what="module")
+    name_map = common.resolve_names(case, names, theirs, aliases=False, what="module")
+    aux_seen = _hook_aux(case, module, names)
     loaded = {}
     for canon, theirs_name in name_map.items():
         key = f"param.{canon}" if f"param.{canon}" in case.tensors else f"state.{canon}"
@@ -152,7 +169,13 @@ def _run_module(case: Any, factory: Callable[[dict[str, Any]], Any], their: Thei
         out = module(*inputs)
     except Exception as err:
         raise ValidationInputError(raised("the module's forward", err)) from err
+    finally:
+        for handle in aux_seen.pop("", []):
+            handle.remove()
+    returned: Any = {}
     if isinstance(out, (tuple, list)):
+        if len(out) == 2 and isinstance(out[1], Mapping):
+            returned = out[1]
         out = out[0]
     if isinstance(out, torch.Tensor) and (out.is_complex() or not out.is_floating_point()):
         raise ValidationInputError(
@@ -166,6 +189,8 @@ def _run_module(case: Any, factory: Callable[[dict[str, Any]], Any], their: Thei
             f"is {expected_shape}"
         )
 
+    forward = {"output.out": _np(out), **_aux_results(case, aux_seen, returned)}
+
     # 3. backward with the fixture's cotangent
     cot = torch.as_tensor(np.ascontiguousarray(case.tensors["cotangent.out"]), dtype=dtype,
                           device=device)
@@ -173,17 +198,18 @@ def _run_module(case: Any, factory: Callable[[dict[str, Any]], Any], their: Thei
     try:
         out.backward(cot)
     except Exception as err:
-        raise ValidationInputError(raised("the backward of the module's output", err)
-                                   ) from err
+        # the forward is still compared (BackwardError carries it), then the error
+        forward |= _state_results(case, module, name_map)
+        raise BackwardError(raised("the backward of the module's output", err),
+                            forward) from err
 
     # 4. collect under fixture keys
     their.doing = "while its results were read"
-    results: dict[str, np.ndarray] = {"output.out": _np(out)}
+    results: dict[str, np.ndarray] = dict(forward)
     for name, t in zip(manifest["inputs"], inputs):
         if t.grad is not None:
             results[f"grad.input.{name}"] = _np(t.grad)
     params = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
     for canon, theirs_name in name_map.items():
         if f"param.{canon}" in case.tensors:
             p = params.get(theirs_name)
@@ -193,8 +219,81 @@ def _run_module(case: Any, factory: Callable[[dict[str, Any]], Any], their: Thei
             # a parameter the forward never used has no .grad: its gradient is zero
             grad = np.zeros(shape) if p.grad is None else _np(p.grad).reshape(shape)
             results[f"grad.param.{canon}"] = grad
-        elif f"output.state.{canon}" in case.tensors and theirs_name in buffers:
-            results[f"output.state.{canon}"] = _np(buffers[theirs_name])
+    results |= _state_results(case, module, name_map)
+    return results
+
+
+def _state_results(case: Any, module: Any, name_map: Mapping[str, str]
+                   ) -> dict[str, np.ndarray]:
+    """The running statistics after the forward, under fixture keys."""
+    buffers = dict(module.named_buffers())
+    return {f"output.state.{canon}": _np(buffers[theirs_name])
+            for canon, theirs_name in name_map.items()
+            if f"param.{canon}" not in case.tensors
+            and f"output.state.{canon}" in case.tensors and theirs_name in buffers}
+
+
+def _hook_aux(case: Any, module: Any, names: str | Mapping[str, str]
+              ) -> dict[str, Any]:
+    """Forward hooks for the ``aux.<name>: <submodule>`` entries of the user's
+    map: {fixture key: [output]} filled by the forward, and under "" the hook
+    handles (removed after the forward)."""
+    if names in ("canonical", "anchor"):
+        return {}
+    user = common.user_name_map(names)
+    wanted = {k: v for k, v in user.items() if k.startswith(common.AUX_PREFIX)}
+    if not wanted:
+        return {}
+    modules = dict(module.named_modules())
+    seen: dict[str, Any] = {"": []}
+    for key, path in sorted(wanted.items()):
+        if key not in case.tensors:
+            continue  # a rule this case has no tensor for is ignored
+        sub = modules.get(path)
+        if sub is None:
+            near = difflib.get_close_matches(path, [m for m in modules if m], n=3)
+            raise ValidationInputError(
+                f"--names: {key} names the submodule {path!r}, which the module does "
+                "not have" + (f" (nearest: {', '.join(near)})" if near else ""))
+        seen[key] = []
+
+        def hook(mod: Any, args: Any, output: Any, _into: list = seen[key]) -> None:
+            _into.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+        seen[""].append(sub.register_forward_hook(hook))
+    return seen
+
+
+def _aux_results(case: Any, seen: Mapping[str, Any], returned: Mapping[str, Any]
+                 ) -> dict[str, np.ndarray]:
+    """The intermediates the module exposed, under fixture keys: the dict a
+    module returned beside its output (keys with or without ``aux.``) and
+    the last output of each hooked submodule; each reshaped to the fixture's
+    shape when only size-1 axes differ."""
+    torch = _torch()
+    found: dict[str, Any] = {}
+    for key, value in returned.items():
+        k = key if str(key).startswith(common.AUX_PREFIX) else f"aux.{key}"
+        found[k] = value
+    for key, outputs in seen.items():
+        if key and outputs:
+            found[key] = outputs[-1]
+    results = {}
+    for key, value in found.items():
+        if key not in case.tensors:
+            known = sorted(k for k in case.tensors if k.startswith(common.AUX_PREFIX))
+            raise ValidationInputError(
+                f"the module's intermediate {key} is not in the fixture (its "
+                f"intermediates: {', '.join(known) or 'none'})")
+        if not isinstance(value, torch.Tensor):
+            raise ValidationInputError(
+                f"{key}: the module gave {type(value).__name__}, expected a tensor")
+        shape = tuple(case.tensors[key].shape)
+        array = _np(value)
+        if array.shape != shape and common._squeezed(array.shape) == common._squeezed(
+                shape):
+            array = array.reshape(shape)
+        results[key] = array
     return results
 
 

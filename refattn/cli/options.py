@@ -17,7 +17,8 @@ _WORDS = {"none": None, "null": None, "true": True, "false": False}
 
 def parse_value(text: str) -> Any:
     """A --set value: JSON (numbers, true/false/null, lists), None/True/False
-    spelled the Python way, or else the bare string (``mode=gaussian``)."""
+    spelled the Python way, a comma-separated list (``avg,max``, the same as
+    ``'["avg","max"]'``), or else the bare string (``mode=gaussian``)."""
     lowered = text.strip().lower()
     if lowered in _WORDS:
         return _WORDS[lowered]
@@ -27,6 +28,9 @@ def parse_value(text: str) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
+        items = text.split(",")
+        if len(items) > 1 and all(i.strip() for i in items):  # avg,max: a list
+            return tuple(parse_value(i.strip()) for i in items)
         return text
     return tuple(value) if isinstance(value, list) else value
 
@@ -99,7 +103,8 @@ preset_option = click.option(
 )
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", callback=_parse_sets,
-    help="Override a config key (JSON value, or a bare string); repeatable.",
+    help="Override a config key (JSON value, a comma-separated list such as "
+         "pool_types=avg,max, or a bare string); repeatable.",
 )
 shape_option = click.option(
     "--shape", "shapes", multiple=True, metavar="NAME=N,C,H,W", callback=_parse_shapes,

@@ -29,9 +29,12 @@ import click
               help="The layout --jax/--keras code takes inputs in [default: "
                    "channels_first for --jax, Keras's image_data_format for --keras].")
 @click.option("--names", default="canonical", show_default=True,
-              metavar="canonical|anchor|MAP.json",
+              metavar="canonical|anchor|MAP.json|JSON",
               help="How the model's names (torch state_dict keys, JAX pytree paths, "
-                   "Keras variable paths) relate to the fixture's.")
+                   "Keras variable paths) relate to the fixture's: a JSON map (a file, "
+                   "or inline) of exact names and prefix rules ending in '.', e.g. "
+                   "'{\"mlp.\": \"ChannelGate.mlp.\"}'; with --torch, "
+                   "'aux.NAME': 'SUBMODULE' hooks an intermediate.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--require", type=click.Choice(["provided", "all"]), default="provided",
               show_default=True,
@@ -55,7 +58,7 @@ def validate(ctx: click.Context, case: Path, results: Path | None,
     report, so stdout carries the report alone.
     """
     from refattn.cli.verify import read_verified
-    from refattn.validate import load_results, validate_results
+    from refattn.validate import load_results, validate_results, validate_run
 
     given = [o for o in (results, torch_factory, jax_factory, keras_factory) if o is not None]
     if len(given) != 1:
@@ -77,9 +80,11 @@ def validate(ctx: click.Context, case: Path, results: Path | None,
         ctx.call_on_close(lambda: _show_captured(torch_factory, captured))
         with _their_output(captured):
             factory = load_factory(torch_factory)
-            theirs = run_torch_case(fixture, factory, names=names, device=device)
-        report = validate_results(fixture, theirs, require=require,
-                                  subject=f"torch module from {torch_factory} ({names} names)")
+            report = validate_run(
+                fixture, lambda: run_torch_case(fixture, factory, names=names,
+                                                device=device),
+                require=require,
+                subject=f"torch module from {torch_factory} ({_names_label(names)} names)")
     else:
         report = _validate_jax_or_keras(ctx, fixture, jax_factory, keras_factory,
                                         names=names, data_format=data_format,
@@ -105,7 +110,7 @@ def _validate_jax_or_keras(ctx: click.Context, fixture: Any, jax_factory: str | 
             factory = adapter.load_factory(jax_factory)
             layout = data_format or "channels_first"
             theirs = adapter.run_jax_case(fixture, factory, names=names, data_format=layout)
-            subject = f"JAX model from {spec} ({names} names, {layout})"
+            subject = f"JAX model from {spec} ({_names_label(names)} names, {layout})"
         else:
             from refattn.adapters import keras as kadapter
 
@@ -113,8 +118,15 @@ def _validate_jax_or_keras(ctx: click.Context, fixture: Any, jax_factory: str | 
             theirs = kadapter.run_keras_case(fixture, factory, names=names,
                                              data_format=data_format)
             subject = (f"Keras layer from {spec} ({kadapter.backend()} backend, "
-                       f"{names} names)")
+                       f"{_names_label(names)} names)")
     return validate_results(fixture, theirs, require=require, subject=subject)
+
+
+def _names_label(names: str) -> str:
+    """--names as the report's subject line shows it (an inline map shortened)."""
+    from refattn.golden.files import printable
+
+    return "inline map" if names.lstrip().startswith("{") else printable(names, 80)
 
 
 @contextlib.contextmanager

@@ -87,6 +87,7 @@ __all__ = [
     "case_digest",
     "find_cases",
     "load_manifest",
+    "planned_manifest",
     "read_case",
     "split_key",
     "summarize_case",
@@ -366,6 +367,26 @@ def summarize_case(case: GoldenCase) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------
 # writing
+
+
+def planned_manifest(
+    block: str,
+    case_id: str,
+    tensors: Mapping[str, np.ndarray],
+    manifest: Mapping[str, Any],
+    *,
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+    accumulation: Mapping[str, int] | None = None,
+    checks: Mapping[str, tuple[str, str]] | None = None,
+    formats: Iterable[str] = FORMATS,
+) -> dict[str, Any]:
+    """The manifest ``write_case`` would write for these arguments (its
+    ``digest`` included), without writing anything: a caller compares it
+    with an existing case's to keep an identical case instead of rewriting
+    it."""
+    fmts = [f for f in FORMATS if f in tuple(formats)]
+    return _assemble_manifest(block, case_id, _prepare_tensors(tensors), manifest, fmts,
+                              tolerances, accumulation, checks)
 
 
 def write_case(

@@ -57,15 +57,57 @@ def test_golden_writes_verifies_and_refuses_to_overwrite(tmp_path: Path):
     cases = sorted(p.name for p in (out / "cgnl").iterdir())
     assert cases == ["yue-float64"]
     before = (out / "cgnl" / "yue-float64" / "manifest.json").read_bytes()
+    # the same command again: the identical case is kept, and said so
     again = run("golden", "--block", "cgnl", "--out", str(out))
-    line = one_line_error(again)
-    assert "--force" in line
+    assert again.exit_code == 0, again.output
+    assert "cgnl/yue-float64" in again.stdout and "kept (identical)" in again.stdout
+    assert (out / "cgnl" / "yue-float64" / "manifest.json").read_bytes() == before
+    # a different case under the same id is refused, in the CLI's words
+    other = run("golden", "--block", "cgnl", "--out", str(out), "--format", "npz")
+    line = one_line_error(other)
+    assert "a different case exists there (differs in fields formats)" in line
+    assert "add --force to replace it" in line and "force=True" not in line
     assert (out / "cgnl" / "yue-float64" / "manifest.json").read_bytes() == before
     forced = run("golden", "--block", "cgnl", "--out", str(out), "--force")
-    assert forced.exit_code == 0
+    assert forced.exit_code == 0 and "kept (identical)" in forced.stdout
     # same command, same digests
     assert (out / "cgnl" / "yue-float64" / "manifest.json").read_bytes() == before
     assert run("verify", str(out)).exit_code == 0
+
+
+def test_golden_mode_and_list_values(tmp_path: Path):
+    result = run("golden", "--block", "cbam", "--mode", "eval", "--out", str(tmp_path),
+                 "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["case"] for r in rows] == ["cbam/jongchan-eval-float64"]
+    assert rows[0]["status"] == "written"
+    line = one_line_error(run("golden", "--block", "gap", "--mode", "train",
+                              "--out", str(tmp_path)))
+    assert "--mode train: these cases have no live batch norm" in line
+    line = one_line_error(run("golden", "--block", "cbam", "--mode", "train",
+                              "--set", "spatial_bn=eval", "--out", str(tmp_path)))
+    assert "--mode train: the --set values fix the mode to eval" in line
+    # a comma-separated list is a list; a one-word list error shows the JSON form
+    listed = run("golden", "--block", "cbam_channel", "--set", "pool_types=avg,lse",
+                 "--out", str(tmp_path), "--json")
+    assert listed.exit_code == 0, listed.output
+    manifest = json.loads((Path(json.loads(listed.stdout)[0]["path"])
+                           / "manifest.json").read_text())
+    assert manifest["config"]["pool_types"] == ["avg", "lse"]
+    line = one_line_error(run("golden", "--block", "cbam_channel", "--set",
+                              "pool_types=avg", "--out", str(tmp_path)))
+    assert """--set 'pool_types=["avg"]'""" in line
+
+
+def test_golden_prints_each_case_as_written(tmp_path: Path):
+    """A run that stops part-way has already printed what it wrote."""
+    (tmp_path / "cbam" / "jongchan-eval-float64").mkdir(parents=True)  # not a case
+    result = run("golden", "--block", "cbam", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "cbam/jongchan-train-float64" in result.stdout  # written before the error
+    assert "written" in result.stdout
+    assert "it does not verify" in result.stderr
 
 
 def test_golden_bn_preset_gives_train_and_eval_cases(tmp_path: Path):
