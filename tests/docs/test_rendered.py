@@ -45,9 +45,12 @@ from types import ModuleType
 
 import pytest
 
+from refattn.blocks.registry import BLOCKS
+
 ROOT = Path(__file__).resolve().parents[2]
-BLOCK_PAGES = ("conv1x1", "gap", "mlpconv", "cbam", "non_local", "cgnl",
-               "cross_layer", "gc")
+# a block with its own page is one with a data-flow diagram (the gate and head
+# sub-blocks share their parent's page)
+BLOCK_PAGES = tuple(name for name, spec in BLOCKS.items() if spec.diagram)
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
         "source", "track", "wbr"}
 HIDDEN = {"code", "pre", "script", "style", "math", "kbd", "samp", "textarea"}
