@@ -101,7 +101,9 @@ __all__ = [
     "draw_bias",
     "draw_bn_state",
     "draw_norm_affine",
+    "draw_param",
     "draw_weight",
+    "init_norm",
     "json_ready",
     "max_gap",
     "relu_margin",
@@ -248,6 +250,53 @@ def draw_norm_affine(rng: np.random.Generator, c: int) -> tuple[np.ndarray, np.n
 def draw_bn_state(rng: np.random.Generator, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Running mean ~ N(0, 0.1^2) and running var in [0.5, 2]: not the (0, 1) init."""
     return 0.1 * rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+
+
+def draw_param(rng: np.random.Generator, key: str, shapes: Mapping[str, Shape],
+               scheme: str = "random") -> np.ndarray:
+    """Host float64 conv or linear parameter `key` (a weight or a bias; fan_in
+    comes from its layer's weight in `shapes`), drawn by `scheme`:
+
+    ``random``  weight N(0, 1/fan_in), bias N(0, 0.1²) (draw_weight, draw_bias);
+    ``torch``   PyTorch's default: both U(±1/sqrt(fan_in)) (torch_default_init);
+    ``small``   weight N(0, 0.01²), bias 0;
+    ``zeros``   zeros (draws nothing).
+    """
+    shape = shapes[key]
+    leaf = key.rsplit(".", 1)[-1]
+    if scheme == "random":
+        return draw_weight(rng, shape) if leaf == "weight" else draw_bias(rng, shape)
+    if scheme == "torch":
+        fan_in = math.prod(shapes[key.removesuffix(leaf) + "weight"][1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape)
+    if scheme == "small" and leaf == "weight":
+        return 0.01 * rng.standard_normal(shape)
+    if scheme in ("small", "zeros"):
+        return np.zeros(shape)
+    raise ValueError(f"scheme: expected 'random', 'torch', 'small' or 'zeros', "
+                     f"got {scheme!r}")
+
+
+def init_norm(rng: np.random.Generator, module: str, c: int, *, identity: bool,
+              running: bool = True) -> tuple[Params, Params]:
+    """Host float64 (params, state) of a norm layer `module` over `c` channels:
+    ``weight`` and ``bias``, and with `running` the buffers ``running_mean``
+    and ``running_var``.
+
+    Drawn by draw_norm_affine, then draw_bn_state; with `identity`, gamma =
+    beta = 0 and running statistics (0, 1), drawing nothing (the zero init
+    that makes a residual block the identity).
+    """
+    if identity:
+        gamma, beta, mean, var = np.zeros(c), np.zeros(c), np.zeros(c), np.ones(c)
+    else:
+        gamma, beta = draw_norm_affine(rng, c)
+        mean, var = draw_bn_state(rng, c) if running else (None, None)
+    params = {f"{module}.weight": gamma, f"{module}.bias": beta}
+    if not running:
+        return params, {}
+    return params, {f"{module}.running_mean": mean, f"{module}.running_var": var}
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 from refattn import checks
 from refattn._typing import Array, Shape
-from refattn.backend import host_rng, namespace, prod, zeros_like_shape
+from refattn.backend import host_rng, namespace, prod
 from refattn.blocks import cgnl
 from refattn.blocks.cgnl import (
     BETAS,
@@ -21,14 +21,7 @@ from refattn.blocks.cgnl import (
     CGNLConfig,
     gn_cancels_attention,
 )
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_bn_state,
-    draw_norm_affine,
-    draw_weight,
-)
+from refattn.blocks.spec import BenchCase, BlockSpec, draw_param, init_norm
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -190,37 +183,16 @@ def init_params(
     """
     shapes = param_shapes(cfg, input_shapes)
     rng = host_rng(seed)
-    ref = rng.standard_normal(1)  # a host float64 array: zeros_like_shape's template
-    params: dict[str, Array] = {}
+    rng.standard_normal(1)  # a draw the fixtures' random stream begins with
+    scheme = "small" if anchor_init else "random"
+    params = {k: draw_param(rng, k, shapes, scheme)
+              for k in shapes if not k.startswith(("gn.", "bn."))}
     state: dict[str, Array] = {}
-    for key, shape in shapes.items():
-        module, leaf = key.rsplit(".", 1)
-        if module in ("gn", "bn"):
-            continue
-        if anchor_init:
-            value = (0.01 * rng.standard_normal(shape) if leaf == "weight"
-                     else zeros_like_shape(ref, shape))
-        elif leaf == "weight":
-            value = draw_weight(rng, shape)
-        else:
-            value = draw_bias(rng, shape)
-        params[key] = value
     if cfg.norm is not None:
         module = "gn" if cfg.norm == "gn" else "bn"
-        C = shapes[f"{module}.weight"][0]
-        if anchor_init:
-            params[f"{module}.weight"] = zeros_like_shape(ref, (C,))
-            params[f"{module}.bias"] = zeros_like_shape(ref, (C,))
-        else:
-            gamma, beta = draw_norm_affine(rng, C)
-            params[f"{module}.weight"], params[f"{module}.bias"] = gamma, beta
-        if module == "bn":
-            if anchor_init:
-                state["bn.running_mean"] = zeros_like_shape(ref, (C,))
-                state["bn.running_var"] = zeros_like_shape(ref, (C,)) + 1.0
-            else:
-                mean, var = draw_bn_state(rng, C)
-                state["bn.running_mean"], state["bn.running_var"] = mean, var
+        norm, state = init_norm(rng, module, shapes[f"{module}.weight"][0],
+                                identity=anchor_init, running=module == "bn")
+        params |= norm
     return params, state
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from refattn import checks
 from refattn._typing import Array, Shape
-from refattn.backend import host_rng, prod, zeros_like_shape
+from refattn.backend import host_rng, prod
 from refattn.blocks import cross_layer
 from refattn.blocks.cross_layer import (
     BN_MODES,
@@ -19,14 +19,7 @@ from refattn.blocks.cross_layer import (
     CrossLayerCache,
     CrossLayerConfig,
 )
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_bn_state,
-    draw_norm_affine,
-    draw_weight,
-)
+from refattn.blocks.spec import BenchCase, BlockSpec, draw_param, init_norm
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -206,37 +199,15 @@ def init_params(
     """
     shapes = param_shapes(cfg, input_shapes)
     rng = host_rng(seed)
-    ref = rng.standard_normal(1)  # a host float64 array: zeros_like_shape's template
-    params: dict[str, Array] = {}
+    rng.standard_normal(1)  # a draw the fixtures' random stream begins with
+    scheme = "random" if not anchor_init else "small" if cfg.bn is not None else "torch"
+    params = {k: draw_param(rng, k, shapes, scheme) for k in shapes if ".bn." not in k}
     state: dict[str, Array] = {}
-    for key, shape in shapes.items():
-        module, leaf = key.rsplit(".", 1)
-        if module.endswith(".bn"):
-            continue
-        fan_in = prod(shapes[f"{module}.weight"][1:])
-        if not anchor_init:
-            draw = draw_weight if leaf == "weight" else draw_bias
-            value = draw(rng, shape)
-        elif cfg.bn is not None:
-            scaled = 0.01 * rng.standard_normal(shape)
-            value = scaled if leaf == "weight" else zeros_like_shape(ref, shape)
-        else:
-            bound = 1.0 / math.sqrt(fan_in)
-            value = rng.uniform(-bound, bound, shape)
-        params[key] = value
     for key in (k for k in shapes if k.endswith(".bn.weight")):
-        module = key.rsplit(".", 1)[0]
-        C = shapes[key][0]
-        if anchor_init:
-            zeros = zeros_like_shape(ref, (C,))
-            params[f"{module}.weight"], params[f"{module}.bias"] = zeros, zeros + 0.0
-            state[f"{module}.running_mean"] = zeros + 0.0
-            state[f"{module}.running_var"] = zeros + 1.0
-        else:
-            gamma, beta = draw_norm_affine(rng, C)
-            params[f"{module}.weight"], params[f"{module}.bias"] = gamma, beta
-            mean, var = draw_bn_state(rng, C)
-            state[f"{module}.running_mean"], state[f"{module}.running_var"] = mean, var
+        norm, norm_state = init_norm(rng, key.removesuffix(".weight"), shapes[key][0],
+                                     identity=anchor_init)
+        params |= norm
+        state |= norm_state
     return params, state
 
 
