@@ -104,11 +104,11 @@ __all__ = [
     "draw_param",
     "draw_weight",
     "init_norm",
+    "norm_shapes",
     "json_ready",
     "max_gap",
     "relu_margin",
     "to_namespace",
-    "torch_default_init",
 ]
 
 MIN_MARGIN = 1e-5
@@ -218,19 +218,6 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 # parameter draws (host, float64)
 
 
-def torch_default_init(
-    rng: np.random.Generator, weight_shape: Shape, bias: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """PyTorch's ``nn.Conv2d.reset_parameters``: weight and bias both
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C/G·KH·KW (the Kaiming-uniform
-    rule with a = sqrt(5) works out to exactly this bound)."""
-    fan_in = math.prod(weight_shape[1:])
-    bound = 1.0 / math.sqrt(fan_in)
-    w = rng.uniform(-bound, bound, weight_shape)
-    b = rng.uniform(-bound, bound, weight_shape[:1]) if bias else None
-    return w, b
-
-
 def draw_weight(rng: np.random.Generator, shape: Shape, fan_in: int | None = None) -> np.ndarray:
     """N(0, 1/fan_in): non-degenerate, keeps activations O(1) through a block."""
     if fan_in is None:
@@ -258,7 +245,8 @@ def draw_param(rng: np.random.Generator, key: str, shapes: Mapping[str, Shape],
     comes from its layer's weight in `shapes`), drawn by `scheme`:
 
     ``random``  weight N(0, 1/fan_in), bias N(0, 0.1²) (draw_weight, draw_bias);
-    ``torch``   PyTorch's default: both U(±1/sqrt(fan_in)) (torch_default_init);
+    ``torch``   PyTorch's ``nn.Conv2d.reset_parameters``: both U(±1/sqrt(fan_in))
+                (its Kaiming-uniform rule with a = sqrt(5) works out to this);
     ``small``   weight N(0, 0.01²), bias 0;
     ``zeros``   zeros (draws nothing).
     """
@@ -276,6 +264,13 @@ def draw_param(rng: np.random.Generator, key: str, shapes: Mapping[str, Shape],
         return np.zeros(shape)
     raise ValueError(f"scheme: expected 'random', 'torch', 'small' or 'zeros', "
                      f"got {scheme!r}")
+
+
+def norm_shapes(module: str, c: int, *, running: bool = True) -> dict[str, Shape]:
+    """The keys and shapes of a norm layer `module` over `c` channels: ``weight``,
+    ``bias`` and, with `running`, ``running_mean`` and ``running_var``."""
+    leaves = ("weight", "bias") + (("running_mean", "running_var") if running else ())
+    return {f"{module}.{leaf}": (c,) for leaf in leaves}
 
 
 def init_norm(rng: np.random.Generator, module: str, c: int, *, identity: bool,

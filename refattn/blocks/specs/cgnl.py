@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from refattn import checks
-from refattn._typing import Array, Shape
+from refattn._typing import Array, ArrayDict, Params, Shape
 from refattn.backend import host_rng, namespace, prod
 from refattn.blocks import cgnl
 from refattn.blocks.cgnl import (
@@ -21,7 +21,8 @@ from refattn.blocks.cgnl import (
     CGNLConfig,
     gn_cancels_attention,
 )
-from refattn.blocks.spec import BenchCase, BlockSpec, draw_param, init_norm
+from refattn.blocks.spec import (BenchCase, BlockSpec, draw_param, init_norm,
+                                norm_shapes)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -153,22 +154,15 @@ def param_shapes(
             shapes[f"{name}.bias"] = (P,)
     shapes["z.weight"] = (C, P // G) + ones
     if cfg.norm == "gn":
-        shapes["gn.weight"] = (C,)
-        shapes["gn.bias"] = (C,)
+        shapes |= norm_shapes("gn", C, running=False)
     elif cfg.norm is not None:
-        for key in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"bn.{key}"] = (C,)
+        shapes |= norm_shapes("bn", C)
     return checks.limit_sizes("cgnl", shapes)
 
 
 @config_entry
-def init_params(
-    cfg: CGNLConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def init_params(cfg: CGNLConfig, input_shapes: Mapping[str, Shape], *, seed: int,
+                anchor_init: bool = False) -> tuple[Params, Params]:
     """Host float64 NumPy (params, state) for `cfg`.
 
     Default: random and non-degenerate (weights N(0, 1/fan_in), biases
@@ -234,7 +228,7 @@ def draw_scales(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> dict[str,
 
 @checks.forward_entry("cgnl")
 def forward(inputs: Any, params: Any, state: Any, cfg: Any
-            ) -> tuple[dict[str, Array], CGNLCache]:
+            ) -> tuple[ArrayDict, CGNLCache]:
     """``cgnl.forward`` after checking every argument."""
     cfg = check_config(cfg)
     inputs = checks.check_inputs("cgnl", inputs, {"x": (3, 4, 5)})
@@ -252,7 +246,7 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 
 @checks.backward_entry("cgnl")
-def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Any, cache: Any) -> tuple[ArrayDict, ArrayDict]:
     """``cgnl.backward`` after checking the cotangent; dparams in the order
     of ``param_shapes``."""
     checks.check_cache("cgnl", cache, (CGNLCache,))

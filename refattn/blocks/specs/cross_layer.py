@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from refattn import checks
-from refattn._typing import Array, Shape
+from refattn._typing import Array, ArrayDict, Params, Shape
 from refattn.backend import host_rng, prod
 from refattn.blocks import cross_layer
 from refattn.blocks.cross_layer import (
@@ -19,7 +19,8 @@ from refattn.blocks.cross_layer import (
     CrossLayerCache,
     CrossLayerConfig,
 )
-from refattn.blocks.spec import BenchCase, BlockSpec, draw_param, init_norm
+from refattn.blocks.spec import (BenchCase, BlockSpec, draw_param, init_norm,
+                                norm_shapes)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -172,19 +173,13 @@ def param_shapes(
             if cfg.bias:
                 shapes[f"kv{m}.{name}.bias"] = (P,)
         if cfg.bn is not None:
-            for leaf in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"kv{m}.bn.{leaf}"] = (cq,)
+            shapes |= norm_shapes(f"kv{m}.bn", cq)
     return checks.limit_sizes("cross_layer", shapes)
 
 
 @config_entry
-def init_params(
-    cfg: CrossLayerConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def init_params(cfg: CrossLayerConfig, input_shapes: Mapping[str, Shape], *, seed: int,
+                anchor_init: bool = False) -> tuple[Params, Params]:
     """Host float64 NumPy (params, state) for `cfg`.
 
     Default: random and non-degenerate (weights N(0, 1/fan_in), biases
@@ -213,7 +208,7 @@ def init_params(
 
 @checks.forward_entry("cross_layer")
 def forward(inputs: Any, params: Any, state: Any, cfg: Any
-            ) -> tuple[dict[str, Array], CrossLayerCache]:
+            ) -> tuple[ArrayDict, CrossLayerCache]:
     """``cross_layer.forward`` after checking every argument; the key/value
     inputs are passed on in layer order."""
     cfg = check_config(cfg)
@@ -241,7 +236,7 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 
 @checks.backward_entry("cross_layer")
-def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Any, cache: Any) -> tuple[ArrayDict, ArrayDict]:
     """``cross_layer.backward`` after checking the cotangent; dparams in the
     order of ``param_shapes``."""
     checks.check_cache("cross_layer", cache, (CrossLayerCache,))
