@@ -94,8 +94,10 @@ from refattn._typing import Array, Params, Shape
 __all__ = [
     "BenchCase",
     "BlockSpec",
+    "check_batch_statistics",
     "CONTRACT",
     "MIN_MARGIN",
+    "RANK_NAMES",
     "config_from_dict",
     "config_to_dict",
     "draw_bias",
@@ -108,7 +110,9 @@ __all__ = [
     "json_ready",
     "max_gap",
     "relu_margin",
+    "single_x_shape",
     "to_namespace",
+    "with_bn_field",
 ]
 
 MIN_MARGIN = 1e-5
@@ -212,6 +216,51 @@ def json_ready(value: Any) -> Any:
 def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     """Inverse of config_to_dict: lists become tuples, as the dataclasses use."""
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def with_bn_field(cfg: Any, field: str, mode: str) -> Any:
+    """`cfg` with its batch-norm mode field `field` set to `mode` ('train' or
+    'eval'); None when the field is None (the config has no BN)."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
+    if getattr(cfg, field) is None:
+        return None
+    return dataclasses.replace(cfg, **{field: mode})
+
+
+# ---------------------------------------------------------------------------
+# input shapes
+
+RANK_NAMES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}
+"""The layouts of an input x with 1, 2 or 3 spatial dims, by rank."""
+
+
+def single_x_shape(block: str, input_shapes: Mapping[str, Shape]) -> Shape:
+    """The shape of `block`'s only input ``x`` with 1, 2 or 3 spatial dims
+    (``RANK_NAMES``), validated for names, rank and emptiness."""
+    if not isinstance(input_shapes, Mapping) or set(input_shapes) != {"x"}:
+        got = sorted(input_shapes) if isinstance(input_shapes, Mapping) else input_shapes
+        raise ValueError(f"inputs: {block} takes exactly one input 'x', got {got!r}")
+    shape = tuple(input_shapes["x"])
+    if len(shape) not in RANK_NAMES:
+        raise ValueError(
+            "x: expected a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, T, H, W) "
+            f"array, got shape {shape}"
+        )
+    if any(s < 1 for s in shape):
+        raise ValueError(f"x: expected every dim >= 1, got shape {shape}")
+    return shape
+
+
+def check_batch_statistics(shape: Shape, setting: str, what: str, *, name: str = "x",
+                           count: str = "N·|S|") -> None:
+    """A BN in train mode normalises each channel with the mean and variance of
+    its N·|S| values in the batch: at least two are needed."""
+    if shape[0] * math.prod(shape[2:]) < 2:
+        raise ValueError(
+            f"{name}: {setting} normalises {what} with batch statistics over "
+            f"{count} values per channel, which needs {count} >= 2, got shape {shape}"
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from refattn.blocks.spec import (
+    check_batch_statistics,
     draw_bias,
     draw_bn_state,
     draw_norm_affine,
@@ -15,6 +16,8 @@ from refattn.blocks.spec import (
     draw_weight,
     init_norm,
     norm_shapes,
+    single_x_shape,
+    with_bn_field,
 )
 
 SHAPES = {"conv.weight": (64, 3, 2, 2), "conv.bias": (64,), "weight": (8, 5, 1, 1)}
@@ -108,3 +111,54 @@ def test_init_norm_identity_draws_nothing():
     # four separate arrays: writing one must not change another
     params["W_bn.weight"][0] = 7.0
     assert params["W_bn.bias"][0] == 0.0 and state["W_bn.running_mean"][0] == 0.0
+
+
+# ---------------------------------------------------------------------------
+# the spec modules' shared checks
+
+
+def test_with_bn_field():
+    from refattn.blocks.cross_layer import CrossLayerConfig
+
+    cfg = CrossLayerConfig(bn="train")
+    assert with_bn_field(cfg, "bn", "eval").bn == "eval"
+    assert with_bn_field(cfg, "bn", "train") == cfg
+    assert with_bn_field(CrossLayerConfig(bn=None), "bn", "eval") is None
+    for bad in ("Eval", "inference", None):
+        with pytest.raises(ValueError, match=r"mode: expected 'train' or 'eval', got"):
+            with_bn_field(cfg, "bn", bad)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1, 3, 4, 5), (2, 1, 2, 3, 4)])
+def test_single_x_shape_takes_one_to_three_spatial_dims(shape):
+    assert single_x_shape("blk", {"x": list(shape)}) == shape
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"x": (2, 3, 4), "y": (2, 3, 4)}, r"inputs: blk takes exactly one input 'x', "
+                                       r"got \['x', 'y'\]"),
+    ({"z": (2, 3, 4)}, r"inputs: blk takes exactly one input 'x', got \['z'\]"),
+    ((2, 3, 4), r"inputs: blk takes exactly one input 'x', got \(2, 3, 4\)"),
+    ({"x": (2, 3)}, r"x: expected a 3-D .* array, got shape \(2, 3\)"),
+    ({"x": (2, 3, 4, 5, 6, 7)}, r"x: expected a 3-D .* got shape \(2, 3, 4, 5, 6, 7\)"),
+    ({"x": (2, 0, 4)}, r"x: expected every dim >= 1, got shape \(2, 0, 4\)"),
+])
+def test_single_x_shape_refuses(given, message):
+    with pytest.raises(ValueError, match=message):
+        single_x_shape("blk", given)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2), (2, 5, 1, 1), (1, 4, 1, 2, 1)])
+def test_batch_statistics_with_two_values_pass(shape):
+    check_batch_statistics(shape, "bn='train'", "y")
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1), (1, 5, 1, 1), (1, 4, 1, 1, 1)])
+def test_batch_statistics_of_one_value_are_refused(shape):
+    with pytest.raises(ValueError) as err:
+        check_batch_statistics(shape, "bn='train'", "W's output")
+    assert str(err.value) == (
+        "x: bn='train' normalises W's output with batch statistics over N·|S| "
+        f"values per channel, which needs N·|S| >= 2, got shape {shape}")
+    with pytest.raises(ValueError, match=r"^x_q: .* over N·Hq·Wq values .* >= 2"):
+        check_batch_statistics(shape, "bn='train'", "Z", name="x_q", count="N·Hq·Wq")

@@ -11,18 +11,10 @@ from refattn import checks
 from refattn._typing import Array, ArrayDict, Params, Shape
 from refattn.backend import host_rng, namespace, prod
 from refattn.blocks import cgnl
-from refattn.blocks.cgnl import (
-    BETAS,
-    KERNELS,
-    MAX_ORDER,
-    NORMS,
-    PRESETS,
-    CGNLCache,
-    CGNLConfig,
-    gn_cancels_attention,
-)
-from refattn.blocks.spec import (BenchCase, BlockSpec, draw_param, init_norm,
-                                norm_shapes)
+from refattn.blocks.cgnl import (BETAS, KERNELS, MAX_ORDER, NORMS, PRESETS, CGNLCache,
+                                 CGNLConfig, gn_cancels_attention)
+from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
+                                 draw_param, init_norm, norm_shapes, single_x_shape)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -71,24 +63,8 @@ def check_config(cfg: Any) -> CGNLConfig:
 config_entry = checks.config_entry(check_config, shapes=True)
 config_only = checks.config_entry(check_config)
 
-_RANK_NAMES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}
-
-
 def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
-    """The shape of input ``x``, validated for rank and emptiness."""
-    if not isinstance(input_shapes, Mapping) or set(input_shapes) != {"x"}:
-        got = (sorted(input_shapes) if isinstance(input_shapes, Mapping)
-               else input_shapes)
-        raise ValueError(f"inputs: cgnl takes exactly one input 'x', got {got!r}")
-    shape = tuple(input_shapes["x"])
-    if len(shape) not in _RANK_NAMES:
-        raise ValueError(
-            "x: expected a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, T, H, W) "
-            f"array, got shape {shape}"
-        )
-    if any(s < 1 for s in shape):
-        raise ValueError(f"x: expected every dim >= 1, got shape {shape}")
-    return shape
+    return single_x_shape("cgnl", input_shapes)
 
 
 @config_entry
@@ -237,11 +213,8 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
     shapes = param_shapes(cfg, {"x": x_shape})
     params, state = checks.check_params(
         "cgnl", params, state, shapes, inputs, f"bias={cfg.bias}, norm={cfg.norm!r}")
-    if cfg.norm == "bn_train" and x_shape[0] * prod(x_shape[2:]) < 2:
-        raise ValueError(
-            f"x: norm='bn_train' normalises z with batch statistics over N·|S| "
-            f"values per channel, which needs N·|S| >= 2, got shape {x_shape}"
-        )
+    if cfg.norm == "bn_train":
+        check_batch_statistics(x_shape, "norm='bn_train'", "z")
     return cgnl.forward(inputs, params, state, cfg)
 
 

@@ -12,15 +12,10 @@ from refattn import checks
 from refattn._typing import Array, ArrayDict, Params, Shape
 from refattn.backend import host_rng, prod
 from refattn.blocks import cross_layer
-from refattn.blocks.cross_layer import (
-    BN_MODES,
-    LAYOUTS,
-    PRESETS,
-    CrossLayerCache,
-    CrossLayerConfig,
-)
-from refattn.blocks.spec import (BenchCase, BlockSpec, draw_param, init_norm,
-                                norm_shapes)
+from refattn.blocks.cross_layer import (BN_MODES, LAYOUTS, PRESETS, CrossLayerCache,
+                                        CrossLayerConfig)
+from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
+                                 draw_param, init_norm, norm_shapes, with_bn_field)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -225,13 +220,9 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
         "cross_layer", params, state, shapes, inputs,
         f"bias={cfg.bias}, bn={cfg.bn!r}, out_proj={cfg.out_proj}, "
         f"{len(names)} key/value layer(s)")
-    N, _, hq, wq = input_shapes["x_q"]
-    if cfg.bn == "train" and N * hq * wq < 2:
-        raise ValueError(
-            f"x_q: bn='train' normalises each Z_m with batch statistics over "
-            f"N·Hq·Wq values per channel, which needs N·Hq·Wq >= 2, got shape "
-            f"{input_shapes['x_q']}"
-        )
+    if cfg.bn == "train":
+        check_batch_statistics(input_shapes["x_q"], "bn='train'", "each Z_m",
+                               name="x_q", count="N·Hq·Wq")
     return cross_layer.forward(inputs, params, state, cfg)
 
 
@@ -339,11 +330,7 @@ def _anchor_supports(
 @config_only
 def with_bn_mode(cfg: CrossLayerConfig, mode: str) -> CrossLayerConfig | None:
     """`cfg` with its per-layer BNs in `mode` ('train' or 'eval'); None without BN."""
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
-    if cfg.bn is None:
-        return None
-    return dataclasses.replace(cfg, bn=mode)  # type: ignore[arg-type]
+    return with_bn_field(cfg, "bn", mode)
 
 
 @config_only
