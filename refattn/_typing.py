@@ -7,6 +7,7 @@ API is not mature enough to say more.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 Array = Any
@@ -17,3 +18,9 @@ Shape = tuple[int, ...]
 
 Params = dict[str, Array]
 """A flat parameter dict keyed by canonical dotted names (state_dict style)."""
+
+Arrays = Mapping[str, Array]
+"""Named arrays a function reads: a block's inputs, params, state or douts."""
+
+ArrayDict = dict[str, Array]
+"""Named arrays a function returns: a block's outputs or gradients."""

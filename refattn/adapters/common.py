@@ -128,6 +128,16 @@ class TheirCode:
         raise UserCodeError(f"{self.who} raised {what} {self.doing}; no verdict") from err
 
 
+def import_framework(module: str, label: str, extra: str) -> Any:
+    """The framework `module`, or a ValidationInputError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValidationInputError(
+            f"{label} is not installed: pip install 'refattn[{extra}]'"
+        ) from None
+
+
 def factory_label(factory: Callable[..., Any]) -> str:
     """``module:qualname`` of a factory, as ``--torch``/``--jax`` spell it."""
     module = getattr(factory, "__module__", None)

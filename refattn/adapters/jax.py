@@ -51,13 +51,7 @@ _COLLECTIONS = ("params", "batch_stats")
 
 
 def _jax() -> Any:
-    try:
-        import jax
-    except ImportError:
-        raise ValidationInputError(
-            "JAX is not installed: pip install 'refattn[jax]'"
-        ) from None
-    return jax
+    return common.import_framework("jax", "JAX", "jax")
 
 
 def load_factory(spec: str) -> Callable[[dict[str, Any]], Any]:

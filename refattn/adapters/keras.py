@@ -56,12 +56,7 @@ def _keras() -> Any:
             if importlib.util.find_spec(backend) is not None:
                 os.environ["KERAS_BACKEND"] = backend
                 break
-    try:
-        import keras
-    except ImportError:
-        raise ValidationInputError(
-            "Keras is not installed: pip install 'refattn[keras]'"
-        ) from None
+    keras = common.import_framework("keras", "Keras", "keras")
     backend = keras.config.backend()
     if backend not in BACKENDS:
         raise ValidationInputError(

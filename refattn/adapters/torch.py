@@ -58,13 +58,7 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ValidationInputError(
-            "PyTorch is not installed: pip install 'refattn[torch]'"
-        ) from None
-    return torch
+    return common.import_framework("torch", "PyTorch", "torch")
 
 
 def load_factory(spec: str) -> Callable[[dict[str, Any]], Any]:

@@ -72,7 +72,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
-from refattn._typing import Array, Shape
+from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import device, namespace, prod
 from refattn.ops.conv import (
     PointwiseConvCache,
@@ -407,12 +407,8 @@ class CGNLCache(NamedTuple):
     bn: BatchNormCache | None  # 5. batch norm
 
 
-def forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: CGNLConfig,
-) -> tuple[dict[str, Array], CGNLCache]:
+def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: CGNLConfig
+            ) -> tuple[ArrayDict, CGNLCache]:
     """CGNL block forward.
 
     Math (per sample n and group k; c = 1/sqrt(M) with use_scale, else 1):
@@ -501,9 +497,7 @@ def forward(
     return outputs, cache
 
 
-def backward(
-    douts: Mapping[str, Array], cache: CGNLCache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Arrays, cache: CGNLCache) -> tuple[ArrayDict, ArrayDict]:
     """VJP of the CGNL block (the forward's steps in reverse).
 
     Math (per sample and group, D = d out):

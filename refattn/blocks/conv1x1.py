@@ -25,11 +25,10 @@ padded border positions output the bias alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from refattn._typing import Array
+from refattn._typing import ArrayDict, Arrays
 from refattn.ops.conv import Conv2dCache, _conv2d, _conv2d_backward, pair
 
 __all__ = ["PRESETS", "Conv1x1Cache", "Conv1x1Config", "backward", "forward"]
@@ -58,12 +57,8 @@ class Conv1x1Cache(NamedTuple):
     has_bias: bool
 
 
-def forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: Conv1x1Config,
-) -> tuple[dict[str, Array], Conv1x1Cache]:
+def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: Conv1x1Config
+            ) -> tuple[ArrayDict, Conv1x1Cache]:
     """1x1 convolution with stride, zero padding and groups.
 
     Math:
@@ -89,9 +84,7 @@ def forward(
     return {"out": out}, Conv1x1Cache(conv, cfg.bias)
 
 
-def backward(
-    douts: Mapping[str, Array], cache: Conv1x1Cache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Arrays, cache: Conv1x1Cache) -> tuple[ArrayDict, ArrayDict]:
     """VJP of the 1x1 convolution.
 
     Math:

@@ -63,12 +63,11 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Literal, NamedTuple
 
-from refattn._typing import Array, Shape
+from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace
 from refattn.ops.conv import (
     PointwiseConvCache,
@@ -179,12 +178,8 @@ class CrossLayerCache(NamedTuple):
     layers: tuple[KVCache, ...]  # steps 2-8 per key/value layer
 
 
-def forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: CrossLayerConfig,
-) -> tuple[dict[str, Array], CrossLayerCache]:
+def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: CrossLayerConfig
+            ) -> tuple[ArrayDict, CrossLayerCache]:
     """Cross-layer non-local forward.
 
     Math (per sample; s = 1/sqrt(P) with use_scale, else 1):
@@ -294,9 +289,7 @@ def forward(
     return outputs, cache
 
 
-def backward(
-    douts: Mapping[str, Array], cache: CrossLayerCache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Arrays, cache: CrossLayerCache) -> tuple[ArrayDict, ArrayDict]:
     """VJP of the cross-layer non-local block (the forward's steps in reverse).
 
     Math (per sample, D = d out; every layer m receives D):

@@ -21,12 +21,11 @@ gives one window over its top-left 7x7 corner).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refattn import backend
-from refattn._typing import Array
+from refattn._typing import ArrayDict, Arrays
 from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 
 __all__ = ["PRESETS", "GapCache", "GapConfig", "backward", "forward"]
@@ -47,12 +46,8 @@ class GapCache(NamedTuple):
     dtype: str  # x's dtype name ('float32' or 'float64'), the cotangent's too
 
 
-def forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: GapConfig,
-) -> tuple[dict[str, Array], GapCache]:
+def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: GapConfig
+            ) -> tuple[ArrayDict, GapCache]:
     """Mean over all spatial positions.
 
     Math:
@@ -67,9 +62,7 @@ def forward(
     return {"out": out}, GapCache(pool, backend.dtype_name(x))
 
 
-def backward(
-    douts: Mapping[str, Array], cache: GapCache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Arrays, cache: GapCache) -> tuple[ArrayDict, ArrayDict]:
     """VJP of GAP: every position receives an equal share.
 
     Math:

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from refattn._typing import Array
+from refattn._typing import Array, ArrayDict, Arrays
 from refattn.ops.conv import (
     Conv2dCache,
     PointwiseConvCache,
@@ -195,12 +195,8 @@ def _stack_backward(df: Array, cache: MlpconvCache) -> tuple[Array, dict[str, Ar
     return dx, dparams
 
 
-def mlpconv_forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: MlpconvConfig,
-) -> tuple[dict[str, Array], MlpconvCache]:
+def mlpconv_forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: MlpconvConfig
+                    ) -> tuple[ArrayDict, MlpconvCache]:
     """An mlpconv layer: k x k conv + ReLU, then L-1 (1x1 conv + ReLU).
 
     Math:
@@ -217,9 +213,7 @@ def mlpconv_forward(
     return {"out": out}, cache
 
 
-def mlpconv_backward(
-    douts: Mapping[str, Array], cache: MlpconvCache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def mlpconv_backward(douts: Arrays, cache: MlpconvCache) -> tuple[ArrayDict, ArrayDict]:
     """VJP of mlpconv: the chain of ReLU and conv VJPs, last layer first.
 
     Math:
@@ -241,12 +235,8 @@ class NinHeadCache(NamedTuple):
     pool: GlobalPoolCache  # the class maps' shape
 
 
-def nin_head_forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: MlpconvConfig,
-) -> tuple[dict[str, Array], NinHeadCache]:
+def nin_head_forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: MlpconvConfig
+                     ) -> tuple[ArrayDict, NinHeadCache]:
     """The NIN classifier: an mlpconv whose last conv has one channel per
     class, then global average pooling.
 
@@ -264,9 +254,8 @@ def nin_head_forward(
     return {"out": logits, "aux.class_maps": maps}, NinHeadCache(stack, pool)
 
 
-def nin_head_backward(
-    douts: Mapping[str, Array], cache: NinHeadCache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def nin_head_backward(douts: Arrays, cache: NinHeadCache
+                      ) -> tuple[ArrayDict, ArrayDict]:
     """VJP of the NIN head.
 
     Math:

@@ -94,19 +94,25 @@ from refattn._typing import Array, Params, Shape
 __all__ = [
     "BenchCase",
     "BlockSpec",
+    "check_batch_statistics",
     "CONTRACT",
     "MIN_MARGIN",
+    "RANK_NAMES",
     "config_from_dict",
     "config_to_dict",
     "draw_bias",
     "draw_bn_state",
     "draw_norm_affine",
+    "draw_param",
     "draw_weight",
+    "init_norm",
+    "norm_shapes",
     "json_ready",
     "max_gap",
     "relu_margin",
+    "single_x_shape",
     "to_namespace",
-    "torch_default_init",
+    "with_bn_field",
 ]
 
 MIN_MARGIN = 1e-5
@@ -212,21 +218,53 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def with_bn_field(cfg: Any, field: str, mode: str) -> Any:
+    """`cfg` with its batch-norm mode field `field` set to `mode` ('train' or
+    'eval'); None when the field is None (the config has no BN)."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
+    if getattr(cfg, field) is None:
+        return None
+    return dataclasses.replace(cfg, **{field: mode})
+
+
+# ---------------------------------------------------------------------------
+# input shapes
+
+RANK_NAMES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}
+"""The layouts of an input x with 1, 2 or 3 spatial dims, by rank."""
+
+
+def single_x_shape(block: str, input_shapes: Mapping[str, Shape]) -> Shape:
+    """The shape of `block`'s only input ``x`` with 1, 2 or 3 spatial dims
+    (``RANK_NAMES``), validated for names, rank and emptiness."""
+    if not isinstance(input_shapes, Mapping) or set(input_shapes) != {"x"}:
+        got = sorted(input_shapes) if isinstance(input_shapes, Mapping) else input_shapes
+        raise ValueError(f"inputs: {block} takes exactly one input 'x', got {got!r}")
+    shape = tuple(input_shapes["x"])
+    if len(shape) not in RANK_NAMES:
+        raise ValueError(
+            "x: expected a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, T, H, W) "
+            f"array, got shape {shape}"
+        )
+    if any(s < 1 for s in shape):
+        raise ValueError(f"x: expected every dim >= 1, got shape {shape}")
+    return shape
+
+
+def check_batch_statistics(shape: Shape, setting: str, what: str, *, name: str = "x",
+                           count: str = "N·|S|") -> None:
+    """A BN in train mode normalises each channel with the mean and variance of
+    its N·|S| values in the batch: at least two are needed."""
+    if shape[0] * math.prod(shape[2:]) < 2:
+        raise ValueError(
+            f"{name}: {setting} normalises {what} with batch statistics over "
+            f"{count} values per channel, which needs {count} >= 2, got shape {shape}"
+        )
+
+
 # ---------------------------------------------------------------------------
 # parameter draws (host, float64)
-
-
-def torch_default_init(
-    rng: np.random.Generator, weight_shape: Shape, bias: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """PyTorch's ``nn.Conv2d.reset_parameters``: weight and bias both
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C/G·KH·KW (the Kaiming-uniform
-    rule with a = sqrt(5) works out to exactly this bound)."""
-    fan_in = math.prod(weight_shape[1:])
-    bound = 1.0 / math.sqrt(fan_in)
-    w = rng.uniform(-bound, bound, weight_shape)
-    b = rng.uniform(-bound, bound, weight_shape[:1]) if bias else None
-    return w, b
 
 
 def draw_weight(rng: np.random.Generator, shape: Shape, fan_in: int | None = None) -> np.ndarray:
@@ -248,6 +286,61 @@ def draw_norm_affine(rng: np.random.Generator, c: int) -> tuple[np.ndarray, np.n
 def draw_bn_state(rng: np.random.Generator, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Running mean ~ N(0, 0.1^2) and running var in [0.5, 2]: not the (0, 1) init."""
     return 0.1 * rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+
+
+def draw_param(rng: np.random.Generator, key: str, shapes: Mapping[str, Shape],
+               scheme: str = "random") -> np.ndarray:
+    """Host float64 conv or linear parameter `key` (a weight or a bias; fan_in
+    comes from its layer's weight in `shapes`), drawn by `scheme`:
+
+    ``random``  weight N(0, 1/fan_in), bias N(0, 0.1²) (draw_weight, draw_bias);
+    ``torch``   PyTorch's ``nn.Conv2d.reset_parameters``: both U(±1/sqrt(fan_in))
+                (its Kaiming-uniform rule with a = sqrt(5) works out to this);
+    ``small``   weight N(0, 0.01²), bias 0;
+    ``zeros``   zeros (draws nothing).
+    """
+    shape = shapes[key]
+    leaf = key.rsplit(".", 1)[-1]
+    if scheme == "random":
+        return draw_weight(rng, shape) if leaf == "weight" else draw_bias(rng, shape)
+    if scheme == "torch":
+        fan_in = math.prod(shapes[key.removesuffix(leaf) + "weight"][1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape)
+    if scheme == "small" and leaf == "weight":
+        return 0.01 * rng.standard_normal(shape)
+    if scheme in ("small", "zeros"):
+        return np.zeros(shape)
+    raise ValueError(f"scheme: expected 'random', 'torch', 'small' or 'zeros', "
+                     f"got {scheme!r}")
+
+
+def norm_shapes(module: str, c: int, *, running: bool = True) -> dict[str, Shape]:
+    """The keys and shapes of a norm layer `module` over `c` channels: ``weight``,
+    ``bias`` and, with `running`, ``running_mean`` and ``running_var``."""
+    leaves = ("weight", "bias") + (("running_mean", "running_var") if running else ())
+    return {f"{module}.{leaf}": (c,) for leaf in leaves}
+
+
+def init_norm(rng: np.random.Generator, module: str, c: int, *, identity: bool,
+              running: bool = True) -> tuple[Params, Params]:
+    """Host float64 (params, state) of a norm layer `module` over `c` channels:
+    ``weight`` and ``bias``, and with `running` the buffers ``running_mean``
+    and ``running_var``.
+
+    Drawn by draw_norm_affine, then draw_bn_state; with `identity`, gamma =
+    beta = 0 and running statistics (0, 1), drawing nothing (the zero init
+    that makes a residual block the identity).
+    """
+    if identity:
+        gamma, beta, mean, var = np.zeros(c), np.zeros(c), np.zeros(c), np.ones(c)
+    else:
+        gamma, beta = draw_norm_affine(rng, c)
+        mean, var = draw_bn_state(rng, c) if running else (None, None)
+    params = {f"{module}.weight": gamma, f"{module}.bias": beta}
+    if not running:
+        return params, {}
+    return params, {f"{module}.running_mean": mean, f"{module}.running_var": var}
 
 
 # ---------------------------------------------------------------------------

@@ -17,19 +17,9 @@ Notation: x is (N, C, *S) with L = prod(S) positions.
 from __future__ import annotations
 
 from refattn._typing import Array, Shape
-from refattn.cuda._runner import (
-    Runner,
-    axis_index,
-    check_shape,
-    default_runner,
-    elementwise_grid,
-    float_array,
-    i64,
-    nonempty,
-    prod,
-    row_grid,
-    same_dtype,
-)
+from refattn.cuda._runner import (Runner, axis_index, check_shape, default_runner,
+                                  elementwise_grid, float_array, i64, nonempty, prod,
+                                  row_grid, same_dtype)
 from refattn.cuda.launch_norm import (
     CGNL_MAX_ORDER,
     batch_norm_stats,
@@ -41,15 +31,10 @@ from refattn.cuda.launch_norm import (
     small_conv_backward,
     small_conv_forward,
 )
-from refattn.cuda.launch_pool import (
-    GLOBAL_POOLS,
-    channel_pool_backward,
-    channel_pool_forward,
-    global_pool_backward,
-    global_pool_forward,
-    max_pool_backward,
-    max_pool_forward,
-)
+from refattn.cuda.launch_pool import (GLOBAL_POOLS, channel_pool_backward,
+                                      channel_pool_forward, global_pool_backward,
+                                      global_pool_forward, max_pool_backward,
+                                      max_pool_forward)
 
 __all__ = [
     "CGNL_MAX_ORDER",

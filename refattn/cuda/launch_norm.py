@@ -6,20 +6,9 @@ Re-exported by ``refattn.cuda.launch``; see there for the conventions.
 from __future__ import annotations
 
 from refattn._typing import Array
-from refattn.cuda._runner import (
-    Runner,
-    check_groups,
-    check_order,
-    check_shape,
-    default_runner,
-    elementwise_grid,
-    float_array,
-    i64,
-    nonempty,
-    prod,
-    row_grid,
-    same_dtype,
-)
+from refattn.cuda._runner import (Runner, check_groups, check_order, check_shape,
+                                  default_runner, elementwise_grid, float_array, i64,
+                                  nonempty, prod, row_grid, same_dtype)
 
 __all__ = [
     "CGNL_MAX_ORDER",

@@ -25,15 +25,9 @@ from refattn.cuda._runner import (
     same_dtype,
 )
 
-__all__ = [
-    "GLOBAL_POOLS",
-    "channel_pool_backward",
-    "channel_pool_forward",
-    "global_pool_backward",
-    "global_pool_forward",
-    "max_pool_backward",
-    "max_pool_forward",
-]
+__all__ = ["GLOBAL_POOLS", "channel_pool_backward", "channel_pool_forward",
+           "global_pool_backward", "global_pool_forward", "max_pool_backward",
+           "max_pool_forward"]
 
 GLOBAL_POOLS = ("avg", "max", "lp", "lse")
 

@@ -86,37 +86,44 @@ __device__ __forceinline__ unsigned refattn_pow2_ceil(unsigned n) {
     return p;
 }
 
-// Sum of `v` over the threads of the block.  `buf` is a __shared__ array of
-// at least blockDim.x entries; every thread of the block must call this.
-template <typename A>
-__device__ A refattn_block_sum(A v, A* buf) {
+// Tree reduction of `v` over the threads of the block with the binary `op`.
+// `buf` is a __shared__ array of at least blockDim.x entries; every thread of
+// the block must call this; every thread gets the result.
+template <typename T, typename Op>
+__device__ T refattn_block_reduce(T v, T* buf, Op op) {
     const unsigned tid = threadIdx.x;
     const unsigned n = blockDim.x;
     buf[tid] = v;
     __syncthreads();
     for (unsigned s = refattn_pow2_ceil(n) / 2; s > 0; s >>= 1) {
-        if (tid < s && tid + s < n) buf[tid] += buf[tid + s];
+        if (tid < s && tid + s < n) buf[tid] = op(buf[tid], buf[tid + s]);
         __syncthreads();
     }
-    const A total = buf[0];
+    const T total = buf[0];
     __syncthreads();  // buf may be reused right after
     return total;
 }
 
-// NaN-propagating max of `v` over the threads of the block (see block_sum).
+struct refattn_plus {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a + b; }
+};
+
+struct refattn_nanmax {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return refattn_max2(a, b); }
+};
+
+// Sum of `v` over the threads of the block (see block_reduce).
+template <typename A>
+__device__ A refattn_block_sum(A v, A* buf) {
+    return refattn_block_reduce(v, buf, refattn_plus());
+}
+
+// NaN-propagating max of `v` over the threads of the block (see block_reduce).
 template <typename T>
 __device__ T refattn_block_max(T v, T* buf) {
-    const unsigned tid = threadIdx.x;
-    const unsigned n = blockDim.x;
-    buf[tid] = v;
-    __syncthreads();
-    for (unsigned s = refattn_pow2_ceil(n) / 2; s > 0; s >>= 1) {
-        if (tid < s && tid + s < n) buf[tid] = refattn_max2(buf[tid], buf[tid + s]);
-        __syncthreads();
-    }
-    const T best = buf[0];
-    __syncthreads();
-    return best;
+    return refattn_block_reduce(v, buf, refattn_nanmax());
 }
 
 // First arg-max over the threads of the block: each thread brings its own

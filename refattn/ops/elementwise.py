@@ -235,10 +235,7 @@ def mul_forward(a: Array, b: Array) -> tuple[Array, MulCache]:
         a, b  broadcast-compatible
         out   broadcast(a.shape, b.shape)
     """
-    _check_input("a", a)
-    _check_input("b", b)
-    check_same_dtype(a=a, b=b)
-    _broadcast("a", a.shape, "b", b.shape)
+    _check_operands(a, b)
     return _mul(a, b)
 
 
@@ -289,10 +286,7 @@ def add_forward(a: Array, b: Array) -> tuple[Array, AddCache]:
         a, b  broadcast-compatible
         out   broadcast(a.shape, b.shape)
     """
-    _check_input("a", a)
-    _check_input("b", b)
-    check_same_dtype(a=a, b=b)
-    _broadcast("a", a.shape, "b", b.shape)
+    _check_operands(a, b)
     return _add(a, b)
 
 
@@ -347,17 +341,30 @@ def _check_dout_shape(dout: Array, shape: Shape, ref: Array) -> None:
         check_same_dtype(dout=dout, forward=ref)
 
 
-def _broadcast(name_a: str, shape_a: Shape, name_b: str, shape_b: Shape) -> Shape:
-    """The broadcast of two shapes, or a ValueError naming both arguments."""
+def _check_operands(a: Array, b: Array) -> None:
+    """a and b: finite arrays of one dtype with broadcast-compatible shapes."""
+    _check_input("a", a)
+    _check_input("b", b)
+    check_same_dtype(a=a, b=b)
+    _broadcast("a", a.shape, "b", b.shape)
+
+
+def broadcast_shapes(shape_a: Shape, shape_b: Shape) -> Shape | None:
+    """The broadcast of two shapes (NumPy's rules), or None where they clash."""
     n = max(len(shape_a), len(shape_b))
     pa = (1,) * (n - len(shape_a)) + tuple(shape_a)
     pb = (1,) * (n - len(shape_b)) + tuple(shape_b)
-    out = []
-    for da, db in zip(pa, pb):
-        if da != db and da != 1 and db != 1:
-            raise ValueError(
-                f"{name_a}, {name_b}: expected broadcast-compatible shapes, "
-                f"got {tuple(shape_a)} and {tuple(shape_b)}"
-            )
-        out.append(db if da == 1 else da)
-    return tuple(out)
+    if any(da != db and da != 1 and db != 1 for da, db in zip(pa, pb)):
+        return None
+    return tuple(db if da == 1 else da for da, db in zip(pa, pb))
+
+
+def _broadcast(name_a: str, shape_a: Shape, name_b: str, shape_b: Shape) -> Shape:
+    """The broadcast of two shapes, or a ValueError naming both arguments."""
+    out = broadcast_shapes(shape_a, shape_b)
+    if out is None:
+        raise ValueError(
+            f"{name_a}, {name_b}: expected broadcast-compatible shapes, "
+            f"got {tuple(shape_a)} and {tuple(shape_b)}"
+        )
+    return out

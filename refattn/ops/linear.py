@@ -20,6 +20,7 @@ from refattn.backend import (
     prod,
     sum_to_shape,
 )
+from refattn.ops.elementwise import broadcast_shapes
 
 __all__ = [
     "LinearCache",
@@ -111,12 +112,7 @@ def linear_backward(
     weight, x_shape = cache.weight, cache.x_shape
     n_out = weight.shape[0]
     want = tuple(x_shape[:-1]) + (n_out,)
-    check_array("dout", dout)
-    if tuple(dout.shape) != want:
-        raise ValueError(
-            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
-        )
-    check_same_dtype(dout=dout, weight=weight)
+    _check_dout(dout, want, weight=weight)
     return _linear_backward(dout, cache)
 
 
@@ -196,12 +192,7 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     a, b = cache
     batch = _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
     want = batch + (a.shape[-2], b.shape[-1])
-    check_array("dout", dout)
-    if tuple(dout.shape) != want:
-        raise ValueError(
-            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
-        )
-    check_same_dtype(dout=dout, a=a)
+    _check_dout(dout, want, a=a)
     return _matmul_backward(dout, cache)
 
 
@@ -222,18 +213,23 @@ def _matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     return da, db
 
 
+def _check_dout(dout: Array, want: Shape, **forward: Array) -> None:
+    """dout must have the forward's output shape `want` and its dtype."""
+    check_array("dout", dout)
+    if tuple(dout.shape) != want:
+        raise ValueError(
+            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
+        )
+    check_same_dtype(dout=dout, **forward)
+
+
 def _broadcast_batch(sa: Shape, sb: Shape, a: Array, b: Array) -> Shape:
     """Broadcast two batch shapes, or raise naming both operands."""
-    n = max(len(sa), len(sb))
-    pa = (1,) * (n - len(sa)) + sa
-    pb = (1,) * (n - len(sb)) + sb
-    out = []
-    for x, y in zip(pa, pb):
-        if x != y and x != 1 and y != 1:
-            raise ValueError(
-                f"b: expected batch axes broadcastable with a's, got shapes "
-                f"a {tuple(a.shape)} and b {tuple(b.shape)} (batch {sa} vs {sb})"
-            )
-        out.append(y if x == 1 else x)
-    return tuple(out)
+    out = broadcast_shapes(sa, sb)
+    if out is None:
+        raise ValueError(
+            f"b: expected batch axes broadcastable with a's, got shapes "
+            f"a {tuple(a.shape)} and b {tuple(b.shape)} (batch {sa} vs {sb})"
+        )
+    return out
 

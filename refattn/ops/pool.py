@@ -54,22 +54,11 @@ from refattn.backend import (
 )
 from refattn.ops.overrides import overridable, routed_by_cache
 
-__all__ = [
-    "CHANNEL_POOL_KINDS",
-    "GLOBAL_POOL_KINDS",
-    "AvgPoolCache",
-    "ChannelPoolCache",
-    "GlobalPoolCache",
-    "MaxPoolCache",
-    "avg_pool_backward",
-    "avg_pool_forward",
-    "channel_pool_backward",
-    "channel_pool_forward",
-    "global_pool_backward",
-    "global_pool_forward",
-    "max_pool_backward",
-    "max_pool_forward",
-]
+__all__ = ["CHANNEL_POOL_KINDS", "GLOBAL_POOL_KINDS", "AvgPoolCache",
+           "ChannelPoolCache", "GlobalPoolCache", "MaxPoolCache", "avg_pool_backward",
+           "avg_pool_forward", "channel_pool_backward", "channel_pool_forward",
+           "global_pool_backward", "global_pool_forward", "max_pool_backward",
+           "max_pool_forward"]
 
 GlobalPoolKind = Literal["avg", "max", "lp", "lse"]
 ChannelPoolKind = Literal["max", "mean"]

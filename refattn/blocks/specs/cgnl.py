@@ -8,27 +8,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from refattn import checks
-from refattn._typing import Array, Shape
-from refattn.backend import host_rng, namespace, prod, zeros_like_shape
+from refattn._typing import Array, ArrayDict, Params, Shape
+from refattn.backend import host_rng, namespace, prod
 from refattn.blocks import cgnl
-from refattn.blocks.cgnl import (
-    BETAS,
-    KERNELS,
-    MAX_ORDER,
-    NORMS,
-    PRESETS,
-    CGNLCache,
-    CGNLConfig,
-    gn_cancels_attention,
-)
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_bn_state,
-    draw_norm_affine,
-    draw_weight,
-)
+from refattn.blocks.cgnl import (BETAS, KERNELS, MAX_ORDER, NORMS, PRESETS, CGNLCache,
+                                 CGNLConfig, gn_cancels_attention)
+from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
+                                 draw_param, init_norm, norm_shapes, single_x_shape)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -77,24 +63,8 @@ def check_config(cfg: Any) -> CGNLConfig:
 config_entry = checks.config_entry(check_config, shapes=True)
 config_only = checks.config_entry(check_config)
 
-_RANK_NAMES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}
-
-
 def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
-    """The shape of input ``x``, validated for rank and emptiness."""
-    if not isinstance(input_shapes, Mapping) or set(input_shapes) != {"x"}:
-        got = (sorted(input_shapes) if isinstance(input_shapes, Mapping)
-               else input_shapes)
-        raise ValueError(f"inputs: cgnl takes exactly one input 'x', got {got!r}")
-    shape = tuple(input_shapes["x"])
-    if len(shape) not in _RANK_NAMES:
-        raise ValueError(
-            "x: expected a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, T, H, W) "
-            f"array, got shape {shape}"
-        )
-    if any(s < 1 for s in shape):
-        raise ValueError(f"x: expected every dim >= 1, got shape {shape}")
-    return shape
+    return single_x_shape("cgnl", input_shapes)
 
 
 @config_entry
@@ -160,22 +130,15 @@ def param_shapes(
             shapes[f"{name}.bias"] = (P,)
     shapes["z.weight"] = (C, P // G) + ones
     if cfg.norm == "gn":
-        shapes["gn.weight"] = (C,)
-        shapes["gn.bias"] = (C,)
+        shapes |= norm_shapes("gn", C, running=False)
     elif cfg.norm is not None:
-        for key in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"bn.{key}"] = (C,)
+        shapes |= norm_shapes("bn", C)
     return checks.limit_sizes("cgnl", shapes)
 
 
 @config_entry
-def init_params(
-    cfg: CGNLConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def init_params(cfg: CGNLConfig, input_shapes: Mapping[str, Shape], *, seed: int,
+                anchor_init: bool = False) -> tuple[Params, Params]:
     """Host float64 NumPy (params, state) for `cfg`.
 
     Default: random and non-degenerate (weights N(0, 1/fan_in), biases
@@ -190,37 +153,16 @@ def init_params(
     """
     shapes = param_shapes(cfg, input_shapes)
     rng = host_rng(seed)
-    ref = rng.standard_normal(1)  # a host float64 array: zeros_like_shape's template
-    params: dict[str, Array] = {}
+    rng.standard_normal(1)  # a draw the fixtures' random stream begins with
+    scheme = "small" if anchor_init else "random"
+    params = {k: draw_param(rng, k, shapes, scheme)
+              for k in shapes if not k.startswith(("gn.", "bn."))}
     state: dict[str, Array] = {}
-    for key, shape in shapes.items():
-        module, leaf = key.rsplit(".", 1)
-        if module in ("gn", "bn"):
-            continue
-        if anchor_init:
-            value = (0.01 * rng.standard_normal(shape) if leaf == "weight"
-                     else zeros_like_shape(ref, shape))
-        elif leaf == "weight":
-            value = draw_weight(rng, shape)
-        else:
-            value = draw_bias(rng, shape)
-        params[key] = value
     if cfg.norm is not None:
         module = "gn" if cfg.norm == "gn" else "bn"
-        C = shapes[f"{module}.weight"][0]
-        if anchor_init:
-            params[f"{module}.weight"] = zeros_like_shape(ref, (C,))
-            params[f"{module}.bias"] = zeros_like_shape(ref, (C,))
-        else:
-            gamma, beta = draw_norm_affine(rng, C)
-            params[f"{module}.weight"], params[f"{module}.bias"] = gamma, beta
-        if module == "bn":
-            if anchor_init:
-                state["bn.running_mean"] = zeros_like_shape(ref, (C,))
-                state["bn.running_var"] = zeros_like_shape(ref, (C,)) + 1.0
-            else:
-                mean, var = draw_bn_state(rng, C)
-                state["bn.running_mean"], state["bn.running_var"] = mean, var
+        norm, state = init_norm(rng, module, shapes[f"{module}.weight"][0],
+                                identity=anchor_init, running=module == "bn")
+        params |= norm
     return params, state
 
 
@@ -262,7 +204,7 @@ def draw_scales(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> dict[str,
 
 @checks.forward_entry("cgnl")
 def forward(inputs: Any, params: Any, state: Any, cfg: Any
-            ) -> tuple[dict[str, Array], CGNLCache]:
+            ) -> tuple[ArrayDict, CGNLCache]:
     """``cgnl.forward`` after checking every argument."""
     cfg = check_config(cfg)
     inputs = checks.check_inputs("cgnl", inputs, {"x": (3, 4, 5)})
@@ -271,16 +213,13 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
     shapes = param_shapes(cfg, {"x": x_shape})
     params, state = checks.check_params(
         "cgnl", params, state, shapes, inputs, f"bias={cfg.bias}, norm={cfg.norm!r}")
-    if cfg.norm == "bn_train" and x_shape[0] * prod(x_shape[2:]) < 2:
-        raise ValueError(
-            f"x: norm='bn_train' normalises z with batch statistics over N·|S| "
-            f"values per channel, which needs N·|S| >= 2, got shape {x_shape}"
-        )
+    if cfg.norm == "bn_train":
+        check_batch_statistics(x_shape, "norm='bn_train'", "z")
     return cgnl.forward(inputs, params, state, cfg)
 
 
 @checks.backward_entry("cgnl")
-def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Any, cache: Any) -> tuple[ArrayDict, ArrayDict]:
     """``cgnl.backward`` after checking the cotangent; dparams in the order
     of ``param_shapes``."""
     checks.check_cache("cgnl", cache, (CGNLCache,))

@@ -6,19 +6,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from refattn import backend, checks
-from refattn._typing import Array, Shape
+from refattn._typing import ArrayDict, Params, Shape
 from refattn.blocks import conv1x1
 from refattn.blocks.conv1x1 import PRESETS, Conv1x1Cache, Conv1x1Config
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_weight,
-    torch_default_init,
-)
+from refattn.blocks.spec import BenchCase, BlockSpec, draw_param
 from refattn.ops.conv import conv2d_out_shape, pair
 
 RULES: dict[str, checks.Rule] = {
@@ -82,23 +74,18 @@ def param_shapes(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]
 
 @config_entry
 def init_params(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape], *, seed: int,
-                anchor_init: bool = False
-                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                anchor_init: bool = False) -> tuple[Params, Params]:
     """Random N(0, 1/fan_in) weight and N(0, 0.1²) bias; ``anchor_init``:
     nn.Conv2d's default uniform init.  No buffers."""
     shapes = param_shapes(cfg, input_shapes)
     rng = backend.host_rng(seed)
-    if anchor_init:
-        w, b = torch_default_init(rng, shapes["weight"], cfg.bias)
-    else:
-        w = draw_weight(rng, shapes["weight"])
-        b = draw_bias(rng, shapes["bias"]) if cfg.bias else None
-    return {"weight": w} | ({"bias": b} if b is not None else {}), {}
+    scheme = "torch" if anchor_init else "random"
+    return {key: draw_param(rng, key, shapes, scheme) for key in shapes}, {}
 
 
 @checks.forward_entry("conv1x1")
 def forward(inputs: Any, params: Any, state: Any, cfg: Any
-            ) -> tuple[dict[str, Array], Conv1x1Cache]:
+            ) -> tuple[ArrayDict, Conv1x1Cache]:
     """``conv1x1.forward`` after checking every argument."""
     cfg = check_config(cfg)
     inputs = checks.check_inputs("conv1x1", inputs, {"x": 4})
@@ -109,7 +96,7 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 
 @checks.backward_entry("conv1x1")
-def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Any, cache: Any) -> tuple[ArrayDict, ArrayDict]:
     """``conv1x1.backward`` after checking the cotangent against the forward."""
     checks.check_cache("conv1x1", cache, (Conv1x1Cache,))
     checks.check_douts("conv1x1", douts, shape=conv2d_out_shape(cache.conv),

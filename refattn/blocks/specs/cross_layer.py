@@ -9,24 +9,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from refattn import checks
-from refattn._typing import Array, Shape
-from refattn.backend import host_rng, prod, zeros_like_shape
+from refattn._typing import Array, ArrayDict, Params, Shape
+from refattn.backend import host_rng, prod
 from refattn.blocks import cross_layer
-from refattn.blocks.cross_layer import (
-    BN_MODES,
-    LAYOUTS,
-    PRESETS,
-    CrossLayerCache,
-    CrossLayerConfig,
-)
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_bn_state,
-    draw_norm_affine,
-    draw_weight,
-)
+from refattn.blocks.cross_layer import (BN_MODES, LAYOUTS, PRESETS, CrossLayerCache,
+                                        CrossLayerConfig)
+from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
+                                 draw_param, init_norm, norm_shapes, with_bn_field)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -179,19 +168,13 @@ def param_shapes(
             if cfg.bias:
                 shapes[f"kv{m}.{name}.bias"] = (P,)
         if cfg.bn is not None:
-            for leaf in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"kv{m}.bn.{leaf}"] = (cq,)
+            shapes |= norm_shapes(f"kv{m}.bn", cq)
     return checks.limit_sizes("cross_layer", shapes)
 
 
 @config_entry
-def init_params(
-    cfg: CrossLayerConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def init_params(cfg: CrossLayerConfig, input_shapes: Mapping[str, Shape], *, seed: int,
+                anchor_init: bool = False) -> tuple[Params, Params]:
     """Host float64 NumPy (params, state) for `cfg`.
 
     Default: random and non-degenerate (weights N(0, 1/fan_in), biases
@@ -206,43 +189,21 @@ def init_params(
     """
     shapes = param_shapes(cfg, input_shapes)
     rng = host_rng(seed)
-    ref = rng.standard_normal(1)  # a host float64 array: zeros_like_shape's template
-    params: dict[str, Array] = {}
+    rng.standard_normal(1)  # a draw the fixtures' random stream begins with
+    scheme = "random" if not anchor_init else "small" if cfg.bn is not None else "torch"
+    params = {k: draw_param(rng, k, shapes, scheme) for k in shapes if ".bn." not in k}
     state: dict[str, Array] = {}
-    for key, shape in shapes.items():
-        module, leaf = key.rsplit(".", 1)
-        if module.endswith(".bn"):
-            continue
-        fan_in = prod(shapes[f"{module}.weight"][1:])
-        if not anchor_init:
-            draw = draw_weight if leaf == "weight" else draw_bias
-            value = draw(rng, shape)
-        elif cfg.bn is not None:
-            scaled = 0.01 * rng.standard_normal(shape)
-            value = scaled if leaf == "weight" else zeros_like_shape(ref, shape)
-        else:
-            bound = 1.0 / math.sqrt(fan_in)
-            value = rng.uniform(-bound, bound, shape)
-        params[key] = value
     for key in (k for k in shapes if k.endswith(".bn.weight")):
-        module = key.rsplit(".", 1)[0]
-        C = shapes[key][0]
-        if anchor_init:
-            zeros = zeros_like_shape(ref, (C,))
-            params[f"{module}.weight"], params[f"{module}.bias"] = zeros, zeros + 0.0
-            state[f"{module}.running_mean"] = zeros + 0.0
-            state[f"{module}.running_var"] = zeros + 1.0
-        else:
-            gamma, beta = draw_norm_affine(rng, C)
-            params[f"{module}.weight"], params[f"{module}.bias"] = gamma, beta
-            mean, var = draw_bn_state(rng, C)
-            state[f"{module}.running_mean"], state[f"{module}.running_var"] = mean, var
+        norm, norm_state = init_norm(rng, key.removesuffix(".weight"), shapes[key][0],
+                                     identity=anchor_init)
+        params |= norm
+        state |= norm_state
     return params, state
 
 
 @checks.forward_entry("cross_layer")
 def forward(inputs: Any, params: Any, state: Any, cfg: Any
-            ) -> tuple[dict[str, Array], CrossLayerCache]:
+            ) -> tuple[ArrayDict, CrossLayerCache]:
     """``cross_layer.forward`` after checking every argument; the key/value
     inputs are passed on in layer order."""
     cfg = check_config(cfg)
@@ -259,18 +220,14 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
         "cross_layer", params, state, shapes, inputs,
         f"bias={cfg.bias}, bn={cfg.bn!r}, out_proj={cfg.out_proj}, "
         f"{len(names)} key/value layer(s)")
-    N, _, hq, wq = input_shapes["x_q"]
-    if cfg.bn == "train" and N * hq * wq < 2:
-        raise ValueError(
-            f"x_q: bn='train' normalises each Z_m with batch statistics over "
-            f"N·Hq·Wq values per channel, which needs N·Hq·Wq >= 2, got shape "
-            f"{input_shapes['x_q']}"
-        )
+    if cfg.bn == "train":
+        check_batch_statistics(input_shapes["x_q"], "bn='train'", "each Z_m",
+                               name="x_q", count="N·Hq·Wq")
     return cross_layer.forward(inputs, params, state, cfg)
 
 
 @checks.backward_entry("cross_layer")
-def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Any, cache: Any) -> tuple[ArrayDict, ArrayDict]:
     """``cross_layer.backward`` after checking the cotangent; dparams in the
     order of ``param_shapes``."""
     checks.check_cache("cross_layer", cache, (CrossLayerCache,))
@@ -373,11 +330,7 @@ def _anchor_supports(
 @config_only
 def with_bn_mode(cfg: CrossLayerConfig, mode: str) -> CrossLayerConfig | None:
     """`cfg` with its per-layer BNs in `mode` ('train' or 'eval'); None without BN."""
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
-    if cfg.bn is None:
-        return None
-    return dataclasses.replace(cfg, bn=mode)  # type: ignore[arg-type]
+    return with_bn_field(cfg, "bn", mode)
 
 
 @config_only

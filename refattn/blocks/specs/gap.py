@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from refattn import backend, checks
-from refattn._typing import Array, Shape
+from refattn._typing import ArrayDict, Shape
 from refattn.blocks import gap
 from refattn.blocks.gap import PRESETS, GapCache, GapConfig
 from refattn.blocks.spec import BenchCase, BlockSpec
@@ -54,7 +54,7 @@ def init_params(cfg: GapConfig, input_shapes: Mapping[str, Shape], *, seed: int,
 
 @checks.forward_entry("gap")
 def forward(inputs: Any, params: Any, state: Any, cfg: Any
-            ) -> tuple[dict[str, Array], GapCache]:
+            ) -> tuple[ArrayDict, GapCache]:
     """``gap.forward`` after checking every argument."""
     cfg = check_config(cfg)
     inputs = checks.check_inputs("gap", inputs, {"x": (3, 4, 5)})
@@ -63,7 +63,7 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 
 @checks.backward_entry("gap")
-def backward(douts: Any, cache: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Any, cache: Any) -> tuple[ArrayDict, ArrayDict]:
     """``gap.backward`` after checking the cotangent against the forward."""
     checks.check_cache("gap", cache, (GapCache,))
     pool = cache.pool

@@ -7,10 +7,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 
 from refattn import backend, checks
-from refattn._typing import Array, Shape
+from refattn._typing import Array, ArrayDict, Params, Shape
 from refattn.blocks import mlpconv
 from refattn.blocks.mlpconv import (
     MLPCONV_PRESETS,
@@ -20,14 +19,7 @@ from refattn.blocks.mlpconv import (
     NinHeadCache,
     NinHeadConfig,
 )
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_weight,
-    relu_margin,
-    torch_default_init,
-)
+from refattn.blocks.spec import BenchCase, BlockSpec, draw_param, relu_margin
 from refattn.blocks.specs.conv1x1 import out_hw, x_shape
 from refattn.ops.conv import _conv2d, _pointwise_conv, conv2d_out_shape, pair
 
@@ -143,33 +135,18 @@ def param_shapes(
 
 
 @config_entry
-def init_params(
-    cfg: MlpconvConfig,
-    input_shapes: Mapping[str, Shape],
-    *,
-    seed: int,
-    anchor_init: bool = False,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def init_params(cfg: MlpconvConfig, input_shapes: Mapping[str, Shape], *, seed: int,
+                anchor_init: bool = False) -> tuple[Params, Params]:
     """Random N(0, 1/fan_in) weights and N(0, 0.1²) biases; ``anchor_init``:
     nn.Conv2d's default uniform init (the PyTorch port of NIN).  No buffers."""
     shapes = param_shapes(cfg, input_shapes)
     rng = backend.host_rng(seed)
-    params: dict[str, np.ndarray] = {}
-    for i in range(len(cfg.channels)):
-        wshape = shapes[f"convs.{i}.weight"]
-        if anchor_init:
-            w, b = torch_default_init(rng, wshape, cfg.bias)
-        else:
-            w = draw_weight(rng, wshape)
-            b = draw_bias(rng, wshape[:1]) if cfg.bias else None
-        params[f"convs.{i}.weight"] = w
-        if b is not None:
-            params[f"convs.{i}.bias"] = b
-    return params, {}
+    scheme = "torch" if anchor_init else "random"
+    return {key: draw_param(rng, key, shapes, scheme) for key in shapes}, {}
 
 
 def _check_arguments(block: str, cfg: MlpconvConfig, inputs: Any, params: Any,
-                     state: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+                     state: Any) -> tuple[ArrayDict, ArrayDict]:
     inputs = checks.check_inputs(block, inputs, {"x": 4})
     shapes = param_shapes(cfg, {"x": tuple(inputs["x"].shape)})
     params, _ = checks.check_params(
@@ -180,7 +157,7 @@ def _check_arguments(block: str, cfg: MlpconvConfig, inputs: Any, params: Any,
 
 @checks.forward_entry("mlpconv")
 def mlpconv_forward(inputs: Any, params: Any, state: Any, cfg: Any
-                    ) -> tuple[dict[str, Array], MlpconvCache]:
+                    ) -> tuple[ArrayDict, MlpconvCache]:
     """``mlpconv.mlpconv_forward`` after checking every argument."""
     cfg = check_mlpconv_config(cfg)
     inputs, params = _check_arguments("mlpconv", cfg, inputs, params, state)
@@ -189,7 +166,7 @@ def mlpconv_forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 @checks.backward_entry("mlpconv")
 def mlpconv_backward(douts: Any, cache: Any
-                     ) -> tuple[dict[str, Array], dict[str, Array]]:
+                     ) -> tuple[ArrayDict, ArrayDict]:
     """``mlpconv.mlpconv_backward`` after checking the cotangent."""
     checks.check_cache("mlpconv", cache, (MlpconvCache,))
     last = cache.convs[-1]
@@ -201,7 +178,7 @@ def mlpconv_backward(douts: Any, cache: Any
 
 @checks.forward_entry("nin_head")
 def nin_head_forward(inputs: Any, params: Any, state: Any, cfg: Any
-                     ) -> tuple[dict[str, Array], NinHeadCache]:
+                     ) -> tuple[ArrayDict, NinHeadCache]:
     """``mlpconv.nin_head_forward`` after checking every argument."""
     cfg = check_nin_head_config(cfg)
     inputs, params = _check_arguments("nin_head", cfg, inputs, params, state)
@@ -210,7 +187,7 @@ def nin_head_forward(inputs: Any, params: Any, state: Any, cfg: Any
 
 @checks.backward_entry("nin_head")
 def nin_head_backward(douts: Any, cache: Any
-                      ) -> tuple[dict[str, Array], dict[str, Array]]:
+                      ) -> tuple[ArrayDict, ArrayDict]:
     """``mlpconv.nin_head_backward`` after checking the cotangent."""
     checks.check_cache("nin_head", cache, (NinHeadCache,))
     checks.check_douts("nin_head", douts, shape=cache.pool.x_shape[:2],
