@@ -27,16 +27,9 @@ from refattn.blocks.non_local import (
     _kv_names,
     _pooled,
 )
-from refattn.blocks.spec import (
-    BenchCase,
-    BlockSpec,
-    draw_bias,
-    draw_bn_state,
-    draw_norm_affine,
-    draw_weight,
-    max_gap,
-    relu_margin,
-)
+from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
+                                 draw_param, init_norm, max_gap, relu_margin,
+                                 single_x_shape, with_bn_field)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -106,25 +99,8 @@ def check_config(cfg: Any) -> NonLocalConfig:
 config_entry = checks.config_entry(check_config, shapes=True)
 config_only = checks.config_entry(check_config)
 
-_RANK_NAMES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}
-
-
 def _x_shape(input_shapes: Mapping[str, Shape]) -> Shape:
-    """The shape of input ``x``, validated for rank and emptiness."""
-    if not isinstance(input_shapes, Mapping) or set(input_shapes) != {"x"}:
-        got = sorted(input_shapes) if isinstance(input_shapes, Mapping) else (
-            input_shapes
-        )
-        raise ValueError(f"inputs: non_local takes exactly one input 'x', got {got!r}")
-    shape = tuple(input_shapes["x"])
-    if len(shape) not in _RANK_NAMES:
-        raise ValueError(
-            "x: expected a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, T, H, W) "
-            f"array, got shape {shape}"
-        )
-    if any(s < 1 for s in shape):
-        raise ValueError(f"x: expected every dim >= 1, got shape {shape}")
-    return shape
+    return single_x_shape("non_local", input_shapes)
 
 
 def _check_input_shape(cfg: NonLocalConfig, x_shape: Shape) -> None:
@@ -243,39 +219,17 @@ def init_params(
     """
     shapes = param_shapes(cfg, input_shapes)
     rng = host_rng(seed)
-    ref = rng.standard_normal(1)  # a host float64 array: zeros_like_shape's template
+    ref = rng.standard_normal(1)  # the fixtures' random stream begins with it
+    scheme = "random" if not anchor_init else "small" if cfg.use_scale else "torch"
     params: dict[str, Array] = {}
+    for key in (k for k in shapes if "." in k and not k.startswith("W_bn.")):
+        zero_w = anchor_init and key.startswith("W.") and cfg.bn is None  # AlexHex7
+        params[key] = draw_param(rng, key, shapes, "zeros" if zero_w else scheme)
     state: dict[str, Array] = {}
-    for key, shape in shapes.items():
-        if key == "gamma":  # drawn last, after the BN
-            continue
-        module, leaf = key.rsplit(".", 1)
-        if module == "W_bn":
-            continue
-        fan_in = prod(shapes[f"{module}.weight"][1:])
-        if not anchor_init:
-            draw = draw_weight if leaf == "weight" else draw_bias
-            value = draw(rng, shape)
-        elif module == "W" and cfg.bn is None:
-            value = zeros_like_shape(ref, shape)  # AlexHex7's bn_layer=False init
-        elif cfg.use_scale:
-            scaled = 0.01 * rng.standard_normal(shape)
-            value = scaled if leaf == "weight" else zeros_like_shape(ref, shape)
-        else:
-            bound = 1.0 / math.sqrt(fan_in)
-            value = rng.uniform(-bound, bound, shape)
-        params[key] = value
     if cfg.bn is not None:
-        C = shapes["W_bn.weight"][0]
-        if anchor_init:
-            zeros = zeros_like_shape(ref, (C,))
-            params["W_bn.weight"], params["W_bn.bias"] = zeros, zeros + 0.0
-            state["W_bn.running_mean"] = zeros + 0.0
-            state["W_bn.running_var"] = zeros + 1.0
-        else:
-            params["W_bn.weight"], params["W_bn.bias"] = draw_norm_affine(rng, C)
-            mean, var = draw_bn_state(rng, C)
-            state["W_bn.running_mean"], state["W_bn.running_var"] = mean, var
+        norm, state = init_norm(rng, "W_bn", shapes["W_bn.weight"][0],
+                                identity=anchor_init)
+        params |= norm
     if cfg.gamma:  # SAGAN's zero at init; else a scale in [0.5, 1.5]
         params["gamma"] = (zeros_like_shape(ref, (1,)) if anchor_init
                            else rng.uniform(0.5, 1.5, (1,)))
@@ -294,11 +248,8 @@ def forward(inputs: Any, params: Any, state: Any, cfg: Any
     params, state = checks.check_params(
         "non_local", params, state, shapes, inputs,
         f"mode={cfg.mode!r}, bias={cfg.bias}, bn={cfg.bn!r}")
-    if cfg.bn == "train" and x_shape[0] * prod(x_shape[2:]) < 2:
-        raise ValueError(
-            f"x: bn='train' normalises W's output with batch statistics over "
-            f"N·|S| values per channel, which needs N·|S| >= 2, got shape {x_shape}"
-        )
+    if cfg.bn == "train":
+        check_batch_statistics(x_shape, "bn='train'", "W's output")
     return non_local.forward(inputs, params, state, cfg)
 
 
@@ -479,11 +430,7 @@ def _anchor_supports(
 @config_only
 def with_bn_mode(cfg: NonLocalConfig, mode: str) -> NonLocalConfig | None:
     """`cfg` with its W_bn in `mode` ('train' or 'eval'); None without BN."""
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
-    if cfg.bn is None:
-        return None
-    return dataclasses.replace(cfg, bn=mode)  # type: ignore[arg-type]
+    return with_bn_field(cfg, "bn", mode)
 
 
 @config_only
