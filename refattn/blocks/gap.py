@@ -22,7 +22,7 @@ gives one window over its top-left 7x7 corner).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from refattn import backend
 from refattn._typing import ArrayDict, Arrays

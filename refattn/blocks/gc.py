@@ -49,11 +49,10 @@ The checked entry points, parameter shapes and draws are in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from refattn._typing import Array, Shape
+from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace
 from refattn.ops.conv import (
     PointwiseConvCache,
@@ -158,12 +157,8 @@ class GCCache(NamedTuple):
     fuse: AddCache | None  # 7. + δ_add
 
 
-def forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: GCConfig,
-) -> tuple[dict[str, Array], GCCache]:
+def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: GCConfig
+            ) -> tuple[ArrayDict, GCCache]:
     """GC block forward.
 
     Math (per sample, L = H·W positions, x3 = x viewed as (C, L)):
@@ -229,9 +224,7 @@ def forward(
     return {"out": out} | outputs, cache
 
 
-def backward(
-    douts: Mapping[str, Array], cache: GCCache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
     """VJP of the GC block (the forward's steps in reverse).
 
     Math (per sample, D = d out, summed over the L positions where a term
@@ -304,7 +297,7 @@ def backward(
 
 
 def _transform(
-    context: Array, params: Mapping[str, Array], branch: str, eps: float
+    context: Array, params: Arrays, branch: str, eps: float
 ) -> tuple[Array, TransformCache]:
     """δ(c) = W_2 ReLU(LN(W_1 c + b_1)) + b_2 on the context (N, C, 1).
 

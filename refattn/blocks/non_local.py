@@ -69,11 +69,10 @@ The checked entry points, parameter shapes and draws are in
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from refattn._typing import Array, Shape
+from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace, prod
 from refattn.ops.conv import (
     PointwiseConvCache,
@@ -254,12 +253,8 @@ class NonLocalCache(NamedTuple):
     gamma: Array | None  # 9. γ (1,)
 
 
-def forward(
-    inputs: Mapping[str, Array],
-    params: Mapping[str, Array],
-    state: Mapping[str, Array],
-    cfg: NonLocalConfig,
-) -> tuple[dict[str, Array], NonLocalCache]:
+def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: NonLocalConfig
+            ) -> tuple[ArrayDict, NonLocalCache]:
     """Non-local block forward.
 
     Math:
@@ -385,9 +380,7 @@ def forward(
     return outputs, cache
 
 
-def backward(
-    douts: Mapping[str, Array], cache: NonLocalCache
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]:
     """VJP of the non-local block (the forward's steps in reverse).
 
     Math (per sample, D = d out):
@@ -522,7 +515,7 @@ def _sum_paths(*terms: Array | None) -> Array:
 
 
 def _stacked_conv_forward(
-    x3: Array, params: Mapping[str, Array], names: tuple[str, ...]
+    x3: Array, params: Arrays, names: tuple[str, ...]
 ) -> tuple[Array | None, StackedConvCache | None]:
     """The 1x1 convs `names` applied to one input as ONE matmul with their
     weights stacked row-wise: (N, C, L) -> (N, len(names)·Ci, L)."""
