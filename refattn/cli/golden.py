@@ -95,8 +95,10 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     if mode is not None:
         requests = _of_mode(requests, mode)
     check_requests(requests)  # refuse what cannot fit before drawing anything
-    if out.exists() and not out.is_dir():
-        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    # before the header: a path under a file fails here, with nothing on stdout
+    found = next((p for p in (out, *out.parents) if os.path.lexists(p)), None)
+    if found is not None and not found.is_dir():
+        raise click.UsageError(f"--out: Not a directory: {found} is a file")
     if (out / "manifest.json").exists():  # cases inside a case are never found
         raise click.UsageError(f"--out: {out} is a fixture case; give the root of "
                                "the fixture tree (cases go to OUT/<block>/<case-id>)")
