@@ -54,6 +54,11 @@ Optional, for the tools around the math (each None or empty by default):
 ``flops(cfg, input_shapes) -> int``
     Matmul and convolution FLOPs of one forward (2 per multiply-add; the
     backward costs twice as much); the benchmarks report GFLOP/s from it.
+``inert_keys(cfg) -> frozenset of config keys``
+    The keys whose value changes nothing in this config (the spatial keys of
+    ``cbam_channel``, ``reduction`` with one MLP layer...): still validated
+    and written into manifests, but ``refattn list`` leaves them out of what
+    the block's keys and presets are said to change.  None: every key counts.
 ``bench``
     The block's standard benchmark case (``BenchCase``: preset, overrides,
     input shapes, a one-line description; DESIGN section 13).
@@ -161,6 +166,7 @@ class BlockSpec:
     bench: BenchCase | None = None
     figure: tuple[str, tuple[float, float]] | None = None
     anchors: Mapping[str | None, str] = dataclasses.field(default_factory=dict)
+    inert_keys: Callable[[Any], frozenset[str]] | None = None
 
     @classmethod
     def of_module(cls, module: str, **fields: Any) -> BlockSpec:

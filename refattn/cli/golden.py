@@ -36,8 +36,10 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tu
 
 @click.command()
 @config_options
-@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
-              show_default=True, help="Dtype of the stored tensors (reference math is float64).")
+@click.option("--dtype", type=click.Choice(["float64", "float32", "all"]),
+              default="float64", show_default=True,
+              help="Dtype of the stored tensors (reference math is float64); 'all': "
+                   "float64 and float32.")
 @click.option("--out", "out", type=click.Path(file_okay=False), callback=out_dir,
               default="refattn-golden", show_default=True,
               help="Root directory; cases go to OUT/<block>/<case-id>/.")
@@ -49,7 +51,8 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tu
 @click.option("--force", is_flag=True,
               help="Replace an existing case that differs (an identical one is kept).")
 @click.option("--all", "all_cases", is_flag=True,
-              help="Every preset of every block, float64 and float32.")
+              help="Every preset of every block, float64 and float32 (for every "
+                   "case of one block: --block B --preset all --dtype all).")
 @backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print the written cases as JSON.")
 def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
@@ -59,7 +62,11 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     """Generate golden fixture cases (inputs, parameters, outputs, gradients).
 
     BN-bearing presets get a train-mode and an eval-mode case unless --mode
-    or --set fixes the mode.  Re-running a command is safe: a case that
+    or --set fixes the mode.  --preset all writes every preset of the block
+    (with --set and --shape applied to each), --dtype all both dtypes: so
+    `--block cbam --preset all --dtype all` writes every preset x dtype x BN
+    mode of cbam.  A case with --set or --shape values has an id that spells
+    them, then a hash: mmcv-float64-fusion_types.channel_add.channel_mul-b6c79be3.  Re-running a command is safe: a case that
     exists and is identical to the new one is kept (and reported "kept");
     a different one is refused unless --force.  Each case is printed as it
     is written.
@@ -69,12 +76,17 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     xp, device = resolve_backend(backend)
     if all_cases:
         if block or preset or overrides or shapes:
-            raise click.UsageError("--all takes no --block, --preset, --set or --shape")
+            raise click.UsageError(
+                "--all takes no --block, --preset, --set or --shape (every case of "
+                "one block: --block B --preset all --dtype all)")
         requests = all_requests(seed=seed)
     else:
+        name = require_block(block)
+        dtypes = ("float64", "float32") if dtype == "all" else (dtype,)
         try:
-            requests = expand_requests(require_block(block), preset, overrides,
-                                       shapes=shapes, dtype=dtype, seed=seed)
+            requests = [rc for p in _presets(name, preset) for dt in dtypes
+                        for rc in expand_requests(name, p, overrides, shapes=shapes,
+                                                  dtype=dt, seed=seed)]
         except ValueError as err:
             hinted = _with_list_hint(str(err), overrides)
             if hinted == str(err):
@@ -83,8 +95,10 @@ def golden(block: str | None, preset: str | None, overrides: dict[str, Any],
     if mode is not None:
         requests = _of_mode(requests, mode)
     check_requests(requests)  # refuse what cannot fit before drawing anything
-    if out.exists() and not out.is_dir():
-        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    # before the header: a path under a file fails here, with nothing on stdout
+    found = next((p for p in (out, *out.parents) if os.path.lexists(p)), None)
+    if found is not None and not found.is_dir():
+        raise click.UsageError(f"--out: Not a directory: {found} is a file")
     if (out / "manifest.json").exists():  # cases inside a case are never found
         raise click.UsageError(f"--out: {out} is a fixture case; give the root of "
                                "the fixture tree (cases go to OUT/<block>/<case-id>)")
@@ -131,14 +145,33 @@ def _planned_name(req: Any, cfg: Any) -> str:
     return f"{req.block}/{req.case_id(bn_mode_of(BLOCKS[req.block], cfg))}"
 
 
+ALL_PRESETS = "all"
+"""--preset all: every preset of the block."""
+
+
+def _presets(block: str, preset: str | None) -> list[str | None]:
+    """The presets of --preset: one, or with ``all`` every preset of the block
+    (the default config, None, for a block that has none)."""
+    from refattn.blocks.registry import BLOCKS
+
+    presets = list(BLOCKS[block].presets)
+    if preset == ALL_PRESETS:
+        return presets or [None]  # type: ignore[return-value]
+    if preset is not None and presets and preset not in presets:
+        raise BadInput(f"--preset: {block} has no preset {preset!r} (presets: "
+                       f"{', '.join(presets)}; or {ALL_PRESETS} for every one)")
+    return [preset]
+
+
 def _of_mode(requests: list[tuple[Any, Any]], mode: str) -> list[tuple[Any, Any]]:
-    """The requests whose case has BN mode `mode` (--mode)."""
+    """The requests whose case has BN mode `mode` (--mode); with several
+    presets, the cases of the presets without a live batch norm stay too."""
     from refattn.blocks.registry import BLOCKS
     from refattn.golden.generate import bn_mode_of
 
     modes = [bn_mode_of(BLOCKS[req.block], cfg) for req, cfg in requests]
-    kept = [rc for rc, m in zip(requests, modes) if m == mode]
-    if not kept:
+    kept = [rc for rc, m in zip(requests, modes) if m in (mode, None)]
+    if not any(m == mode for m in modes):
         if all(m is None for m in modes):
             raise BadInput(f"--mode {mode}: these cases have no live batch norm, so "
                            "no train or eval mode; leave --mode out")

@@ -28,7 +28,9 @@ from refattn.cli.sizes import (
 @click.option("--mode", type=click.Choice(["fast", "full", "taylor"]), default="fast",
               show_default=True, help="Directional probes, every element, or the slope test.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the reports as JSON to this file.")
+              help="Also write the reports as JSON to this file; '-' prints the "
+                   "JSON to stdout instead of the text (as --json does in the "
+                   "other subcommands).")
 @click.option("--max-evals", type=click.IntRange(min=1), default=DEFAULT_MAX_EVALS,
               show_default=True,
               help="--mode full refuses to make more forward evaluations than this "
@@ -55,7 +57,8 @@ def gradcheck_cmd(ctx: click.Context, block: str | None, preset: str | None,
 
     name = require_block(block)
     spec = BLOCKS[name]
-    if json_path is not None:
+    to_stdout = json_path is not None and str(json_path) == "-"
+    if json_path is not None and not to_stdout:
         check_report_path(json_path, "--json")
     plot = None if plot_path is None else require_plot(plot_path)
     reports, curves = [], []
@@ -72,16 +75,19 @@ def gradcheck_cmd(ctx: click.Context, block: str | None, preset: str | None,
                        err=True)
         report = gradcheck_block(spec, resolved, inputs, params, state, mode=mode,
                                  seed=seed)
-        click.echo(f"{name}/{case.case_id}")
-        click.echo(report.to_text())
+        if not to_stdout:
+            click.echo(f"{name}/{case.case_id}")
+            click.echo(report.to_text())
         reports.append({"case": f"{name}/{case.case_id}", **report.to_dict()})
         if plot is not None:
             curves.append((f"{name}/{case.case_id}", *(
                 plot.step_error_curve(spec, resolved, inputs, params, state, dtype=dt,
                                       seed=seed) for dt in ("float64", "float32"))))
-    if json_path is not None:
+    if to_stdout:
+        click.echo(json.dumps(reports, indent=2))
+    elif json_path is not None:
         write_report(json_path, json.dumps(reports, indent=2))
     if plot is not None:
-        wrote(plot.write_step_error_plot(plot_path, curves))
+        wrote(plot.write_step_error_plot(plot_path, curves), err=to_stdout)
     if not all(r["ok"] for r in reports):
         ctx.exit(1)

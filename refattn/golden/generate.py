@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +90,17 @@ class CaseRequest:
     seed: int = 0
 
     def case_id(self, cfg_mode: str | None) -> str:
-        """``<preset|default>[-<bn mode>]-<dtype>[-s<seed>][-<hash of overrides/shapes>]``."""
+        """``<preset|default>[-<bn mode>]-<dtype>[-s<seed>][-<overrides>-<hash>]``.
+
+        A case with ``--set`` or ``--shape`` values spells them after the
+        dtype, readably (``reduction.8-pool_types.avg.max-x.2x16x7x6``: key,
+        dot, value, a list's items joined by dots, a shape's sizes by ``x``;
+        every character outside ``[A-Za-z0-9._-]`` becomes ``_``, and the
+        part is cut at ``READABLE_CHARS``), then the first 8 hex digits of the
+        SHA-256 of the values, which tell apart what the cut or the spelling
+        merges.  A case without overrides keeps its bare id
+        (``jongchan-train-float64``), so the committed set never moves.
+        """
         parts = [self.preset or "default"]
         if cfg_mode:
             parts.append(cfg_mode)
@@ -102,8 +113,46 @@ class CaseRequest:
                  "shape": {k: list(v) for k, v in (self.shapes or {}).items()}},
                 sort_keys=True,
             )
-            parts.append(hashlib.sha256(blob.encode()).hexdigest()[:8])
+            digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+            room = ID_CHARS - len("-".join(parts)) - len(digest) - 2
+            readable = _readable(self.overrides, self.shapes, min(READABLE_CHARS, room))
+            if readable:
+                parts.append(readable)
+            parts.append(digest)
         return "-".join(parts)
+
+
+READABLE_CHARS = 64
+"""The longest readable overrides part of a case id (the hash follows it)."""
+ID_CHARS = 128
+"""The longest case id the fixture format takes."""
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _spelled(value: Any) -> str:
+    """A --set value as a case id spells it: lists dotted, None/bools in words."""
+    if isinstance(value, (list, tuple)):
+        return ".".join(_spelled(v) for v in value)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return ".".join(f"{k}.{_spelled(v)}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+def _readable(overrides: Mapping[str, Any],
+              shapes: Mapping[str, Sequence[int]] | None, limit: int) -> str:
+    """The overrides part of a case id: ``key.value`` items (keys sorted),
+    then ``name.NxCxHxW`` shapes (names sorted), joined by ``-``; sanitized and cut at
+    `limit` characters (never ending in a separator)."""
+    items = [f"{k}.{_spelled(v)}" for k, v in sorted(overrides.items())]
+    items += [f"{k}.{'x'.join(str(d) for d in v)}" for k, v in sorted((shapes or {}).items())]
+    text = _UNSAFE.sub("_", "-".join(items))
+    if len(text) > limit:
+        text = text[:max(limit, 0)]
+    return text.rstrip("._-")
 
 
 @dataclass

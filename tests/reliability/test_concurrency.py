@@ -151,7 +151,7 @@ def test_a_live_writers_temporary_is_not_swept(tmp_path: Path) -> None:
         write_small_case(root, "conv1x1", shapes={"x": (1, 2, 2, 3)},
                          overrides={"out_channels": 2})
         assert live.is_dir(), "a live writer's temporary was swept"
-        assert [p.name for p in find_cases(root)] == ["default-float64-f776d748"]
+        assert [p.name for p in find_cases(root)] == ["default-float64-out_channels.2-x.1x2x2x3-f776d748"]
     finally:
         holder.communicate("", timeout=30)
     write_small_case(root, "conv1x1", shapes={"x": (1, 2, 2, 3)},

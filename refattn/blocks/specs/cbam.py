@@ -453,6 +453,37 @@ def with_bn_mode(
     return dataclasses.replace(cfg, spatial_bn=mode)
 
 
+_SPATIAL_KEYS = frozenset({"spatial_kernel", "channel_pool_order", "spatial_bias",
+                           "spatial_bn", "bn_eps", "bn_momentum", "spatial_relu"})
+_CHANNEL_KEYS = frozenset({"reduction", "hidden_channels", "hidden_divisor",
+                           "mlp_layers", "pool_types", "mlp_bias"})
+
+
+@config_only
+def inert_keys(cfg: CBAMConfig, *, part: Part = "cbam") -> frozenset[str]:
+    """The keys that change nothing in `cfg` (``refattn/blocks/cbam.py``):
+    the other gate's keys and ``spatial`` in a gate block; the spatial keys
+    with ``spatial=False``; ``bn_eps`` and ``bn_momentum`` without a batch
+    norm, ``bn_momentum`` in eval mode (no running statistic moves);
+    ``reduction``, ``hidden_channels`` and ``hidden_divisor`` with one MLP
+    layer; ``reduction`` and ``hidden_divisor`` beside ``hidden_channels``."""
+    inert: set[str] = set()
+    if part != "cbam":
+        inert.add("spatial")
+        inert |= _SPATIAL_KEYS if part == "channel" else _CHANNEL_KEYS
+    elif not cfg.spatial:
+        inert |= _SPATIAL_KEYS
+    if cfg.spatial_bn is None:
+        inert |= {"bn_eps", "bn_momentum"}
+    elif cfg.spatial_bn == "eval":
+        inert.add("bn_momentum")
+    if cfg.mlp_layers == 1:
+        inert |= {"reduction", "hidden_channels", "hidden_divisor"}
+    elif cfg.hidden_channels is not None:
+        inert |= {"reduction", "hidden_divisor"}
+    return frozenset(inert)
+
+
 @config_only
 def fixture_shapes(cfg: CBAMConfig, *, part: Part = "cbam") -> dict[str, Shape]:
     """x (2, C, 7, 6) with C = 2·reduction (Cr = 2) when Cr = C // r; C = 8
@@ -506,6 +537,7 @@ def _spec(part: Part, summary: str) -> BlockSpec:
         accumulation=partial(accumulation, part=part),
         anchor_names=partial(anchor_names, part=part),
         with_bn_mode=partial(with_bn_mode, part=part),
+        inert_keys=partial(inert_keys, part=part),
         flops=partial(flops, part=part),
         bench=(BenchCase("jongchan", {}, {"x": (8, 256, 28, 28)},
                          "x(8,256,28,28) r=16, avg+max, 7x7 conv + BN(train)")
