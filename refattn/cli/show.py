@@ -103,18 +103,8 @@ def show(case: str, as_json: bool, plot_path: Path | None) -> None:
     rows = summarize_case(golden)
     if as_json:
         m = golden.manifest
-        keys = (
-            "block",
-            "preset",
-            "case_id",
-            "config",
-            "dtype",
-            "mode",
-            "seed",
-            "redraws",
-            "formats",
-            "digest",
-        )
+        keys = ("block", "preset", "case_id", "config", "dtype", "mode", "seed",
+                "redraws", "formats", "digest")  # the manifest's summary fields
         data = {
             "path": str(golden.path),
             **{k: m[k] for k in keys},

@@ -49,6 +49,7 @@ from refattn.blocks.spec import (
     MIN_MARGIN,
     BlockSpec,
     config_to_dict,
+    json_ready,
     to_namespace,
 )
 from refattn.checks import check_input_shapes
@@ -109,7 +110,7 @@ class CaseRequest:
             parts.append(f"s{self.seed}")
         if self.overrides or self.shapes:
             blob = json.dumps(
-                {"set": _jsonable(dict(self.overrides)),
+                {"set": json_ready(dict(self.overrides)),
                  "shape": {k: list(v) for k, v in (self.shapes or {}).items()}},
                 sort_keys=True,
             )
@@ -167,14 +168,6 @@ class GeneratedCase:
     accumulation: dict[str, int]
     checks: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Tensors not checked in full: key -> (kind "zero" or "none", reason)."""
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _seed(seed: int, draw: int, stream: int, name: str = "") -> int:
