@@ -38,8 +38,7 @@ def _digests(block_dir: Path) -> dict[str, str]:
 def test_every_preset_and_dtype_of_a_block_reproduces_the_committed_set(
         tmp_path: Path, block: str):
     committed = _digests(ROOT / "golden" / block)
-    if not committed:
-        pytest.skip("no committed golden/ set in this checkout")
+    assert committed, f"golden/{block} is missing: run `refattn golden --all --out golden`"
     result = run("golden", "--block", block, "--preset", "all", "--dtype", "all",
                  "--out", str(tmp_path), "--json")
     assert result.exit_code == 0, result.output
