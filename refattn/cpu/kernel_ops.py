@@ -236,7 +236,7 @@ def _apply_backward(
 def batch_norm_backward(dout: Any, cache: BatchNormCpuCache) -> Any:
     """The generic formula with the two per-channel sums from one parallel
     pass and dx from a second."""
-    xhat, inv_std, weight, has_bias, training = cache
+    xhat, inv_std, weight, has_bias, _ = cache  # training: always, here
     if not _same(dout, xhat):
         from refattn.ops.norm import batch_norm_backward as generic
 

@@ -52,8 +52,7 @@ def softmax_rows(x, y):  # pragma: no cover - compiled
     for r in numba.prange(R):
         m = x[r, 0]
         for j in range(1, L):
-            if x[r, j] > m:
-                m = x[r, j]
+            m = max(m, x[r, j])
         total = 0.0
         for j in range(L):
             e = math.exp(x[r, j] - m)

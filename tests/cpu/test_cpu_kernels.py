@@ -49,8 +49,8 @@ if os.environ.get("REFATTN_REQUIRE_NUMBA") == "1":
 else:
     pytest.importorskip("numba", reason="the cpu extra (numba) is not installed")
 
-from refattn.cpu import kernel_ops  # noqa: E402
-from refattn.cpu import kernels as K  # noqa: E402
+from refattn.cpu import kernel_ops
+from refattn.cpu import kernels as K
 
 DTYPES = ("float32", "float64")
 
@@ -197,7 +197,7 @@ def test_batch_norm_matches_numpy(dtype: str, affine: str) -> None:
     b = normal((C,), dtype, 3) if affine == "both" else None
     rm, rv = normal((C,), dtype, 4), np.abs(normal((C,), dtype, 5)) + 0.5
     dout = normal(x.shape, dtype, 6)
-    kw = dict(training=True, momentum=0.1, eps=1e-5)
+    kw = {"training": True, "momentum": 0.1, "eps": 1e-5}
     out, cache = batch_norm_forward(x, w, b, rm, rv, **kw)
     grads = batch_norm_backward(dout, cache)
     _caches_of_tier(cache)
