@@ -30,6 +30,7 @@ nothing when numba is not installed.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,26 @@ the tier's results agree with the NumPy path where their arithmetic differs
 exp instead of NumPy's)."""
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_K: Any = None  # refattn.cpu.kernels, imported by register()
+_K: Any = None  # refattn.cpu.kernels behind _Serialised, set by register()
+_LOCK = threading.Lock()
+
+
+class _Serialised:
+    """The kernels, one call at a time: numba's default threading layer
+    (workqueue) aborts the process when two Python threads launch parallel
+    kernels at once, so concurrent callers queue here instead."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        kernel = getattr(self._module, name)
+
+        def call(*args: Any) -> None:
+            with _LOCK:
+                kernel(*args)
+
+        return call
 
 
 def available() -> bool:
@@ -498,7 +518,7 @@ def register() -> None:
         return
     from refattn.cpu import kernels
 
-    _K = kernels
+    _K = _Serialised(kernels)
     for name, override in OVERRIDES.items():
         overrides.register_cpu(name, override)
 

@@ -480,3 +480,24 @@ def test_block_gradcheck_through_the_tier(block: str,
     report = gradcheck_block(spec, cfg, inputs, params, state, mode=mode)
     assert taken
     assert report.ok, report.to_text()
+
+
+def test_threads_may_call_the_tier_at_once() -> None:
+    """Concurrent callers are serialised (numba's workqueue layer would abort
+    on two parallel launches at once) and each gets its own result."""
+    import threading
+
+    xs = [normal((64, 300), "float64", seed) for seed in range(8)]
+    results: list[Any] = [None] * len(xs)
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            results[i] = softmax_forward(xs[i])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, y in zip(xs, results):
+        assert_close(y, generic(softmax_forward, x)[0], "float64")
