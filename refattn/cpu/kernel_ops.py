@@ -70,14 +70,20 @@ _LOCK = threading.Lock()
 
 
 class _Serialised:
-    """The kernels, one call at a time: numba's default threading layer
-    (workqueue) aborts the process when two Python threads launch parallel
-    kernels at once, so concurrent callers queue here instead."""
+    """The kernels, imported on the first kernel call (so a process whose
+    arrays all stay below MIN_ELEMENTS never imports numba), one call at a
+    time: numba's workqueue threading layer aborts the process when two
+    Python threads launch parallel kernels at once, so concurrent callers
+    queue here instead."""
 
-    def __init__(self, module: Any) -> None:
-        self._module = module
+    def __init__(self) -> None:
+        self._module: Any = None
 
     def __getattr__(self, name: str) -> Any:
+        if self._module is None:
+            from refattn.cpu import kernels
+
+            self._module = kernels
         kernel = getattr(self._module, name)
 
         def call(*args: Any) -> None:
@@ -516,9 +522,7 @@ def register() -> None:
     global _K
     if not available():
         return
-    from refattn.cpu import kernels
-
-    _K = _Serialised(kernels)
+    _K = _Serialised()
     for name, override in OVERRIDES.items():
         overrides.register_cpu(name, override)
 
