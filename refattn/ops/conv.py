@@ -11,6 +11,13 @@ Both reduce to one grouped channel-mixing product on ``(N, C', L)`` arrays,
 * a K x K conv2d multiplies the im2col matrix ``(N, C*KH*KW, L)``, gathered
   from ``KH*KW`` strided slices of the padded input.
 
+A wide stride-1 K x K conv2d (``_shifted_applies``) takes a second route,
+``_conv2d_shifted``, to the same numbers without the im2col matrix, which
+is KH*KW times the input's size: on the padded input laid out channel-major
+and flattened over (n, row, column), the kernel offset (u, v) is a shift by
+u*Wp + v, so the convolution is KH*KW products of (O, C) weight slices with
+shifted contiguous views, summed; dW is accumulated from the same views.
+
 Each backward is the exact adjoint of its forward: the transposed products,
 then col2im (scatter-adding the slices back into a zero buffer) and unpadding.
 """
@@ -27,6 +34,7 @@ from refattn.backend import (
     check_array,
     check_finite,
     check_same_dtype,
+    device,
     namespace,
     pad_spatial,
     prod,
@@ -37,17 +45,24 @@ from refattn.backend import (
 from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = [
+    "SHIFTED_MIN_CHANNELS",
     "Conv2dCache",
+    "Conv2dShiftedCache",
     "PointwiseConvCache",
     "conv2d_backward",
+    "conv2d_forward",
     "conv2d_out_shape",
     "pair",
-    "conv2d_forward",
     "pointwise_conv_backward",
     "pointwise_conv_forward",
 ]
 
 Pair = tuple[int, int]
+
+SHIFTED_MIN_CHANNELS = 16
+"""Input and output channels from which a stride-1 K x K conv2d takes the
+shifted-view products (each product then has a reduction of C terms; below,
+the KH*KW thin products cost more than building the im2col matrix)."""
 
 
 def pair(v: int | Pair) -> Pair:
@@ -115,6 +130,8 @@ def _conv2d(
     N, C, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     ho, wo = _conv2d_out_hw((H, W), (KH, KW), stride, padding, dilation)
+    if _shifted_applies(x, weight, stride, dilation, groups):
+        return _conv2d_shifted(xp, x, weight, bias, padding)
     xpad = pad_spatial(x, padding)  # (N, C, H + 2p_h, W + 2p_w)
     if (KH, KW) == (1, 1):
         xs = xpad[:, :, window(0, stride[0], ho), window(0, stride[1], wo)]
@@ -177,6 +194,8 @@ def _conv2d_backward(
 ) -> tuple[Array, Array, Array | None]:
     """The math of conv2d_backward, arguments already checked."""
     xp = namespace(dout=dout)
+    if type(cache) is Conv2dShiftedCache:
+        return _conv2d_shifted_backward(xp, dout, cache)
     c = cache
     N, C, H, W = c.x_shape
     Cout, _, KH, KW = c.weight.shape
@@ -205,6 +224,126 @@ def _conv2d_backward(
         )  # (N, C, Hp, Wp)
     dx = unpad_spatial(dxpad, c.padding)  # (N, C, H, W)
     dweight = xp.reshape(dw2, tuple(c.weight.shape))  # (O, C/G, KH, KW)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# stride-1 K x K conv2d by shifted views (no im2col matrix)
+
+
+class Conv2dShiftedCache(NamedTuple):
+    xc: Array  # (C, N·Hp·Wp + tail) padded input, channel-major, zero tail
+    weight: Array  # (O, C, KH, KW)
+    x_shape: Shape  # (N, C, H, W)
+    stride: Pair  # (1, 1)
+    padding: Pair
+    dilation: Pair  # (1, 1)
+    groups: int  # 1
+    has_bias: bool
+
+
+def _shifted_applies(
+    x: Array, weight: Array, stride: Pair, dilation: Pair, groups: int
+) -> bool:
+    """Whether conv2d takes _conv2d_shifted: stride 1, no dilation, one
+    group, a kernel larger than 1x1, at least SHIFTED_MIN_CHANNELS channels
+    in and out."""
+    KH, KW = weight.shape[2], weight.shape[3]
+    return (
+        stride == (1, 1)
+        and dilation == (1, 1)
+        and groups == 1
+        and KH * KW > 1
+        and min(x.shape[1], weight.shape[0]) >= SHIFTED_MIN_CHANNELS
+    )
+
+
+def _shift(u: int, v: int, Wp: int) -> int:
+    """The offset of kernel tap (u, v) in the flattened padded grid."""
+    return u * Wp + v
+
+
+def _conv2d_shifted(
+    xp: Any, x: Array, weight: Array, bias: Array | None, padding: Pair
+) -> tuple[Array, Conv2dShiftedCache]:
+    """conv2d (stride 1, groups 1) as KH·KW products with shifted views.
+
+    Math:
+        X  = xpad as (C, N·Hp·Wp): column q = n·Hp·Wp + i·Wp + j
+        Y  = Σ_{u,v} W[:, :, u, v] · X[:, q + u·Wp + v]        (O, N·Hp·Wp)
+        out[n, :, i, j] = Y[:, n·Hp·Wp + i·Wp + j] + b   for i < Ho, j < Wo
+    Columns with i >= Ho or j >= Wo mix neighbouring rows or samples and are
+    dropped; a valid column never reads past its own sample.  X gets a zero
+    tail of the largest shift so every view has N·Hp·Wp columns.
+    Shapes:
+        x (N, C, H, W), weight (O, C, KH, KW) -> out (N, O, Ho, Wo)
+    """
+    N, C, H, W = x.shape
+    Cout, _, KH, KW = weight.shape
+    Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
+    ho, wo = Hp - KH + 1, Wp - KW + 1
+    Q = N * Hp * Wp  # columns of the padded grid
+    tail = _shift(KH - 1, KW - 1, Wp)
+    xc = xp.zeros((C, Q + tail), dtype=x.dtype, device=device(x))  # (C, Q + tail)
+    grid = xp.reshape(xc[:, :Q], (C, N, Hp, Wp))  # a view of xc
+    grid[:, :, padding[0] : padding[0] + H, padding[1] : padding[1] + W] = (
+        xp.permute_dims(x, (1, 0, 2, 3))
+    )
+    y = None  # (O, Q)
+    for u in range(KH):
+        for v in range(KW):
+            d = _shift(u, v, Wp)
+            term = xp.matmul(weight[:, :, u, v], xc[:, d : d + Q])  # (O, Q)
+            if y is None:
+                y = term
+            else:
+                y += term
+    y4 = xp.reshape(y, (Cout, N, Hp, Wp))[:, :, :ho, :wo]  # (O, N, Ho, Wo) view
+    out = xp.empty((N, Cout, ho, wo), dtype=x.dtype, device=device(x))
+    out[...] = xp.permute_dims(y4, (1, 0, 2, 3))  # (N, O, Ho, Wo), row-major
+    if bias is not None:
+        out += xp.reshape(bias, (1, Cout, 1, 1))
+    cache = Conv2dShiftedCache(
+        xc, weight, (N, C, H, W), (1, 1), padding, (1, 1), 1, bias is not None
+    )
+    return out, cache
+
+
+def _conv2d_shifted_backward(
+    xp: Any, dout: Array, cache: Conv2dShiftedCache
+) -> tuple[Array, Array, Array | None]:
+    """VJP of _conv2d_shifted: the same shifted views, transposed.
+
+    Math (D = dout placed on the padded grid, zero in the dropped columns):
+        dW[:, :, u, v] = D · X[:, q + u·Wp + v]ᵀ                 (O, C)
+        dX[:, q + u·Wp + v] += W[:, :, u, v]ᵀ · D               (C, N·Hp·Wp)
+        dx = dX's interior, as (N, C, H, W);   db = Σ D
+    Shapes:
+        dout (N, O, Ho, Wo) -> dx (N, C, H, W), dweight (O, C, KH, KW), db (O,)
+    """
+    xc, weight = cache.xc, cache.weight
+    N, C, H, W = cache.x_shape
+    Cout, _, KH, KW = weight.shape
+    ph, pw = cache.padding
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    ho, wo = Hp - KH + 1, Wp - KW + 1
+    Q = N * Hp * Wp
+    tail = _shift(KH - 1, KW - 1, Wp)
+    d = xp.zeros((Cout, N, Hp, Wp), dtype=dout.dtype, device=device(dout))
+    d[:, :, :ho, :wo] = xp.permute_dims(dout, (1, 0, 2, 3))
+    d = xp.reshape(d, (Cout, Q))  # (O, Q)
+    dxc = xp.zeros((C, Q + tail), dtype=dout.dtype, device=device(dout))
+    taps = []
+    for u in range(KH):
+        for v in range(KW):
+            s = _shift(u, v, Wp)
+            taps.append(xp.matmul(d, xc[:, s : s + Q].mT))  # (O, C)
+            dxc[:, s : s + Q] += xp.matmul(weight[:, :, u, v].mT, d)  # (C, Q)
+    dweight = xp.reshape(xp.stack(taps, axis=2), (Cout, C, KH, KW))
+    grid = xp.reshape(dxc[:, :Q], (C, N, Hp, Wp))[:, :, ph : ph + H, pw : pw + W]
+    dx = xp.empty((N, C, H, W), dtype=dout.dtype, device=device(dout))
+    dx[...] = xp.permute_dims(grid, (1, 0, 2, 3))  # (N, C, H, W), row-major
+    dbias = xp.sum(d, axis=1) if cache.has_bias else None  # (O,)
     return dx, dweight, dbias
 
 

@@ -34,6 +34,13 @@ point calls the loaders of ``LOADERS`` (``"module:function"``), once.  This
 module imports nothing of ``refattn.cuda``; ``refattn.cuda.kernel_ops``
 registers the kernels (its ``register``), and its ``applies`` functions
 honour ``REFATTN_KERNELS=generic`` and ``refattn.cuda.use_kernels``.
+
+NumPy arrays have a table of their own, ``CPU_OVERRIDES``, for the optional
+CPU kernel tier (``refattn.cpu``, the ``cpu`` extra): the first plain
+``numpy.ndarray`` that reaches an override point calls ``CPU_LOADERS``,
+once; a loader whose tool is not installed registers nothing, and the
+NumPy math runs.  Subclasses of ``numpy.ndarray`` and every other array
+type never consult it.
 """
 
 from __future__ import annotations
@@ -43,12 +50,17 @@ import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
+import numpy
+
 __all__ = [
+    "CPU_LOADERS",
+    "CPU_OVERRIDES",
     "LOADERS",
     "OVERRIDES",
     "Override",
     "overridable",
     "register",
+    "register_cpu",
     "routed_by_cache",
 ]
 
@@ -56,6 +68,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 LOADERS: tuple[str, ...] = ("refattn.cuda.kernel_ops:register",)
 """What fills the table, called once when a CuPy array first reaches a step."""
+
+
+CPU_LOADERS: tuple[str, ...] = ("refattn.cpu.kernel_ops:register",)
+"""What fills the NumPy table, called once when an ndarray first reaches a step."""
 
 
 class Override(NamedTuple):
@@ -69,7 +85,11 @@ class Override(NamedTuple):
 OVERRIDES: dict[str, Override] = {}
 """Step name -> its override (filled by the loaders)."""
 
+CPU_OVERRIDES: dict[str, Override] = {}
+"""Step name -> its CPU-tier override for NumPy arrays (filled by CPU_LOADERS)."""
+
 _loaded = False
+_cpu_loaded = False
 
 
 def register(name: str, override: Override) -> None:
@@ -77,12 +97,27 @@ def register(name: str, override: Override) -> None:
     OVERRIDES[name] = override
 
 
-def _load() -> None:
-    global _loaded
-    for loader in LOADERS:
+def register_cpu(name: str, override: Override) -> None:
+    """Make `override` replace the step `name` for NumPy arrays where it applies."""
+    CPU_OVERRIDES[name] = override
+
+
+def _run(loaders: tuple[str, ...]) -> None:
+    for loader in loaders:
         module, function = loader.split(":")
         getattr(importlib.import_module(module), function)()
+
+
+def _load() -> None:
+    global _loaded
+    _run(LOADERS)
     _loaded = True
+
+
+def _load_cpu() -> None:
+    global _cpu_loaded
+    _cpu_loaded = True  # once, even if a loader fails: the NumPy math stays
+    _run(CPU_LOADERS)
 
 
 def overridable(name: str) -> Callable[[F], F]:
@@ -91,7 +126,13 @@ def overridable(name: str) -> Callable[[F], F]:
     def decorate(math: F) -> F:
         @functools.wraps(math)
         def step(*args: Any) -> Any:
-            if type(args[0]).__module__.startswith("cupy"):
+            if type(args[0]) is numpy.ndarray:
+                if not _cpu_loaded:
+                    _load_cpu()
+                override = CPU_OVERRIDES.get(name)
+                if override is not None and override.applies(*args):
+                    return override.forward(*args)
+            elif type(args[0]).__module__.startswith("cupy"):
                 if not _loaded:
                     _load()
                 override = OVERRIDES.get(name)
@@ -111,6 +152,9 @@ def routed_by_cache(name: str) -> Callable[[F], F]:
         @functools.wraps(math)
         def backward(dout: Any, cache: Any, *args: Any, **kwargs: Any) -> Any:
             override = OVERRIDES.get(name)
+            if override is not None and type(cache) is override.cache:
+                return override.backward(dout, cache, *args, **kwargs)
+            override = CPU_OVERRIDES.get(name)
             if override is not None and type(cache) is override.cache:
                 return override.backward(dout, cache, *args, **kwargs)
             return math(dout, cache, *args, **kwargs)

@@ -1,0 +1,528 @@
+"""The CPU-tier overrides of the ops' steps, for NumPy arrays.
+
+Each ``<op>_forward`` computes what the override point of the same name in
+``refattn.ops`` computes, from the same, already checked, arguments, with
+the passes over the data done by the kernels of ``refattn.cpu.kernels``
+(numba, multi-threaded).  The caches are subclasses of the generic caches
+(same fields), so a block reads them as it reads the generic ones; their
+type routes the backward here (``refattn.ops.overrides.routed_by_cache``).
+A backward whose ``dout`` is not a plain C-contiguous array of the
+forward's shape and dtype hands a generic cache to the generic backward,
+which checks it and raises the generic error.
+
+Where the NumPy math and a kernel compute the same formula in the same
+order (max-pool, the arg-max pools, the norms' normalise-and-affine pass
+and their backward's final pass, given the same statistics) the results
+are the same bits.  Sums are accumulated in float64 here (NumPy: pairwise
+or BLAS in the data's dtype), and ``exp`` is numba's (LLVM's libm) rather
+than NumPy's SIMD one, so softmax, the norms' statistics and gradients and
+the gates' ``dz`` agree with the NumPy path within ``TOLERANCE``.
+
+``OVERRIDES`` says when each kernel is taken: plain ``numpy.ndarray``
+inputs, C-contiguous, float32 or float64, at least ``MIN_ELEMENTS``
+elements (below that numba's call and thread-pool start cost more than the
+NumPy passes), and only while ``refattn.cuda.kernels_enabled()`` is true
+(``REFATTN_KERNELS=generic`` or ``use_kernels(False)`` turn the tier off).
+``register()`` is the loader ``refattn.ops.overrides`` calls; it registers
+nothing when numba is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from typing import Any
+
+import numpy as np
+
+from refattn.backend import check_array, check_finite
+from refattn.cuda import kernels_enabled
+from refattn.ops import overrides
+from refattn.ops.elementwise import GateMulCache, sigmoid
+from refattn.ops.norm import BatchNormCache, GroupNormCache
+from refattn.ops.overrides import Override
+from refattn.ops.pool import ChannelPoolCache, GlobalPoolCache, MaxPoolCache
+from refattn.ops.softmax import SoftmaxCache
+
+__all__ = [
+    "MIN_ELEMENTS",
+    "OVERRIDES",
+    "TOLERANCE",
+    "available",
+    "register",
+]
+
+MIN_ELEMENTS = 4096
+"""The smallest input (elements of the step's first argument) the tier takes."""
+
+TOLERANCE: dict[str, tuple[float, float]] = {
+    "float32": (2e-5, 1e-6),
+    "float64": (1e-12, 1e-14),
+}
+"""(rtol, atol relative to the reference's largest magnitude) within which
+the tier's results agree with the NumPy path where their arithmetic differs
+(float64 sums instead of pairwise or BLAS ones in the data's dtype; libm's
+exp instead of NumPy's)."""
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_K: Any = None  # refattn.cpu.kernels behind _Serialised, set by register()
+_LOCK = threading.Lock()
+
+
+class _Serialised:
+    """The kernels, imported on the first kernel call (so a process whose
+    arrays all stay below MIN_ELEMENTS never imports numba), one call at a
+    time: numba's workqueue threading layer aborts the process when two
+    Python threads launch parallel kernels at once, so concurrent callers
+    queue here instead."""
+
+    def __init__(self) -> None:
+        self._module: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._module is None:
+            from refattn.cpu import kernels
+
+            self._module = kernels
+        kernel = getattr(self._module, name)
+
+        def call(*args: Any) -> None:
+            with _LOCK:
+                kernel(*args)
+
+        return call
+
+
+def available() -> bool:
+    """numba is installed (the ``cpu`` extra)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def _plain(a: Any) -> bool:
+    """A C-contiguous native float32/float64 ndarray, large enough."""
+    return (
+        type(a) is np.ndarray
+        and a.dtype in _FLOATS
+        and a.flags.c_contiguous
+        and a.size >= MIN_ELEMENTS
+    )
+
+
+def _takes(*arrays: Any) -> bool:
+    return all(_plain(a) for a in arrays) and kernels_enabled()
+
+
+def _same(dout: Any, like: Any) -> bool:
+    """dout may take the kernel: a plain array of `like`'s shape and dtype."""
+    return (
+        type(dout) is np.ndarray
+        and dout.shape == like.shape
+        and dout.dtype == like.dtype
+        and dout.flags.c_contiguous
+    )
+
+
+def _empty(dt: Any) -> np.ndarray:
+    return np.empty(0, dtype=dt)
+
+
+def _vec(a: Any, dt: Any) -> np.ndarray:
+    """An optional (C,) parameter as a contiguous array; empty for None."""
+    return _empty(dt) if a is None else np.ascontiguousarray(a)
+
+
+# ---------------------------------------------------------------------------
+# softmax (last axis)
+
+
+class SoftmaxCpuCache(SoftmaxCache):
+    __slots__ = ()
+
+
+def softmax_forward(x: np.ndarray, axis: int) -> tuple[np.ndarray, SoftmaxCpuCache]:
+    """softmax along the last axis, one row per thread step.
+
+    Shapes:
+        x, y  (..., L)
+    """
+    y = np.empty_like(x)
+    L = x.shape[-1]
+    _K.softmax_rows(x.reshape(-1, L), y.reshape(-1, L))
+    return y, SoftmaxCpuCache(y, axis)
+
+
+def softmax_backward(dout: Any, cache: SoftmaxCpuCache) -> Any:
+    """dx = (dout − Σ dout ⊙ y) ⊙ y per row; the sum in float64."""
+    y = cache.y
+    if not _same(dout, y):
+        from refattn.ops.softmax import softmax_backward as generic
+
+        return generic(dout, SoftmaxCache(*cache))
+    dx = np.empty_like(y)
+    L = y.shape[-1]
+    _K.softmax_backward_rows(dout.reshape(-1, L), y.reshape(-1, L), dx.reshape(-1, L))
+    return dx
+
+
+# ---------------------------------------------------------------------------
+# batch norm (training) and group norm
+
+
+class BatchNormCpuCache(BatchNormCache):
+    __slots__ = ()
+
+
+class GroupNormCpuCache(GroupNormCache):
+    __slots__ = ()
+
+
+def _normalise(
+    x: np.ndarray, mean: np.ndarray, inv_std: np.ndarray, per: int,
+    weight: Any, bias: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """x̂ and y = γ ⊙ x̂ + β in one pass over rows (N·C, L)."""
+    N, C = x.shape[0], x.shape[1]
+    rows = x.reshape(N * C, -1)  # (N·C, L)
+    xhat = np.empty_like(x)
+    y = xhat if weight is None and bias is None else np.empty_like(x)
+    _K.norm_apply(rows, mean, inv_std, per, _vec(weight, x.dtype),
+                  _vec(bias, x.dtype), xhat.reshape(rows.shape), y.reshape(rows.shape))
+    return xhat, y
+
+
+def _statistics(rows: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Biased mean and variance of each of `groups` groups of rows, where row
+    r belongs to group r % groups (float64 sums, two passes)."""
+    R, L = rows.shape
+    count = (R // groups) * L
+    sums = np.empty(R)
+    _K.row_sums(rows, rows, sums, _empty(np.float64))
+    mean = (sums.reshape(-1, groups).sum(axis=0) / count).astype(rows.dtype)
+    css = np.empty(R)
+    _K.row_sums_centered(rows, mean, css)
+    var = (css.reshape(-1, groups).sum(axis=0) / count).astype(rows.dtype)
+    return mean, var
+
+
+def _finite(*stats: np.ndarray) -> bool:
+    return all(bool(np.isfinite(s).all()) for s in stats)
+
+
+def batch_norm_forward(
+    x: np.ndarray, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+    training: bool, momentum: float, eps: float,
+) -> Any:
+    """batch_norm in training mode: per-(n, c) row sums in parallel, the
+    per-channel statistics from them, then one normalise-and-affine pass.
+    Non-finite statistics go to the generic math, which reports them."""
+    from refattn.ops import norm
+
+    N, C = x.shape[0], x.shape[1]
+    M = x.size // C
+    mean, var = _statistics(x.reshape(N * C, -1), C)  # (C,) each
+    if M == 1 or not _finite(mean, var):
+        return norm._batch_norm.__wrapped__(
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    inv_std = 1.0 / np.sqrt(var + eps)  # (C,)
+    xhat, y = _normalise(x, mean, inv_std, 1, weight, bias)
+    if running_mean is None:
+        new_mean = new_var = None
+    else:
+        unbiased_var = var * (M / (M - 1))  # (C,)
+        new_mean = (1.0 - momentum) * running_mean + momentum * mean
+        new_var = (1.0 - momentum) * running_var + momentum * unbiased_var
+    cache = BatchNormCpuCache(xhat, inv_std, weight, bias is not None, training)
+    return (y, new_mean, new_var), cache
+
+
+def _row_sums(dout: np.ndarray, xhat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Σ dout and Σ dout ⊙ x̂ per (n, c) row, float64, each (N, C)."""
+    N, C = xhat.shape[0], xhat.shape[1]
+    db = np.empty(N * C)
+    dw = np.empty(N * C)
+    _K.row_sums(dout.reshape(N * C, -1), xhat.reshape(N * C, -1), db, dw)
+    return db.reshape(N, C), dw.reshape(N, C)
+
+
+def _apply_backward(
+    dout: np.ndarray, xhat: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray
+) -> np.ndarray:
+    """dx = dout · a − x̂ · b − c with one coefficient of each per (n, c) row."""
+    N, C = xhat.shape[0], xhat.shape[1]
+    dx = np.empty_like(xhat)
+    rows = (N * C, -1)
+    _K.norm_backward_apply(dout.reshape(rows), xhat.reshape(rows),
+                           np.ascontiguousarray(a).reshape(-1),
+                           np.ascontiguousarray(b).reshape(-1),
+                           np.ascontiguousarray(c).reshape(-1), dx.reshape(rows))
+    return dx
+
+
+def batch_norm_backward(dout: Any, cache: BatchNormCpuCache) -> Any:
+    """The generic formula with the two per-channel sums from one parallel
+    pass and dx from a second."""
+    xhat, inv_std, weight, has_bias, _ = cache  # training: always, here
+    if not _same(dout, xhat):
+        from refattn.ops.norm import batch_norm_backward as generic
+
+        return generic(dout, BatchNormCache(*cache))
+    N, C = xhat.shape[0], xhat.shape[1]
+    M = xhat.size // C
+    db_nc, dw_nc = _row_sums(dout, xhat)  # (N, C) float64
+    dbias = db_nc.sum(axis=0).astype(xhat.dtype)  # (C,)
+    dweight = dw_nc.sum(axis=0).astype(xhat.dtype)  # (C,)
+    scale = inv_std if weight is None else weight * inv_std  # (C,)
+    b = scale * (dweight / M)  # (C,)
+    c = scale * (dbias / M)  # (C,)
+    dx = _apply_backward(dout, xhat, np.tile(scale, N), np.tile(b, N), np.tile(c, N))
+    return dx, (None if weight is None else dweight), (dbias if has_bias else None)
+
+
+def group_norm_forward(
+    x: np.ndarray, weight: Any, bias: Any, G: int, eps: float
+) -> Any:
+    """group_norm: per-(n, group) statistics in parallel, then one
+    normalise-and-affine pass over the (n, c) rows."""
+    from refattn.ops import norm
+
+    N, C = x.shape[0], x.shape[1]
+    mean, var = _statistics(x.reshape(N * G, -1), N * G)  # (N·G,) each
+    if not _finite(mean, var):
+        return norm._group_norm.__wrapped__(x, weight, bias, G, eps)
+    inv_std = 1.0 / np.sqrt(var + eps)  # (N·G,)
+    xhat, y = _normalise(x, mean, inv_std, C // G, weight, bias)
+    return y, GroupNormCpuCache(xhat, inv_std.reshape(N, G), weight, bias is not None)
+
+
+def group_norm_backward(dout: Any, cache: GroupNormCpuCache) -> Any:
+    """The generic formula: the per-(n, c) sums from one parallel pass, the
+    group means from them, and dx from a second pass."""
+    xhat, inv_std, weight, has_bias = cache
+    if not _same(dout, xhat):
+        from refattn.ops.norm import group_norm_backward as generic
+
+        return generic(dout, GroupNormCache(*cache))
+    N, C = xhat.shape[0], xhat.shape[1]
+    G = inv_std.shape[1]
+    K = xhat.size // (N * G)
+    db64, dw64 = _row_sums(dout, xhat)  # (N, C) float64
+    db_nc, dw_nc = db64.astype(xhat.dtype), dw64.astype(xhat.dtype)
+    gdb = db_nc if weight is None else db_nc * weight  # (N, C)
+    gdw = dw_nc if weight is None else dw_nc * weight
+    mean_dxhat = gdb.reshape(N, G, C // G).sum(axis=-1) / K  # (N, G)
+    mean_dxhat_xhat = gdw.reshape(N, G, C // G).sum(axis=-1) / K
+    inv_c = np.repeat(inv_std, C // G, axis=1)  # (N, C)
+    scale = inv_c if weight is None else inv_c * weight  # (N, C)
+    q = np.repeat(inv_std * mean_dxhat_xhat, C // G, axis=1)  # (N, C)
+    r = np.repeat(inv_std * mean_dxhat, C // G, axis=1)  # (N, C)
+    dx = _apply_backward(dout, xhat, scale, q, r)
+    dweight = None if weight is None else dw64.sum(axis=0).astype(xhat.dtype)
+    dbias = db64.sum(axis=0).astype(xhat.dtype) if has_bias else None
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# the sigmoid gate x ⊙ σ(z), z per channel or per position
+
+
+class GateMulCpuCache(GateMulCache):
+    __slots__ = ()
+
+
+def gate_kind(x: Any, z: Any) -> str | None:
+    """'channel' for z (N, C, 1, ..., 1), 'spatial' for z (N, 1, *S), else None."""
+    if type(z) is not np.ndarray or z.ndim != x.ndim or x.ndim < 3:
+        return None
+    if z.dtype != x.dtype or not z.flags.c_contiguous or z.shape[0] != x.shape[0]:
+        return None
+    if z.shape[1] == x.shape[1] and all(d == 1 for d in z.shape[2:]):
+        return "channel"
+    if z.shape[1] == 1 and z.shape[2:] == x.shape[2:] and x.shape[1] > 1:
+        return "spatial"
+    return None
+
+
+def gate_mul_forward(x: np.ndarray, z: np.ndarray) -> tuple[Any, GateMulCpuCache]:
+    """The generic formula (NumPy's product is one pass already; same bits);
+    the cache routes the backward to the fused kernel."""
+    s = sigmoid(z)  # like z
+    return x * s, GateMulCpuCache(x, s)
+
+
+def gate_mul_backward(dout: Any, cache: GateMulCpuCache) -> Any:
+    """dx = dout ⊙ s and Σ dout ⊙ x over the broadcast axes, in one pass."""
+    x, s = cache
+    if not _same(dout, x):
+        from refattn.ops.elementwise import gate_mul_backward as generic
+
+        return generic(dout, GateMulCache(*cache))
+    N, C = x.shape[0], x.shape[1]
+    dx = np.empty_like(x)
+    if s.shape[1] == C:  # channel gate: one value per (n, c) row
+        ds = np.empty(N * C)
+        _K.gate_channel_backward(dout.reshape(N * C, -1), x.reshape(N * C, -1),
+                                 s.reshape(N * C), dx.reshape(N * C, -1), ds)
+    else:  # spatial gate: one value per (n, position)
+        ds = np.empty((N, x.size // (N * C)))
+        _K.gate_spatial_backward(dout.reshape(N, C, -1), x.reshape(N, C, -1),
+                                 s.reshape(N, -1), dx.reshape(N, C, -1), ds)
+    ds = ds.astype(x.dtype).reshape(s.shape)  # like z
+    return dx, ds * s * (1 - s)
+
+
+# ---------------------------------------------------------------------------
+# pools
+
+
+def _index_dtype(count: int) -> Any:
+    """The smallest signed integer dtype for offsets 0..count-1 (as the
+    generic pools choose)."""
+    for dt in (np.int8, np.int16, np.int32):
+        if count - 1 <= np.iinfo(dt).max:
+            return dt
+    return np.int64
+
+
+def channel_pool_forward(x: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
+    """The max (with its first arg-max channel) or the mean over channels in
+    one pass per sample.  The generic backward (N·|S| entries) stays."""
+    N, C = x.shape[0], x.shape[1]
+    out = np.empty((N, 1) + x.shape[2:], dtype=x.dtype)
+    arg = np.empty(out.shape, dtype=np.int64)
+    _K.channel_pool_max_mean(x.reshape(N, C, -1), kind == "max",
+                             out.reshape(N, -1), arg.reshape(N, -1))
+    if kind == "mean":
+        return out, ChannelPoolCache(kind, tuple(x.shape))
+    return out, ChannelPoolCache(kind, tuple(x.shape), arg.astype(_index_dtype(C)))
+
+
+def global_pool_forward(x: np.ndarray, kind: str, keepdim: bool) -> Any:
+    """The global max and its first arg-max in one pass ('max' only; the
+    average is a BLAS product already)."""
+    N, C = x.shape[0], x.shape[1]
+    rows = x.reshape(N * C, -1)
+    out = np.empty(N * C, dtype=x.dtype)
+    arg = np.empty(N * C, dtype=np.int64)
+    _K.row_max_arg(rows, out, arg)
+    idx = arg.astype(_index_dtype(rows.shape[1])).reshape(N, C)
+    shape = (N, C) + (1,) * (x.ndim - 2) if keepdim else (N, C)
+    return out.reshape(shape), GlobalPoolCache(kind, tuple(x.shape), keepdim, idx)
+
+
+class MaxPoolCpuCache(MaxPoolCache):
+    __slots__ = ()
+
+
+def max_pool_forward(
+    x: np.ndarray, k: tuple[int, ...], s: tuple[int, ...], so: tuple[int, ...]
+) -> tuple[np.ndarray, MaxPoolCpuCache]:
+    """2-D max-pool: every window's max and first arg-max in one pass."""
+    N, C = x.shape[0], x.shape[1]
+    out = np.empty((N, C) + so, dtype=x.dtype)
+    idx = np.empty((N, C) + so, dtype=_index_dtype(k[0] * k[1]))
+    planes = (N * C,) + x.shape[2:]
+    _K.max_pool2d_forward(x.reshape(planes), k[0], k[1], s[0], s[1],
+                          out.reshape((N * C,) + so), idx.reshape((N * C,) + so))
+    return out, MaxPoolCpuCache(idx, tuple(x.shape), k, s)
+
+
+def max_pool_backward(dout: Any, cache: MaxPoolCpuCache) -> Any:
+    """dout to each window's arg-max, one plane per thread step."""
+    idx, x_shape, k, s = cache
+    if (type(dout) is not np.ndarray or dout.shape != idx.shape
+            or dout.dtype not in _FLOATS or not dout.flags.c_contiguous):
+        from refattn.ops.pool import max_pool_backward as generic
+
+        return generic(dout, MaxPoolCache(*cache))
+    check_array("dout", dout, shape=tuple(idx.shape))
+    check_finite("dout", dout)
+    N, C = x_shape[0], x_shape[1]
+    dx = np.empty(x_shape, dtype=dout.dtype)
+    so = tuple(idx.shape[2:])
+    _K.max_pool2d_backward(dout.reshape((N * C,) + so), idx.reshape((N * C,) + so),
+                           k[1], s[0], s[1], dx.reshape((N * C,) + tuple(x_shape[2:])))
+    return dx
+
+
+# ---------------------------------------------------------------------------
+# the table
+
+
+def _softmax_applies(x: Any, axis: int) -> bool:
+    return axis == x.ndim - 1 and _takes(x)
+
+
+def _bn_applies(x: Any, *rest: Any) -> bool:
+    training = rest[4]
+    return training and x.ndim >= 3 and _takes(x)
+
+
+def _gn_applies(x: Any, *rest: Any) -> bool:
+    return _takes(x)
+
+
+def _gate_applies(x: Any, z: Any) -> bool:
+    return gate_kind(x, z) is not None and _takes(x)
+
+
+def _channel_pool_applies(x: Any, kind: str) -> bool:
+    return kind in ("max", "mean") and _takes(x)
+
+
+def _global_pool_applies(x: Any, kind: str, keepdim: bool) -> bool:
+    return kind == "max" and _takes(x)
+
+
+def _max_pool_applies(x: Any, k: Any, s: Any, so: Any) -> bool:
+    return x.ndim == 4 and _takes(x)
+
+
+def _unreachable(dout: Any, cache: Any, **kwargs: Any) -> Any:  # pragma: no cover
+    raise AssertionError("the forward returns a generic cache")
+
+
+OVERRIDES: dict[str, Override] = {
+    "softmax": Override(
+        _softmax_applies, softmax_forward, softmax_backward, SoftmaxCpuCache,
+        "softmax along the last axis, forward and backward",
+    ),
+    "batch_norm": Override(
+        _bn_applies, batch_norm_forward, batch_norm_backward, BatchNormCpuCache,
+        "batch norm in training mode with spatial dims: statistics, "
+        "normalise + affine, backward sums and dx",
+    ),
+    "group_norm": Override(
+        _gn_applies, group_norm_forward, group_norm_backward, GroupNormCpuCache,
+        "group norm: statistics, normalise + affine, backward sums and dx",
+    ),
+    "gate_mul": Override(
+        _gate_applies, gate_mul_forward, gate_mul_backward, GateMulCpuCache,
+        "the sigmoid gate with z per channel or per position: the backward's "
+        "dx and dz in one pass",
+    ),
+    "channel_pool": Override(
+        _channel_pool_applies, channel_pool_forward, _unreachable, type(None),
+        "the channel max (with arg-max) and mean, forward",
+    ),
+    "global_pool": Override(
+        _global_pool_applies, global_pool_forward, _unreachable, type(None),
+        "the global max with its arg-max, forward",
+    ),
+    "max_pool": Override(
+        _max_pool_applies, max_pool_forward, max_pool_backward, MaxPoolCpuCache,
+        "2-D max-pool with its arg-max, forward and backward",
+    ),
+}
+"""Override point -> its CPU kernel variant and when it is taken."""
+
+
+def register() -> None:
+    """Put the kernels into the ops' NumPy table, when numba is installed."""
+    global _K
+    if not available():
+        return
+    _K = _Serialised()
+    for name, override in OVERRIDES.items():
+        overrides.register_cpu(name, override)
+

@@ -1,0 +1,279 @@
+"""The CPU kernels: one multi-threaded pass per step, compiled by numba.
+
+Every kernel is ``numba.njit(parallel=True, cache=True)`` over C-contiguous
+float32 or float64 arrays, split into independent rows by ``prange`` (the
+threads of numba's pool, one per core).  Sums are accumulated in float64
+for either dtype and rounded once at the end; element-wise formulas use
+the data's dtype in the order the NumPy ops write them, so an output that
+involves no sum and no ``exp`` is the same bits as the NumPy path's.
+
+Layouts (the wrappers of ``refattn.cpu.kernel_ops`` reshape to them):
+
+- rows ``(R, L)``: R independent rows of L contiguous values;
+- planes ``(N, C, L)``: C channels of L positions per sample.
+
+This module imports numba at import time; ``refattn.cpu.kernel_ops``
+imports it only when numba is installed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba prefers its OpenMP layer when one is found; OpenMP's workers
+    # spin after each parallel loop and take the cores from the BLAS calls
+    # that follow (non_local float32 on 2 cores: 53 instead of 40 ms per
+    # forward + backward).  The workqueue layer's workers sleep.
+    numba.config.THREADING_LAYER = "workqueue"
+
+__all__ = [
+    "channel_pool_max_mean",
+    "gate_channel_backward",
+    "gate_spatial_backward",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+    "norm_apply",
+    "norm_backward_apply",
+    "row_max_arg",
+    "row_sums",
+    "row_sums_centered",
+    "softmax_backward_rows",
+    "softmax_rows",
+]
+
+_jit = numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+
+
+# ---------------------------------------------------------------------------
+# softmax along the last axis of (R, L)
+
+
+@_jit
+def softmax_rows(x, y):  # pragma: no cover - compiled
+    """y[r] = exp(x[r] − max x[r]) / Σ exp(x[r] − max x[r])."""
+    R, L = x.shape
+    for r in numba.prange(R):
+        m = x[r, 0]
+        for j in range(1, L):
+            m = max(m, x[r, j])
+        total = 0.0
+        for j in range(L):
+            e = math.exp(x[r, j] - m)
+            y[r, j] = e
+            total += e
+        for j in range(L):
+            y[r, j] = y[r, j] / total
+
+
+@_jit
+def softmax_backward_rows(dout, y, dx):  # pragma: no cover - compiled
+    """dx[r] = (dout[r] − Σ dout[r] ⊙ y[r]) ⊙ y[r]."""
+    R, L = y.shape
+    for r in numba.prange(R):
+        total = 0.0
+        for j in range(L):
+            total += dout[r, j] * y[r, j]
+        for j in range(L):
+            dx[r, j] = (dout[r, j] - total) * y[r, j]
+
+
+# ---------------------------------------------------------------------------
+# row statistics (the norms' sums; float64 results)
+
+
+@_jit
+def row_sums(a, b, s_a, s_ab):  # pragma: no cover - compiled
+    """s_a[r] = Σ a[r];  s_ab[r] = Σ a[r] ⊙ b[r]  (b unused when s_ab is empty)."""
+    R, L = a.shape
+    both = s_ab.shape[0] == R
+    for r in numba.prange(R):
+        t = 0.0
+        tb = 0.0
+        if both:
+            for j in range(L):
+                v = a[r, j]
+                t += v
+                tb += v * b[r, j]
+            s_ab[r] = tb
+        else:
+            for j in range(L):
+                t += a[r, j]
+        s_a[r] = t
+
+
+@_jit
+def row_sums_centered(x, mean, out):  # pragma: no cover - compiled
+    """out[r] = Σ (x[r] − mean[r % len(mean)])², the centred value in x's
+    dtype (as NumPy's x − mean), squared and summed in float64."""
+    R, L = x.shape
+    G = mean.shape[0]
+    for r in numba.prange(R):
+        m = mean[r % G]
+        t = 0.0
+        for j in range(L):
+            d = x[r, j] - m
+            t += float(d) * float(d)
+        out[r] = t
+
+
+@_jit
+def norm_apply(x, mean, inv_std, per, gamma, beta, xhat, y):  # pragma: no cover
+    """Row r of group k = (r // per) % len(mean): x̂ = (x − mean[k]) · inv_std[k],
+    then y = x̂ · γ[c] + β[c] with c = r % len(γ) (empty γ: no scale; empty β:
+    no shift; y may be x̂ itself when both are empty)."""
+    R, L = x.shape
+    G = mean.shape[0]
+    C = gamma.shape[0]
+    Cb = beta.shape[0]
+    for r in numba.prange(R):
+        k = (r // per) % G
+        m = mean[k]
+        s = inv_std[k]
+        for j in range(L):
+            xhat[r, j] = (x[r, j] - m) * s
+        if C > 0:
+            g = gamma[r % C]
+            if Cb > 0:
+                b = beta[r % Cb]
+                for j in range(L):
+                    y[r, j] = xhat[r, j] * g + b
+            else:
+                for j in range(L):
+                    y[r, j] = xhat[r, j] * g
+        elif Cb > 0:
+            b = beta[r % Cb]
+            for j in range(L):
+                y[r, j] = xhat[r, j] + b
+
+
+@_jit
+def norm_backward_apply(dout, xhat, a, b, c, dx):  # pragma: no cover - compiled
+    """dx[r] = dout[r] · a[r] − x̂[r] · b[r] − c[r]  (c may be empty: no term)."""
+    R, L = dout.shape
+    has_c = c.shape[0] == R
+    for r in numba.prange(R):
+        ar = a[r]
+        br = b[r]
+        if has_c:
+            cr = c[r]
+            for j in range(L):
+                dx[r, j] = dout[r, j] * ar - xhat[r, j] * br - cr
+        else:
+            for j in range(L):
+                dx[r, j] = dout[r, j] * ar - xhat[r, j] * br
+
+
+# ---------------------------------------------------------------------------
+# gates: backward of x ⊙ s with s broadcast over positions or channels
+
+
+@_jit
+def gate_channel_backward(dout, x, s, dx, ds):  # pragma: no cover - compiled
+    """Rows (R, L), one gate value per row: dx = dout · s[r], ds[r] = Σ dout ⊙ x."""
+    R, L = x.shape
+    for r in numba.prange(R):
+        g = s[r]
+        t = 0.0
+        for j in range(L):
+            d = dout[r, j]
+            dx[r, j] = d * g
+            t += d * x[r, j]
+        ds[r] = t
+
+
+@_jit
+def gate_spatial_backward(dout, x, s, dx, ds):  # pragma: no cover - compiled
+    """Planes (N, C, L), one gate value per (n, position): dx = dout · s[n],
+    ds[n, p] = Σ_c dout ⊙ x (float64)."""
+    N, C, L = x.shape
+    for n in numba.prange(N):
+        for j in range(L):
+            ds[n, j] = 0.0
+        for c in range(C):
+            for j in range(L):
+                d = dout[n, c, j]
+                dx[n, c, j] = d * s[n, j]
+                ds[n, j] += d * x[n, c, j]
+
+
+# ---------------------------------------------------------------------------
+# pools
+
+
+@_jit
+def row_max_arg(x, out, arg):  # pragma: no cover - compiled
+    """out[r] = max x[r], arg[r] = its first position."""
+    R, L = x.shape
+    for r in numba.prange(R):
+        m = x[r, 0]
+        k = 0
+        for j in range(1, L):
+            if x[r, j] > m:
+                m = x[r, j]
+                k = j
+        out[r] = m
+        arg[r] = k
+
+
+@_jit
+def channel_pool_max_mean(x, want_max, out, arg):  # pragma: no cover - compiled
+    """Planes (N, C, L): the max over c (first arg-max into arg) or the mean."""
+    N, C, L = x.shape
+    for n in numba.prange(N):
+        if want_max:
+            for j in range(L):
+                out[n, j] = x[n, 0, j]
+                arg[n, j] = 0
+            for c in range(1, C):
+                for j in range(L):
+                    v = x[n, c, j]
+                    if v > out[n, j]:
+                        out[n, j] = v
+                        arg[n, j] = c
+        else:
+            acc = np.zeros(L, dtype=np.float64)
+            for c in range(C):
+                for j in range(L):
+                    acc[j] += x[n, c, j]
+            for j in range(L):
+                out[n, j] = acc[j] / C
+
+
+@_jit
+def max_pool2d_forward(x, kh, kw, sh, sw, out, idx):  # pragma: no cover - compiled
+    """Planes (P, H, W) -> (P, Ho, Wo): window max and the row-major offset of
+    its first arg-max."""
+    P = x.shape[0]
+    Ho, Wo = out.shape[1], out.shape[2]
+    for p in numba.prange(P):
+        for i in range(Ho):
+            for j in range(Wo):
+                m = x[p, i * sh, j * sw]
+                k = 0
+                for a in range(kh):
+                    for b in range(kw):
+                        v = x[p, i * sh + a, j * sw + b]
+                        if v > m:
+                            m = v
+                            k = a * kw + b
+                out[p, i, j] = m
+                idx[p, i, j] = k
+
+
+@_jit
+def max_pool2d_backward(dout, idx, kw, sh, sw, dx):  # pragma: no cover - compiled
+    """dx (P, H, W), zeroed here, gets dout at each window's arg-max (summed
+    where windows overlap; one plane per thread, so no two threads meet)."""
+    P = dout.shape[0]
+    Ho, Wo = dout.shape[1], dout.shape[2]
+    for p in numba.prange(P):
+        dx[p, :, :] = 0.0
+        for i in range(Ho):
+            for j in range(Wo):
+                k = idx[p, i, j]
+                dx[p, i * sh + k // kw, j * sw + k % kw] += dout[p, i, j]

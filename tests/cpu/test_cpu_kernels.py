@@ -1,0 +1,503 @@
+"""The CPU kernel tier (refattn.cpu, numba) against the NumPy formulas.
+
+Bit for bit where the tier does the NumPy path's arithmetic in the same
+order (max-pool, the arg-max pools, the gate's forward and dx, the norms'
+normalise-and-affine pass given the same statistics); within
+``kernel_ops.TOLERANCE`` elsewhere (float64 sums, libm's exp), and each
+tolerance comparison is shown to fail on a wrong result.  Whole blocks run
+through the tier agree with the NumPy path and pass float64 gradient
+checks.  Skipped without numba (the ``cpu`` extra); REFATTN_REQUIRE_NUMBA=1
+turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refattn.backend import NonFiniteError
+from refattn.blocks.registry import BLOCKS, draw_case, gradcheck_block, run_block
+from refattn.cuda import use_kernels
+from refattn.ops import overrides
+from refattn.ops.elementwise import gate_mul_backward, gate_mul_forward
+from refattn.ops.norm import (
+    BatchNormCache,
+    GroupNormCache,
+    batch_norm_backward,
+    batch_norm_forward,
+    group_norm_backward,
+    group_norm_forward,
+)
+from refattn.ops.pool import (
+    channel_pool_backward,
+    channel_pool_forward,
+    global_pool_backward,
+    global_pool_forward,
+    max_pool_backward,
+    max_pool_forward,
+)
+from refattn.ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
+
+if os.environ.get("REFATTN_REQUIRE_NUMBA") == "1":
+    import numba  # noqa: F401 - a failure, not a skip, when it is required
+else:
+    pytest.importorskip("numba", reason="the cpu extra (numba) is not installed")
+
+from refattn.cpu import kernel_ops
+from refattn.cpu import kernels as K
+
+DTYPES = ("float32", "float64")
+
+
+@pytest.fixture(autouse=True)
+def _tier_loaded() -> Iterator[None]:
+    """The NumPy table holds the tier (whatever ran before)."""
+    overrides._load_cpu()
+    assert set(kernel_ops.OVERRIDES) <= set(overrides.CPU_OVERRIDES)
+    yield
+
+
+def generic(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """f on the NumPy path (the tier switched off)."""
+    with use_kernels(False):
+        return f(*args, **kwargs)
+
+
+def assert_close(actual: Any, expected: Any, dtype: str) -> None:
+    """Within the documented tolerance of the tier, relative to the largest
+    magnitude of the reference."""
+    rtol, atol = kernel_ops.TOLERANCE[dtype]
+    expected = np.asarray(expected)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale)
+
+
+def normal(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _caches_of_tier(*caches: Any) -> None:
+    for c in caches:
+        assert type(c).__module__ == "refattn.cpu.kernel_ops", type(c)
+
+
+# ---------------------------------------------------------------------------
+# the comparison itself
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wrong", ["negated", "scaled", "zeroed", "one ulp x 1000"])
+def test_assert_close_rejects_a_wrong_result(dtype: str, wrong: str) -> None:
+    ref = normal((64, 80), dtype)
+    eps = np.finfo(dtype).eps
+    bad = {
+        "negated": -ref,
+        "scaled": ref * (1 + 1e-3),
+        "zeroed": np.zeros_like(ref),
+        "one ulp x 1000": ref + np.abs(ref).max() * 1000 * eps,
+    }[wrong]
+    with pytest.raises(AssertionError):
+        assert_close(bad, ref, dtype)
+    assert_close(ref * (1 + eps), ref, dtype)  # a rounding difference passes
+
+
+# ---------------------------------------------------------------------------
+# the switch and the threshold
+
+
+def test_generic_env_turns_the_tier_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = normal((32, 256), "float64")
+    _, cache = softmax_forward(x)
+    _caches_of_tier(cache)
+    monkeypatch.setenv("REFATTN_KERNELS", "generic")
+    _, cache = softmax_forward(x)
+    assert type(cache) is SoftmaxCache
+
+
+def test_small_inputs_stay_on_the_numpy_path() -> None:
+    x = normal((4, kernel_ops.MIN_ELEMENTS // 4 - 1), "float64")
+    _, cache = softmax_forward(x)
+    assert type(cache) is SoftmaxCache
+
+
+def test_without_numba_nothing_is_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(overrides, "CPU_OVERRIDES", {})
+    monkeypatch.setattr(kernel_ops, "available", lambda: False)
+    kernel_ops.register()
+    assert overrides.CPU_OVERRIDES == {}
+    _, cache = softmax_forward(normal((32, 256), "float64"))
+    assert type(cache) is SoftmaxCache
+
+
+def test_views_and_subclasses_stay_on_the_numpy_path() -> None:
+    x = normal((64, 256), "float64")
+    _, cache = softmax_forward(x[:, ::2])  # not contiguous
+    assert type(cache) is SoftmaxCache
+    _, cache = softmax_forward(x, axis=0)  # not the last axis
+    assert type(cache) is SoftmaxCache
+
+
+# ---------------------------------------------------------------------------
+# softmax
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_matches_numpy(dtype: str) -> None:
+    x = normal((4, 96, 130), dtype) * 4
+    dout = normal(x.shape, dtype, 1)
+    y, cache = softmax_forward(x)
+    dx = softmax_backward(dout, cache)
+    _caches_of_tier(cache)
+    y0, c0 = generic(softmax_forward, x)
+    assert_close(y, y0, dtype)
+    assert_close(dx, generic(softmax_backward, dout, c0), dtype)
+    assert y.dtype == dx.dtype == x.dtype
+
+
+def test_softmax_backward_checks_dout_as_the_numpy_path() -> None:
+    x = normal((32, 256), "float64")
+    _, cache = softmax_forward(x)
+    with pytest.raises(ValueError, match="dout"):
+        softmax_backward(np.ones((32, 255)), cache)
+    strided = normal((32, 512), "float64")[:, ::2]  # a view takes the NumPy route
+    np.testing.assert_allclose(
+        softmax_backward(strided, cache),
+        generic(softmax_backward, strided, SoftmaxCache(*cache)), rtol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), length=st.integers(1, 300),
+       dtype=st.sampled_from(DTYPES), shift=st.floats(-50, 50))
+def test_softmax_kernel_rows_property(rows: int, length: int, dtype: str,
+                                      shift: float) -> None:
+    x = normal((rows, length), dtype) + np.asarray(shift, dtype)
+    y = np.empty_like(x)
+    K.softmax_rows(x, y)
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    assert_close(y, e / e.sum(axis=1, keepdims=True), dtype)
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# batch norm and group norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_batch_norm_matches_numpy(dtype: str, affine: str) -> None:
+    C = 12
+    x = normal((6, C, 9, 11), dtype) * 3 + 1
+    w = normal((C,), dtype, 2) if affine != "none" else None
+    b = normal((C,), dtype, 3) if affine == "both" else None
+    rm, rv = normal((C,), dtype, 4), np.abs(normal((C,), dtype, 5)) + 0.5
+    dout = normal(x.shape, dtype, 6)
+    kw = {"training": True, "momentum": 0.1, "eps": 1e-5}
+    out, cache = batch_norm_forward(x, w, b, rm, rv, **kw)
+    grads = batch_norm_backward(dout, cache)
+    _caches_of_tier(cache)
+    out0, c0 = generic(batch_norm_forward, x, w, b, rm, rv, **kw)
+    grads0 = generic(batch_norm_backward, dout, c0)
+    for a, e in zip(list(out) + list(grads), list(out0) + list(grads0)):
+        assert (a is None) == (e is None)
+        if e is not None:
+            assert a.dtype == e.dtype
+            assert_close(a, e, dtype)
+
+
+def test_batch_norm_eval_mode_stays_on_the_numpy_path() -> None:
+    x = normal((4, 8, 16, 16), "float64")
+    _, cache = batch_norm_forward(x, None, None, np.zeros(8), np.ones(8),
+                                  training=False)
+    assert type(cache) is BatchNormCache
+
+
+def test_batch_norm_reports_an_overflow_as_the_numpy_path() -> None:
+    x = normal((4, 8, 16, 16), "float32") * np.float32(5e37)  # finite, but
+    # its float32 variance is not
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(NonFiniteError) as tier:
+            batch_norm_forward(x, None, None, None, None, training=True)
+        with pytest.raises(NonFiniteError) as numpy_path:
+            generic(batch_norm_forward, x, None, None, None, None, training=True)
+    assert str(tier.value) == str(numpy_path.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_matches_numpy(dtype: str, affine: bool) -> None:
+    C, G = 32, 8
+    x = normal((3, C, 10, 13), dtype) * 2 - 1
+    w = normal((C,), dtype, 2) if affine else None
+    b = normal((C,), dtype, 3) if affine else None
+    dout = normal(x.shape, dtype, 6)
+    y, cache = group_norm_forward(x, w, b, num_groups=G)
+    grads = group_norm_backward(dout, cache)
+    _caches_of_tier(cache)
+    y0, c0 = generic(group_norm_forward, x, w, b, num_groups=G)
+    assert_close(y, y0, dtype)
+    assert_close(cache.inv_std, c0.inv_std, dtype)
+    for a, e in zip(grads, generic(group_norm_backward, dout, c0)):
+        assert (a is None) == (e is None)
+        if e is not None:
+            assert_close(a, e, dtype)
+
+
+def test_group_norm_backward_with_a_bad_dout_raises_the_numpy_error() -> None:
+    x = normal((3, 32, 10, 13), "float64")
+    _, cache = group_norm_forward(x, None, None, num_groups=8)
+    with pytest.raises(ValueError) as tier:
+        group_norm_backward(np.ones((3, 32, 10, 12)), cache)
+    with pytest.raises(ValueError) as numpy_path:
+        group_norm_backward(np.ones((3, 32, 10, 12)), GroupNormCache(*cache))
+    assert str(tier.value) == str(numpy_path.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_apply_is_the_numpy_formula_bit_for_bit(dtype: str) -> None:
+    """Given the same statistics, x̂ = (x − μ)·inv and y = x̂·γ + β are the
+    NumPy ops' bits (same order, the data's dtype)."""
+    N, C, L = 4, 6, 50
+    x = normal((N, C, L), dtype)
+    mean, inv = normal((C,), dtype, 1), np.abs(normal((C,), dtype, 2)) + 0.1
+    g, b = normal((C,), dtype, 3), normal((C,), dtype, 4)
+    xhat, y = np.empty_like(x), np.empty_like(x)
+    K.norm_apply(x.reshape(N * C, L), mean, inv, 1, g, b,
+                 xhat.reshape(N * C, L), y.reshape(N * C, L))
+    xhat0 = (x - mean[:, None]) * inv[:, None]
+    np.testing.assert_array_equal(xhat, xhat0)
+    y0 = xhat0 * g[:, None]
+    y0 += b[:, None]
+    np.testing.assert_array_equal(y, y0)
+    dx = np.empty_like(x)
+    a, bb, c = (np.tile(normal((C,), dtype, s), N) for s in (5, 6, 7))
+    K.norm_backward_apply(y.reshape(N * C, L), xhat.reshape(N * C, L), a, bb, c,
+                          dx.reshape(N * C, L))
+    dx0 = y * a.reshape(N, C, 1)
+    dx0 -= xhat * bb.reshape(N, C, 1)
+    dx0 -= c.reshape(N, C, 1)
+    np.testing.assert_array_equal(dx, dx0)
+
+
+# ---------------------------------------------------------------------------
+# the sigmoid gate
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", ["channel", "spatial"])
+def test_gate_mul_matches_numpy(dtype: str, gate: str) -> None:
+    N, C, H, W = 4, 24, 14, 13
+    x = normal((N, C, H, W), dtype)
+    z = normal((N, C, 1, 1) if gate == "channel" else (N, 1, H, W), dtype, 1) * 3
+    dout = normal(x.shape, dtype, 2)
+    out, cache = gate_mul_forward(x, z)
+    dx, dz = gate_mul_backward(dout, cache)
+    _caches_of_tier(cache)
+    out0, c0 = generic(gate_mul_forward, x, z)
+    dx0, dz0 = generic(gate_mul_backward, dout, c0)
+    np.testing.assert_array_equal(out, out0)  # same formula, same bits
+    np.testing.assert_array_equal(dx, dx0)
+    assert dz.shape == z.shape and dz.dtype == z.dtype
+    assert_close(dz, dz0, dtype)
+
+
+# ---------------------------------------------------------------------------
+# pools (arg-max: bit for bit, ties included)
+
+
+def _with_ties(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    return np.random.default_rng(3).integers(-3, 4, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", [((2, 2), None), ((3, 3), (2, 2)),
+                                      ((2, 3), (3, 1)), ((1, 1), None)])
+def test_max_pool_is_numpy_bit_for_bit(dtype: str, geometry: Any) -> None:
+    k, s = geometry
+    x = _with_ties((3, 16, 15, 14), dtype)
+    out, cache = max_pool_forward(x, kernel_size=k, stride=s)
+    _caches_of_tier(cache)
+    out0, c0 = generic(max_pool_forward, x, kernel_size=k, stride=s)
+    np.testing.assert_array_equal(out, out0)
+    np.testing.assert_array_equal(cache.idx, c0.idx)
+    assert cache.idx.dtype == c0.idx.dtype
+    dout = normal(out.shape, dtype, 1)
+    dx, dx0 = max_pool_backward(dout, cache), generic(max_pool_backward, dout, c0)
+    if s is not None and any(ss < kk for kk, ss in zip(k, s)):
+        assert_close(dx, dx0, dtype)  # overlapping windows: sums in another order
+    else:
+        np.testing.assert_array_equal(dx, dx0)
+
+
+def test_max_pool_backward_checks_dout_finite() -> None:
+    x = normal((3, 16, 16, 16), "float64")
+    out, cache = max_pool_forward(x, kernel_size=2)
+    dout = np.ones(out.shape)
+    dout[0, 0, 0, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="dout"):
+        max_pool_backward(dout, cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["max", "mean"])
+def test_channel_pool_matches_numpy(dtype: str, kind: str) -> None:
+    x = _with_ties((4, 40, 11, 12), dtype) + normal((4, 40, 11, 12), dtype) / 8
+    out, cache = channel_pool_forward(x, kind=kind)
+    out0, c0 = generic(channel_pool_forward, x, kind=kind)
+    assert out.shape == out0.shape and out.dtype == out0.dtype
+    if kind == "max":
+        np.testing.assert_array_equal(out, out0)
+        np.testing.assert_array_equal(cache.idx, c0.idx)
+        assert cache.idx.dtype == c0.idx.dtype
+    else:
+        assert_close(out, out0, dtype)
+    dout = normal(out.shape, dtype, 1)
+    np.testing.assert_array_equal(channel_pool_backward(dout, cache),
+                                  generic(channel_pool_backward, dout, c0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_global_max_pool_is_numpy_bit_for_bit(dtype: str, keepdim: bool) -> None:
+    x = _with_ties((4, 64, 7, 9), dtype)
+    out, cache = global_pool_forward(x, kind="max", keepdim=keepdim)
+    out0, c0 = generic(global_pool_forward, x, kind="max", keepdim=keepdim)
+    np.testing.assert_array_equal(out, out0)
+    assert out.shape == out0.shape
+    np.testing.assert_array_equal(cache.idx, c0.idx)
+    assert cache.idx.dtype == c0.idx.dtype
+    dout = normal(out.shape, dtype, 1)
+    np.testing.assert_array_equal(global_pool_backward(dout, cache),
+                                  generic(global_pool_backward, dout, c0))
+
+
+# ---------------------------------------------------------------------------
+# whole blocks through the tier
+
+
+BLOCK_CASES = {  # block -> (preset, overrides, shapes) large enough for the tier
+    "cbam": ("jongchan", {}, {"x": (4, 64, 14, 14)}),
+    "non_local": ("alexhex7", {"inter_channels": 32}, {"x": (2, 64, 14, 14)}),
+    "cgnl": ("yue", {"planes": 32}, {"x": (2, 64, 12, 12)}),
+    "cross_layer": ("cnl", {"planes": 32},
+                    {"x_q": (2, 64, 7, 7), "x_kv": (2, 32, 14, 14)}),
+}
+
+
+def _tier_steps_taken(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Record which tier steps run."""
+    taken: set[str] = set()
+    for name, o in list(overrides.CPU_OVERRIDES.items()):
+        def forward(*args: Any, _f: Any = o.forward, _n: str = name) -> Any:
+            taken.add(_n)
+            return _f(*args)
+        monkeypatch.setitem(overrides.CPU_OVERRIDES, name, o._replace(forward=forward))
+    return taken
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", sorted(BLOCK_CASES))
+def test_block_matches_the_numpy_path(block: str, dtype: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    preset, sets, shapes = BLOCK_CASES[block]
+    spec = BLOCKS[block]
+    cfg = spec.config(preset, **sets)
+    inputs, params, state = draw_case(spec, cfg, shapes, seed=1)
+    cast = {k: v.astype(dtype) for k, v in inputs.items()}
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    state = {k: v.astype(dtype) for k, v in state.items()}
+    out0, _, _ = generic(run_block, spec, cfg, cast, params, state)
+    dout = normal(out0["out"].shape, dtype, 7)
+    taken = _tier_steps_taken(monkeypatch)
+    out, dins, dparams = run_block(spec, cfg, cast, params, state, dout)
+    assert taken, "no step of the block took the tier"
+    out0, dins0, dparams0 = generic(run_block, spec, cfg, cast, params, state, dout)
+    # the float64 NumPy path at the same values: how far float32 rounding
+    # alone moves each result (CGNL's p and g weight gradients are small
+    # differences of large terms, where float32 keeps few digits either way)
+    wide = {k: v.astype("float64") for k, v in cast.items()}
+    truth = generic(run_block, spec, cfg, wide,
+                    {k: v.astype("float64") for k, v in params.items()},
+                    {k: v.astype("float64") for k, v in state.items()},
+                    dout.astype("float64"))
+    # a gradient that is a small difference of large terms (CGNL's p and g
+    # weights) carries rounding of the size of those terms: the absolute
+    # tolerance is taken relative to the block's largest gradient
+    largest = max(float(np.max(np.abs(v))) for d in (dins0, dparams0)
+                  for v in d.values())
+    for got, want, true in zip((out, dins, dparams), (out0, dins0, dparams0), truth):
+        assert set(got) == set(want)
+        for key in want:
+            rtol, atol = kernel_ops.TOLERANCE[dtype]
+            scale = max(float(np.max(np.abs(want[key]))),
+                        largest if want is not out0 else 0.0)
+            numpy_error = float(np.max(np.abs(want[key] - true[key])))
+            # a block chains steps; its error may be a few times a step's,
+            # and never much more than the NumPy path's own float32 error
+            bound = max(50 * atol * scale, 4 * numpy_error)
+            np.testing.assert_allclose(got[key], want[key], rtol=50 * rtol,
+                                       atol=bound, err_msg=key)
+
+
+def test_block_comparison_rejects_a_wrong_gradient() -> None:
+    """The bound of test_block_matches_the_numpy_path fails on a gradient
+    scaled by 1.01 (float32 non_local)."""
+    preset, sets, shapes = BLOCK_CASES["non_local"]
+    spec = BLOCKS["non_local"]
+    cfg = spec.config(preset, **sets)
+    inputs, params, state = draw_case(spec, cfg, shapes, seed=1)
+    cast = {k: v.astype("float32") for k, v in inputs.items()}
+    params = {k: v.astype("float32") for k, v in params.items()}
+    state = {k: v.astype("float32") for k, v in state.items()}
+    out, _, _ = run_block(spec, cfg, cast, params, state)
+    dout = normal(out["out"].shape, "float32", 7)
+    _, dins, _ = run_block(spec, cfg, cast, params, state, dout)
+    _, dins0, _ = generic(run_block, spec, cfg, cast, params, state, dout)
+    rtol, atol = kernel_ops.TOLERANCE["float32"]
+    scale = float(np.max(np.abs(dins0["x"])))
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(dins["x"] * 1.01, dins0["x"], rtol=50 * rtol,
+                                   atol=50 * atol * scale)
+
+
+@pytest.mark.parametrize("block", sorted(BLOCK_CASES))
+def test_block_gradcheck_through_the_tier(block: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 gradient checks at the fixture shapes, every eligible step on
+    the tier (the size threshold lowered to 0)."""
+    monkeypatch.setattr(kernel_ops, "MIN_ELEMENTS", 0)
+    preset, sets, _ = BLOCK_CASES[block]
+    spec = BLOCKS[block]
+    cfg = spec.config(preset, **sets)
+    inputs, params, state = draw_case(spec, cfg, seed=2)
+    taken = _tier_steps_taken(monkeypatch)
+    mode = "full" if block in ("non_local", "cgnl") else "fast"
+    report = gradcheck_block(spec, cfg, inputs, params, state, mode=mode)
+    assert taken
+    assert report.ok, report.to_text()
+
+
+def test_threads_may_call_the_tier_at_once() -> None:
+    """Concurrent callers are serialised (numba's workqueue layer would abort
+    on two parallel launches at once) and each gets its own result."""
+    import threading
+
+    xs = [normal((64, 300), "float64", seed) for seed in range(8)]
+    results: list[Any] = [None] * len(xs)
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            results[i] = softmax_forward(xs[i])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, y in zip(xs, results):
+        assert_close(y, generic(softmax_forward, x)[0], "float64")
