@@ -421,9 +421,7 @@ def max_pool_forward(
     N, C = x.shape[0], x.shape[1]
     out = np.empty((N, C) + so, dtype=x.dtype)
     idx = np.empty((N, C) + so, dtype=_index_dtype(k[0] * k[1]))
-    planes = (N * C,) + x.shape[2:]
-    _K.max_pool2d_forward(x.reshape(planes), k[0], k[1], s[0], s[1],
-                          out.reshape((N * C,) + so), idx.reshape((N * C,) + so))
+    _K.max_pool2d_forward(x, k[0], k[1], s[0], s[1], out, idx)  # x: any strides
     return out, MaxPoolCpuCache(idx, tuple(x.shape), k, s)
 
 
@@ -431,17 +429,14 @@ def max_pool_backward(dout: Any, cache: MaxPoolCpuCache) -> Any:
     """dout to each window's arg-max, one plane per thread step."""
     idx, x_shape, k, s = cache
     if (type(dout) is not np.ndarray or dout.shape != idx.shape
-            or dout.dtype not in _FLOATS or not dout.flags.c_contiguous):
+            or dout.dtype not in _FLOATS):
         from refattn.ops.pool import max_pool_backward as generic
 
         return generic(dout, MaxPoolCache(*cache))
     check_array("dout", dout, shape=tuple(idx.shape))
     check_finite("dout", dout)
-    N, C = x_shape[0], x_shape[1]
     dx = np.empty(x_shape, dtype=dout.dtype)
-    so = tuple(idx.shape[2:])
-    _K.max_pool2d_backward(dout.reshape((N * C,) + so), idx.reshape((N * C,) + so),
-                           k[1], s[0], s[1], dx.reshape((N * C,) + tuple(x_shape[2:])))
+    _K.max_pool2d_backward(dout, idx, k[1], s[0], s[1], dx)  # dout: any strides
     return dx
 
 
@@ -475,7 +470,9 @@ def _global_pool_applies(x: Any, kind: str, keepdim: bool) -> bool:
 
 
 def _max_pool_applies(x: Any, k: Any, s: Any, so: Any) -> bool:
-    return x.ndim == 4 and _takes(x)
+    """2-D, of any strides: non_local pools a channel slice of its projections."""
+    return (x.ndim == 4 and type(x) is np.ndarray and x.dtype in _FLOATS
+            and x.size >= MIN_ELEMENTS and kernels_enabled())
 
 
 def _unreachable(dout: Any, cache: Any, **kwargs: Any) -> Any:  # pragma: no cover

@@ -334,6 +334,25 @@ def test_max_pool_is_numpy_bit_for_bit(dtype: str, geometry: Any) -> None:
         np.testing.assert_array_equal(dx, dx0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool_takes_a_channel_slice_and_a_strided_dout(dtype: str) -> None:
+    """non_local pools a channel slice of its projections: the tier reads it
+    in place (no copy) and must give the NumPy path's bits."""
+    whole = _with_ties((3, 40, 15, 14), dtype)
+    x = whole[:, 8:24]  # (3, 16, 15, 14), not C-contiguous
+    assert not x.flags.c_contiguous
+    out, cache = max_pool_forward(x, kernel_size=2)
+    _caches_of_tier(cache)
+    out0, c0 = generic(max_pool_forward, np.ascontiguousarray(x), kernel_size=2)
+    np.testing.assert_array_equal(out, out0)
+    np.testing.assert_array_equal(cache.idx, c0.idx)
+    wide = normal((3, 32) + out.shape[2:], dtype, 1)
+    dout = wide[:, ::2]  # every other channel: a strided cotangent
+    dx = max_pool_backward(dout, cache)
+    np.testing.assert_array_equal(
+        dx, generic(max_pool_backward, np.ascontiguousarray(dout), c0))
+
+
 def test_max_pool_backward_checks_dout_finite() -> None:
     x = normal((3, 16, 16, 16), "float64")
     out, cache = max_pool_forward(x, kernel_size=2)
