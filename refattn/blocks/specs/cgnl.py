@@ -13,8 +13,8 @@ from refattn.backend import host_rng, namespace, prod
 from refattn.blocks import cgnl
 from refattn.blocks.cgnl import (BETAS, KERNELS, MAX_ORDER, NORMS, PRESETS, CGNLCache,
                                  CGNLConfig, gn_cancels_attention)
-from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
-                                 draw_param, init_norm, norm_shapes, single_x_shape)
+from refattn.blocks.spec import (BenchCase, check_batch_statistics, draw_param,
+                                 init_norm, module_specs, norm_shapes, single_x_shape)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -393,22 +393,14 @@ def flops(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> int:
     return 3 * 2 * N * L * C * P + 3 * N * P * L + 2 * N * L * (P // G) * C
 
 
-SPECS: dict[str, BlockSpec] = {
-    "cgnl": BlockSpec.of_module(
-        __name__,
-        name="cgnl",
-        diagram="cgnl",
-        summary="compact generalized non-local block (Yue et al. 2018): dot and "
-        "Taylor-expanded Gaussian kernels per channel group, GroupNorm",
-        config_cls=CGNLConfig,
-        resolve=resolve,
-        presets=PRESETS,
-        default_preset="yue",
-        draw_scales=draw_scales,
-        flops=flops,
-        bench=BenchCase("yue", {"planes": 128}, {"x": (8, 256, 28, 28)},
-                        "x(8,256,28,28) dot kernel, planes 128, groups 8, GN"),
-        figure=("draw_cgnl", (11.0, 3.8)),
-        anchors={p: f"cgnl:make_{p}" for p in ("yue", "yue_gaussian")},
-    )
-}
+SPECS = module_specs(
+    __name__,
+    summary="compact generalized non-local block (Yue et al. 2018): dot and "
+    "Taylor-expanded Gaussian kernels per channel group, GroupNorm",
+    config_cls=CGNLConfig,
+    default_preset="yue",
+    bench=BenchCase("yue", {"planes": 128}, {"x": (8, 256, 28, 28)},
+                    "x(8,256,28,28) dot kernel, planes 128, groups 8, GN"),
+    figure=("draw_cgnl", (11.0, 3.8)),
+    anchors={p: f"cgnl:make_{p}" for p in ("yue", "yue_gaussian")},
+)

@@ -14,8 +14,8 @@ from refattn.backend import host_rng, prod
 from refattn.blocks import cross_layer
 from refattn.blocks.cross_layer import (BN_MODES, LAYOUTS, PRESETS, CrossLayerCache,
                                         CrossLayerConfig)
-from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
-                                 draw_param, init_norm, norm_shapes, with_bn_field)
+from refattn.blocks.spec import (BenchCase, check_batch_statistics, draw_param,
+                                 init_norm, module_specs, norm_shapes, with_bn_field)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -365,24 +365,17 @@ def flops(cfg: CrossLayerConfig, input_shapes: Mapping[str, Shape]) -> int:
     return total
 
 
-SPECS: dict[str, BlockSpec] = {
-    "cross_layer": BlockSpec.of_module(
-        __name__,
-        name="cross_layer",
-        diagram="cross_layer",
-        summary="cross-layer non-local (Ye et al. 2020, CNL): queries from x_q, "
-        "keys/values from one or several other layers x_kv.m",
-        config_cls=CrossLayerConfig,
-        resolve=resolve,
-        presets=PRESETS,
-        default_preset="cnl",
-        flops=flops,
-        bench=BenchCase("cnl", {"planes": 128},
-                        {"x_q": (8, 512, 14, 14), "x_kv": (8, 256, 28, 28)},
-                        "x_q(8,512,14,14) x_kv(8,256,28,28) planes 128, scale, BN(train)"),
-        figure=("draw_cross_layer", (13.0, 3.6)),
-        anchors={"cnl": "cross_layer:make_cnl",
-                 "cnl_official_noperm": "cross_layer:make_cnl",
-                 "seed_fixed": "cross_layer:make_seed_fixed"},
-    )
-}
+SPECS = module_specs(
+    __name__,
+    summary="cross-layer non-local (Ye et al. 2020, CNL): queries from x_q, "
+    "keys/values from one or several other layers x_kv.m",
+    config_cls=CrossLayerConfig,
+    default_preset="cnl",
+    bench=BenchCase("cnl", {"planes": 128},
+                    {"x_q": (8, 512, 14, 14), "x_kv": (8, 256, 28, 28)},
+                    "x_q(8,512,14,14) x_kv(8,256,28,28) planes 128, scale, BN(train)"),
+    figure=("draw_cross_layer", (13.0, 3.6)),
+    anchors={"cnl": "cross_layer:make_cnl",
+             "cnl_official_noperm": "cross_layer:make_cnl",
+             "seed_fixed": "cross_layer:make_seed_fixed"},
+)

@@ -27,8 +27,8 @@ from refattn.blocks.non_local import (
     _kv_names,
     _pooled,
 )
-from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
-                                 draw_param, init_norm, max_gap, relu_margin,
+from refattn.blocks.spec import (BenchCase, check_batch_statistics, draw_param,
+                                 init_norm, max_gap, module_specs, relu_margin,
                                  single_x_shape, with_bn_field)
 from refattn.params import is_buffer
 
@@ -459,22 +459,15 @@ def flops(cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]) -> int:
     return 2 * N * Ci * (Lq * C + 2 * projected * C + 2 * Lq * Lk + Lq * C)
 
 
-SPECS: dict[str, BlockSpec] = {
-    "non_local": BlockSpec.of_module(
-        __name__,
-        name="non_local",
-        diagram="non_local",
-        summary="non-local block (Wang et al. 2018): embedded Gaussian, Gaussian, "
-        "dot product and concatenation; 1-, 2- and 3-D",
-        config_cls=NonLocalConfig,
-        resolve=resolve,
-        presets=PRESETS,
-        default_preset="alexhex7",
-        flops=flops,
-        bench=BenchCase("alexhex7", {"inter_channels": 128}, {"x": (4, 256, 28, 28)},
-                        "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "
-                        "BN(train)"),
-        figure=("draw_non_local", (13.0, 3.2)),
-        anchors={p: f"non_local:make_{p.removesuffix('_bn')}" for p in PRESETS},
-    )
-}
+SPECS = module_specs(
+    __name__,
+    summary="non-local block (Wang et al. 2018): embedded Gaussian, Gaussian, "
+    "dot product and concatenation; 1-, 2- and 3-D",
+    config_cls=NonLocalConfig,
+    default_preset="alexhex7",
+    bench=BenchCase("alexhex7", {"inter_channels": 128}, {"x": (4, 256, 28, 28)},
+                    "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "
+                    "BN(train)"),
+    figure=("draw_non_local", (13.0, 3.2)),
+    anchors={p: f"non_local:make_{p.removesuffix('_bn')}" for p in PRESETS},
+)
