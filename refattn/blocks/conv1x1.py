@@ -28,8 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from refattn import ops
 from refattn._typing import ArrayDict, Arrays
-from refattn.ops.conv import Conv2dCache, _conv2d, _conv2d_backward, pair
+from refattn.ops.conv import _conv2d, _conv2d_backward, pair
 
 __all__ = ["PRESETS", "Conv1x1Cache", "Conv1x1Config", "backward", "forward"]
 
@@ -53,7 +54,7 @@ PRESETS: dict[str, Conv1x1Config] = {}
 
 
 class Conv1x1Cache(NamedTuple):
-    conv: Conv2dCache  # x as (N, C, Ho*Wo) after padding and striding, and W
+    conv: ops.conv.Conv2dCache  # x as (N, C, Ho*Wo) after padding and striding, and W
     has_bias: bool
 
 

@@ -16,8 +16,11 @@ these functions under these names (``CONTRACT``):
 ``init_params(cfg, input_shapes, *, seed, anchor_init=False) -> (params, state)``
     Host float64 NumPy dicts: trainable parameters, and buffers (BN running
     statistics).  Random and non-degenerate by default (never the anchors'
-    zero inits, which hide gradients); ``anchor_init=True`` gives the anchor's
-    own initialisation.
+    zero inits, which hide gradients): the contract's draws are weights
+    N(0, 1/fan_in), biases N(0, 0.1²) (``draw_param``), norm gamma in
+    [0.5, 1.5], beta N(0, 0.1²), running mean N(0, 0.1²) and variance in
+    [0.5, 2] (``init_norm``).  ``anchor_init=True`` gives the anchor's own
+    initialisation.
 ``forward(inputs, params, state, cfg) -> (outputs, cache)``
     The checked entry point: every argument checked (``refattn.checks``),
     then the math module's forward.  ``outputs`` is a flat dict: ``"out"``

@@ -141,10 +141,9 @@ def init_params(cfg: CGNLConfig, input_shapes: Mapping[str, Shape], *, seed: int
                 anchor_init: bool = False) -> tuple[Params, Params]:
     """Host float64 NumPy (params, state) for `cfg`.
 
-    Default: random and non-degenerate (weights N(0, 1/fan_in), biases
-    N(0, 0.1²), norm gamma in [0.5, 1.5], beta N(0, 0.1²), running mean
-    N(0, 0.1²) and variance in [0.5, 2]).  Fixtures multiply the t/p/g
-    convs by ``draw_scales`` so that every gradient is well conditioned.
+    Default: the contract's random draws (``refattn.blocks.spec``).
+    Fixtures multiply the t/p/g convs by ``draw_scales`` so that every
+    gradient is well conditioned.
 
     ``anchor_init=True``: the anchor ResNet's scheme for the block: every
     conv weight N(0, 0.01²), biases 0, norm gamma = beta = 0 (the block is
