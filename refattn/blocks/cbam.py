@@ -81,14 +81,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from refattn import ops
 from refattn._typing import Array, Params
 from refattn.backend import namespace
-from refattn.ops.conv import _conv2d, _conv2d_backward
-from refattn.ops.elementwise import _gate_mul, _gate_mul_backward, _relu, _relu_backward
-from refattn.ops.linear import _linear, _linear_backward
-from refattn.ops.norm import _batch_norm, _batch_norm_backward
+from refattn.ops.conv import Conv2dCache, _conv2d, _conv2d_backward
+from refattn.ops.elementwise import (
+    GateMulCache,
+    ReluCache,
+    _gate_mul,
+    _gate_mul_backward,
+    _relu,
+    _relu_backward,
+)
+from refattn.ops.linear import LinearCache, _linear, _linear_backward
+from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
 from refattn.ops.pool import (
+    ChannelPoolCache,
+    GlobalPoolCache,
     _channel_pool,
     _channel_pool_backward,
     _global_pool,
@@ -203,7 +211,7 @@ PRESETS: dict[str, CBAMConfig] = {
 # channel gate
 
 
-def _descriptor(x: Array, t: str) -> tuple[Array, tuple[ops.pool.GlobalPoolCache, ...]]:
+def _descriptor(x: Array, t: str) -> tuple[Array, tuple[GlobalPoolCache, ...]]:
     """d_t = pool_t(x) (N, C); 'avgmax' is ½(avg + max), two pools' caches."""
     if t != "avgmax":
         d, pool = _global_pool(x, t, False)  # (N, C)
@@ -213,7 +221,7 @@ def _descriptor(x: Array, t: str) -> tuple[Array, tuple[ops.pool.GlobalPoolCache
     return 0.5 * (avg + mx), (avg_pool, max_pool)  # (N, C)
 
 
-def _descriptor_backward(dd: Array, pools: tuple[ops.pool.GlobalPoolCache, ...],
+def _descriptor_backward(dd: Array, pools: tuple[GlobalPoolCache, ...],
                          into: Array) -> Array:
     """dx += pool_t'(dd_t); each half of 'avgmax' gets ½ dd_t."""
     if len(pools) == 2:
@@ -224,12 +232,12 @@ def _descriptor_backward(dd: Array, pools: tuple[ops.pool.GlobalPoolCache, ...],
 
 
 class ChannelGateCache(NamedTuple):
-    pools: tuple[tuple[ops.pool.GlobalPoolCache, ...], ...]  # per pool type: its pools
-    fc1: ops.linear.LinearCache  # on the stacked descriptors (T, N, C)
+    pools: tuple[tuple[GlobalPoolCache, ...], ...]  # per pool type: its pools
+    fc1: LinearCache  # on the stacked descriptors (T, N, C)
     hidden: Array | None  # (T, N, Cr) ReLU inputs (kink_margin); None: 1 layer
-    act: ops.elementwise.ReluCache | None
-    fc2: ops.linear.LinearCache | None
-    gate: ops.elementwise.GateMulCache  # x and s = σ(z), z (N, C, 1, 1)
+    act: ReluCache | None
+    fc2: LinearCache | None
+    gate: GateMulCache  # x and s = σ(z), z (N, C, 1, 1)
 
 
 def channel_gate_forward(
@@ -323,14 +331,13 @@ def channel_gate_backward(dx1: Array, cache: ChannelGateCache) -> tuple[Array, P
 
 
 class SpatialGateCache(NamedTuple):
-    # (max, mean) or (mean, max)
-    pools: tuple[ops.pool.ChannelPoolCache, ops.pool.ChannelPoolCache]
+    pools: tuple[ChannelPoolCache, ChannelPoolCache]  # (max, mean) or (mean, max)
     halves: bool  # True: m is ONE map ½(mean + max) ('avgmax')
-    conv: ops.conv.Conv2dCache
-    bn: ops.norm.BatchNormCache | None
+    conv: Conv2dCache
+    bn: BatchNormCache | None
     pre_relu: Array | None  # (N, 1, H, W) ReLU input with spatial_relu (kink_margin)
-    act: ops.elementwise.ReluCache | None
-    gate: ops.elementwise.GateMulCache  # x1 and s = σ(logit), logit (N, 1, H, W)
+    act: ReluCache | None
+    gate: GateMulCache  # x1 and s = σ(logit), logit (N, 1, H, W)
 
 
 def spatial_gate_forward(

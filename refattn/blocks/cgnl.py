@@ -72,11 +72,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
-from refattn import ops
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import device, namespace, prod
-from refattn.ops.conv import _pointwise_conv, _pointwise_conv_backward
+from refattn.ops.conv import (
+    PointwiseConvCache,
+    _pointwise_conv,
+    _pointwise_conv_backward,
+)
 from refattn.ops.norm import (
+    BatchNormCache,
+    GroupNormCache,
     _batch_norm,
     _batch_norm_backward,
     _group_norm,
@@ -387,7 +392,7 @@ def _taylor_kernel_backward(
 
 
 class StackedConvCache(NamedTuple):
-    conv: ops.conv.PointwiseConvCache  # the t|p|g convs as one matmul
+    conv: PointwiseConvCache  # the t|p|g convs as one matmul
     weight_shape: Shape  # (P, C, *k), each of the three
 
 
@@ -397,9 +402,9 @@ class CGNLCache(NamedTuple):
     proj: StackedConvCache  # 1. t, p, g
     dot: DotKernelCache | None  # 3. dot kernel
     taylor: TaylorKernelCache | None  # 3. Gaussian kernel
-    z: ops.conv.PointwiseConvCache  # 4. grouped z conv
-    gn: ops.norm.GroupNormCache | None  # 5. GroupNorm
-    bn: ops.norm.BatchNormCache | None  # 5. batch norm
+    z: PointwiseConvCache  # 4. grouped z conv
+    gn: GroupNormCache | None  # 5. GroupNorm
+    bn: BatchNormCache | None  # 5. batch norm
 
 
 def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: CGNLConfig

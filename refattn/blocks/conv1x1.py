@@ -28,9 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from refattn import ops
 from refattn._typing import ArrayDict, Arrays
-from refattn.ops.conv import _conv2d, _conv2d_backward, pair
+from refattn.ops.conv import Conv2dCache, _conv2d, _conv2d_backward, pair
 
 __all__ = ["PRESETS", "Conv1x1Cache", "Conv1x1Config", "backward", "forward"]
 
@@ -54,7 +53,7 @@ PRESETS: dict[str, Conv1x1Config] = {}
 
 
 class Conv1x1Cache(NamedTuple):
-    conv: ops.conv.Conv2dCache  # x as (N, C, Ho*Wo) after padding and striding, and W
+    conv: Conv2dCache  # x as (N, C, Ho*Wo) after padding and striding, and W
     has_bias: bool
 
 

@@ -67,13 +67,16 @@ from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Literal, NamedTuple
 
-from refattn import ops
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace
-from refattn.ops.conv import _pointwise_conv, _pointwise_conv_backward
-from refattn.ops.linear import _matmul, _matmul_backward
-from refattn.ops.norm import _batch_norm, _batch_norm_backward
-from refattn.ops.softmax import _softmax, _softmax_backward
+from refattn.ops.conv import (
+    PointwiseConvCache,
+    _pointwise_conv,
+    _pointwise_conv_backward,
+)
+from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
+from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
 from refattn.params import add_params
 
 __all__ = [
@@ -158,12 +161,12 @@ class KVCache(NamedTuple):
     """What the backward needs of one key/value layer m."""
 
     x_shape: Shape  # (N, Ck_m, Hk_m, Wk_m)
-    kv: ops.conv.PointwiseConvCache  # 2. phi|g stacked 1x1 conv on x_m
-    affinity: ops.linear.MatmulCache  # 3. Q K_m
-    softmax: ops.softmax.SoftmaxCache  # 4. A_m
-    attend: ops.linear.MatmulCache  # 5. A_m V_m
-    w: ops.conv.PointwiseConvCache | None  # 7. W (out_proj)
-    bn: ops.norm.BatchNormCache | None  # 8. BN_m
+    kv: PointwiseConvCache  # 2. phi|g stacked 1x1 conv on x_m
+    affinity: MatmulCache  # 3. Q K_m
+    softmax: SoftmaxCache  # 4. A_m
+    attend: MatmulCache  # 5. A_m V_m
+    w: PointwiseConvCache | None  # 7. W (out_proj)
+    bn: BatchNormCache | None  # 8. BN_m
 
 
 class CrossLayerCache(NamedTuple):
@@ -171,7 +174,7 @@ class CrossLayerCache(NamedTuple):
     names: tuple[str, ...]  # key/value input names, in layer order
     q_shape: Shape  # (N, Cq, Hq, Wq)
     scale: float  # affinity scale s (1.0 unless use_scale)
-    theta: ops.conv.PointwiseConvCache  # 1. θ on x_q
+    theta: PointwiseConvCache  # 1. θ on x_q
     layers: tuple[KVCache, ...]  # steps 2-8 per key/value layer
 
 

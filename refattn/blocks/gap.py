@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from refattn import backend, ops
+from refattn import backend
 from refattn._typing import ArrayDict, Arrays
-from refattn.ops.pool import _global_pool, _global_pool_backward
+from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 
 __all__ = ["PRESETS", "GapCache", "GapConfig", "backward", "forward"]
 
@@ -42,7 +42,7 @@ PRESETS: dict[str, GapConfig] = {}
 
 
 class GapCache(NamedTuple):
-    pool: ops.pool.GlobalPoolCache  # x's shape (avg needs nothing else)
+    pool: GlobalPoolCache  # x's shape (avg needs nothing else)
     dtype: str  # x's dtype name ('float32' or 'float64'), the cotangent's too
 
 

@@ -52,11 +52,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from refattn import ops
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace
-from refattn.ops.conv import _pointwise_conv, _pointwise_conv_backward
+from refattn.ops.conv import (
+    PointwiseConvCache,
+    _pointwise_conv,
+    _pointwise_conv_backward,
+)
 from refattn.ops.elementwise import (
+    AddCache,
+    GateMulCache,
+    ReluCache,
     _add,
     _add_backward,
     _gate_mul,
@@ -64,10 +70,10 @@ from refattn.ops.elementwise import (
     _relu,
     _relu_backward,
 )
-from refattn.ops.linear import _matmul, _matmul_backward
-from refattn.ops.norm import _group_norm, _group_norm_backward
-from refattn.ops.pool import _global_pool, _global_pool_backward
-from refattn.ops.softmax import _softmax, _softmax_backward
+from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.norm import GroupNormCache, _group_norm, _group_norm_backward
+from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
+from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
 
 __all__ = [
     "FUSION_TYPES",
@@ -131,10 +137,10 @@ def branches(cfg: GCConfig) -> tuple[str, ...]:
 
 
 class TransformCache(NamedTuple):
-    conv1: ops.conv.PointwiseConvCache  # W_v1: C -> P
-    ln: ops.norm.GroupNormCache  # LayerNorm over (P, 1, 1) = group norm with G = 1
-    relu: ops.elementwise.ReluCache
-    conv2: ops.conv.PointwiseConvCache  # W_v2: P -> C
+    conv1: PointwiseConvCache  # W_v1: C -> P
+    ln: GroupNormCache  # LayerNorm over (P, 1, 1) = group norm with G = 1
+    relu: ReluCache
+    conv2: PointwiseConvCache  # W_v2: P -> C
     ln_out: Array  # (N, P, 1) the ReLU input (kink_margin only)
 
 
@@ -142,14 +148,13 @@ class GCCache(NamedTuple):
     cfg: GCConfig  # resolved
     x_shape: Shape  # (N, C, H, W)
     x3: Array  # (N, C, L) (dtype reference of the checks)
-    mask: ops.conv.PointwiseConvCache | None  # 1. conv_mask ('att')
-    softmax: ops.softmax.SoftmaxCache | None  # 2. softmax over the positions ('att')
-    # 3. attention pool | global mean
-    pool: ops.linear.MatmulCache | ops.pool.GlobalPoolCache
+    mask: PointwiseConvCache | None  # 1. conv_mask ('att')
+    softmax: SoftmaxCache | None  # 2. softmax over the positions ('att')
+    pool: MatmulCache | GlobalPoolCache  # 3. attention pool | global mean
     mul: TransformCache | None  # 4. δ_mul
-    gate: ops.elementwise.GateMulCache | None  # 5. x ⊙ σ(δ_mul)
+    gate: GateMulCache | None  # 5. x ⊙ σ(δ_mul)
     add: TransformCache | None  # 6. δ_add
-    fuse: ops.elementwise.AddCache | None  # 7. + δ_add
+    fuse: AddCache | None  # 7. + δ_add
 
 
 def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: GCConfig

@@ -34,17 +34,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from refattn import ops
 from refattn._typing import Array, ArrayDict, Arrays
 from refattn.ops.conv import (
+    Conv2dCache,
+    PointwiseConvCache,
     _conv2d,
     _conv2d_backward,
     _pointwise_conv,
     _pointwise_conv_backward,
     pair,
 )
-from refattn.ops.elementwise import _relu, _relu_backward
-from refattn.ops.pool import _global_pool, _global_pool_backward
+from refattn.ops.elementwise import ReluCache, _relu, _relu_backward
+from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 
 __all__ = [
     "MLPCONV_PRESETS",
@@ -127,9 +128,8 @@ NIN_HEAD_PRESETS: dict[str, NinHeadConfig] = {}
 
 
 class MlpconvCache(NamedTuple):
-    convs: tuple[ops.conv.Conv2dCache | ops.conv.PointwiseConvCache, ...]  # per conv
-    # None: the last conv without relu_last
-    relus: tuple[ops.elementwise.ReluCache | None, ...]
+    convs: tuple[Conv2dCache | PointwiseConvCache, ...]  # one per conv
+    relus: tuple[ReluCache | None, ...]  # None: the last conv without relu_last
     has_bias: bool
     # kink_margin recomputes the pre-activations from these (references only)
     x: Array
@@ -145,8 +145,8 @@ def _stack_forward(
     x: Array, params: Mapping[str, Array], cfg: MlpconvConfig
 ) -> tuple[Array, MlpconvCache]:
     """The mlpconv stack on validated arrays (steps 1 and 2)."""
-    convs: list[ops.conv.Conv2dCache | ops.conv.PointwiseConvCache] = []
-    relus: list[ops.elementwise.ReluCache | None] = []
+    convs: list[Conv2dCache | PointwiseConvCache] = []
+    relus: list[ReluCache | None] = []
     # 1. the spatial k x k conv (stride, padding, dilation, groups), then ReLU
     f, conv = _conv2d(
         x,
@@ -232,7 +232,7 @@ def mlpconv_backward(douts: Arrays, cache: MlpconvCache) -> tuple[ArrayDict, Arr
 
 class NinHeadCache(NamedTuple):
     stack: MlpconvCache
-    pool: ops.pool.GlobalPoolCache  # the class maps' shape
+    pool: GlobalPoolCache  # the class maps' shape
 
 
 def nin_head_forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: MlpconvConfig

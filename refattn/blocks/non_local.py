@@ -72,15 +72,25 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from refattn import ops
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace, prod
-from refattn.ops.conv import _pointwise_conv, _pointwise_conv_backward
-from refattn.ops.elementwise import _add, _add_backward, _relu, _relu_backward
-from refattn.ops.linear import _matmul, _matmul_backward
-from refattn.ops.norm import _batch_norm, _batch_norm_backward
-from refattn.ops.pool import _geometry, _max_pool, _max_pool_backward
-from refattn.ops.softmax import _softmax, _softmax_backward
+from refattn.ops.conv import (
+    PointwiseConvCache,
+    _pointwise_conv,
+    _pointwise_conv_backward,
+)
+from refattn.ops.elementwise import (
+    AddCache,
+    ReluCache,
+    _add,
+    _add_backward,
+    _relu,
+    _relu_backward,
+)
+from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
+from refattn.ops.pool import MaxPoolCache, _geometry, _max_pool, _max_pool_backward
+from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
 
 __all__ = [
     "MODES",
@@ -209,16 +219,16 @@ def _kv_names(cfg: NonLocalConfig) -> tuple[str, ...]:
 
 
 class StackedConvCache(NamedTuple):
-    conv: ops.conv.PointwiseConvCache
+    conv: PointwiseConvCache
     names: tuple[str, ...]  # the stacked projections, in row order
     shapes: tuple[Shape, ...]  # each one's weight shape (Ci, C, *k)
 
 
 class ConcatCache(NamedTuple):
-    theta_side: ops.linear.MatmulCache  # u = aᵀ Θ (+ b_f)
-    phi_side: ops.linear.MatmulCache  # v = b Φ
-    pair: ops.elementwise.AddCache  # u_i + v_j
-    relu: ops.elementwise.ReluCache
+    theta_side: MatmulCache  # u = aᵀ Θ (+ b_f)
+    phi_side: MatmulCache  # v = b Φ
+    pair: AddCache  # u_i + v_j
+    relu: ReluCache
     u: Array  # (N, Lq, 1) (kink_margin only)
     v: Array  # (N, 1, Lk) (kink_margin only)
     has_bias: bool  # b_f added to u
@@ -230,15 +240,15 @@ class NonLocalCache(NamedTuple):
     lk: int  # key positions N_k
     scale: float  # affinity scale s (1.0 unless use_scale)
     proj: StackedConvCache | None  # 1. the 1x1 convs on x
-    pool: ops.pool.MaxPoolCache | None  # 2. the sub-sampling max-pool
+    pool: MaxPoolCache | None  # 2. the sub-sampling max-pool
     pooled: Array | None  # 2. what was pooled (N, K, *S) (kink_margin only)
     kv_proj: StackedConvCache | None  # 3. the 1x1 convs on the pooled x
-    affinity: ops.linear.MatmulCache | None  # 4. Θᵀ Φ (all modes but concatenation)
+    affinity: MatmulCache | None  # 4. Θᵀ Φ (all modes but concatenation)
     concat: ConcatCache | None  # 4. concatenation
-    softmax: ops.softmax.SoftmaxCache | None  # 5. softmax modes
-    attend: ops.linear.MatmulCache  # 6. A Gᵀ
-    w: ops.conv.PointwiseConvCache | None  # 7. W
-    bn: ops.norm.BatchNormCache | None  # 8. W_bn
+    softmax: SoftmaxCache | None  # 5. softmax modes
+    attend: MatmulCache  # 6. A Gᵀ
+    w: PointwiseConvCache | None  # 7. W
+    bn: BatchNormCache | None  # 8. W_bn
     z: Array | None  # 9. what γ scales (N, C, Lq), with a learned scalar
     gamma: Array | None  # 9. γ (1,)
 
