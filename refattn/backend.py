@@ -24,6 +24,7 @@ argument.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "add_along_axis",
     "add_into",
     "all_finite",
+    "as_int",
     "as_tuple",
     "check_array",
     "check_finite",
@@ -347,6 +349,17 @@ def prod(values: Any) -> int:
 
 def _size(a: Array) -> int:
     return prod(a.shape)
+
+
+def as_int(name: str, value: Any, expected: str) -> int:
+    """`value` as a Python int (NumPy integers too, never a bool), or a
+    TypeError "<name>: expected <expected>, got <value>"."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}: expected {expected}, got {value!r}")
 
 
 def as_tuple(name: str, value: int | Sequence[int], n: int, *, minimum: int = 0) -> tuple[int, ...]:

@@ -16,8 +16,11 @@ these functions under these names (``CONTRACT``):
 ``init_params(cfg, input_shapes, *, seed, anchor_init=False) -> (params, state)``
     Host float64 NumPy dicts: trainable parameters, and buffers (BN running
     statistics).  Random and non-degenerate by default (never the anchors'
-    zero inits, which hide gradients); ``anchor_init=True`` gives the anchor's
-    own initialisation.
+    zero inits, which hide gradients): the contract's draws are weights
+    N(0, 1/fan_in), biases N(0, 0.1²) (``draw_param``), norm gamma in
+    [0.5, 1.5], beta N(0, 0.1²), running mean N(0, 0.1²) and variance in
+    [0.5, 2] (``init_norm``).  ``anchor_init=True`` gives the anchor's own
+    initialisation.
 ``forward(inputs, params, state, cfg) -> (outputs, cache)``
     The checked entry point: every argument checked (``refattn.checks``),
     then the math module's forward.  ``outputs`` is a flat dict: ``"out"``
@@ -97,12 +100,13 @@ from refattn import backend
 from refattn._typing import Array, Params, Shape
 
 __all__ = [
+    "CONTRACT",
+    "HOOKS",
+    "MIN_MARGIN",
+    "RANK_NAMES",
     "BenchCase",
     "BlockSpec",
     "check_batch_statistics",
-    "CONTRACT",
-    "MIN_MARGIN",
-    "RANK_NAMES",
     "config_from_dict",
     "config_to_dict",
     "draw_bias",
@@ -111,9 +115,10 @@ __all__ = [
     "draw_param",
     "draw_weight",
     "init_norm",
-    "norm_shapes",
     "json_ready",
     "max_gap",
+    "module_specs",
+    "norm_shapes",
     "relu_margin",
     "single_x_shape",
     "to_namespace",
@@ -128,6 +133,10 @@ CONTRACT = ("check_config", "fixture_shapes", "param_shapes", "init_params", "fo
             "backward", "kink_margin", "accumulation", "anchor_names", "with_bn_mode")
 """The functions every spec module defines under these names (module
 docstring); ``BlockSpec.of_module`` collects them."""
+
+HOOKS = ("resolve", "flops", "draw_scales", "inert_keys")
+"""The optional functions a spec module may define under these names (module
+docstring); ``BlockSpec.of_module`` collects those it finds."""
 
 
 @dataclass(frozen=True)
@@ -171,11 +180,18 @@ class BlockSpec:
     @classmethod
     def of_module(cls, module: str, **fields: Any) -> BlockSpec:
         """A spec whose contract functions (``CONTRACT``) are the functions of
-        those names in the block module `module` (``__name__``), unless given
-        in `fields`; the other fields come from `fields`."""
+        those names in the spec module `module` (``__name__``), and so are the
+        optional hooks (``HOOKS``) it defines, unless given in `fields`.
+        ``name`` defaults to the module's last dotted component, ``diagram``
+        to the name and ``presets`` to the ``PRESETS`` of the math module
+        that defines ``config_cls``; the other fields come from `fields`."""
         namespace = vars(sys.modules[module])
-        return cls(**{name: namespace[name] for name in CONTRACT if name not in fields},
-                   **fields)
+        found = {name: namespace[name] for name in CONTRACT}
+        found |= {name: namespace[name] for name in HOOKS if name in namespace}
+        found["presets"] = sys.modules[fields["config_cls"].__module__].PRESETS
+        found["name"] = fields.get("name", module.rpartition(".")[2])
+        found["diagram"] = found["name"]
+        return cls(**(found | fields))
 
     def config(self, preset: str | None = None, **overrides: Any) -> Any:
         """Build a validated config from a preset (default: the block's) and
@@ -200,6 +216,13 @@ class BlockSpec:
                 f"(keys: {', '.join(sorted(fields))})"
             )
         return self.check_config(dataclasses.replace(base, **overrides))
+
+
+def module_specs(module: str, **fields: Any) -> dict[str, BlockSpec]:
+    """The ``SPECS`` of a spec module that declares one block:
+    ``{name: BlockSpec.of_module(module, **fields)}``."""
+    spec = BlockSpec.of_module(module, **fields)
+    return {spec.name: spec}
 
 
 # ---------------------------------------------------------------------------

@@ -24,12 +24,12 @@ then col2im (scatter-adding the slices back into a zero buffer) and unpadding.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, NamedTuple
 
 from refattn._typing import Array, Shape
 from refattn.backend import (
     accumulate,
+    as_int,
     as_tuple,
     check_array,
     check_finite,
@@ -556,12 +556,7 @@ def _conv2d_out_hw(
 
 
 def _check_groups(groups: Any) -> int:
-    if isinstance(groups, bool):
-        raise TypeError(f"groups: expected a positive int, got {groups!r}")
-    try:
-        groups = operator.index(groups)
-    except TypeError:
-        raise TypeError(f"groups: expected a positive int, got {groups!r}") from None
+    groups = as_int("groups", groups, "a positive int")
     if groups < 1:
         raise ValueError(f"groups: expected a positive int, got {groups}")
     return groups

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 from refattn._typing import Array
 from refattn.backend import (
+    as_int,
     check_array,
     check_finite,
     check_same_dtype,
@@ -76,12 +76,7 @@ def _softmax_backward(dout: Array, cache: SoftmaxCache) -> Array:
 
 
 def _normalise_axis(axis: int, ndim: int) -> int:
-    if isinstance(axis, bool):
-        raise TypeError(f"axis: expected an int, got {axis!r}")
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis: expected an int, got {axis!r}") from None
+    axis = as_int("axis", axis, "an int")
     if ndim == 0:
         raise ValueError("x: expected an array with at least one axis, got shape ()")
     if not -ndim <= axis < ndim:

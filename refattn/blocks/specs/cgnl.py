@@ -13,8 +13,8 @@ from refattn.backend import host_rng, namespace, prod
 from refattn.blocks import cgnl
 from refattn.blocks.cgnl import (BETAS, KERNELS, MAX_ORDER, NORMS, PRESETS, CGNLCache,
                                  CGNLConfig, gn_cancels_attention)
-from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
-                                 draw_param, init_norm, norm_shapes, single_x_shape)
+from refattn.blocks.spec import (BenchCase, check_batch_statistics, draw_param,
+                                 init_norm, module_specs, norm_shapes, single_x_shape)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -141,10 +141,9 @@ def init_params(cfg: CGNLConfig, input_shapes: Mapping[str, Shape], *, seed: int
                 anchor_init: bool = False) -> tuple[Params, Params]:
     """Host float64 NumPy (params, state) for `cfg`.
 
-    Default: random and non-degenerate (weights N(0, 1/fan_in), biases
-    N(0, 0.1²), norm gamma in [0.5, 1.5], beta N(0, 0.1²), running mean
-    N(0, 0.1²) and variance in [0.5, 2]).  Fixtures multiply the t/p/g
-    convs by ``draw_scales`` so that every gradient is well conditioned.
+    Default: the contract's random draws (``refattn.blocks.spec``).
+    Fixtures multiply the t/p/g convs by ``draw_scales`` so that every
+    gradient is well conditioned.
 
     ``anchor_init=True``: the anchor ResNet's scheme for the block: every
     conv weight N(0, 0.01²), biases 0, norm gamma = beta = 0 (the block is
@@ -393,22 +392,14 @@ def flops(cfg: CGNLConfig, input_shapes: Mapping[str, Shape]) -> int:
     return 3 * 2 * N * L * C * P + 3 * N * P * L + 2 * N * L * (P // G) * C
 
 
-SPECS: dict[str, BlockSpec] = {
-    "cgnl": BlockSpec.of_module(
-        __name__,
-        name="cgnl",
-        diagram="cgnl",
-        summary="compact generalized non-local block (Yue et al. 2018): dot and "
-        "Taylor-expanded Gaussian kernels per channel group, GroupNorm",
-        config_cls=CGNLConfig,
-        resolve=resolve,
-        presets=PRESETS,
-        default_preset="yue",
-        draw_scales=draw_scales,
-        flops=flops,
-        bench=BenchCase("yue", {"planes": 128}, {"x": (8, 256, 28, 28)},
-                        "x(8,256,28,28) dot kernel, planes 128, groups 8, GN"),
-        figure=("draw_cgnl", (11.0, 3.8)),
-        anchors={p: f"cgnl:make_{p}" for p in ("yue", "yue_gaussian")},
-    )
-}
+SPECS = module_specs(
+    __name__,
+    summary="compact generalized non-local block (Yue et al. 2018): dot and "
+    "Taylor-expanded Gaussian kernels per channel group, GroupNorm",
+    config_cls=CGNLConfig,
+    default_preset="yue",
+    bench=BenchCase("yue", {"planes": 128}, {"x": (8, 256, 28, 28)},
+                    "x(8,256,28,28) dot kernel, planes 128, groups 8, GN"),
+    figure=("draw_cgnl", (11.0, 3.8)),
+    anchors={p: f"cgnl:make_{p}" for p in ("yue", "yue_gaussian")},
+)

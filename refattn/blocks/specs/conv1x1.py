@@ -9,8 +9,8 @@ from typing import Any
 from refattn import backend, checks
 from refattn._typing import ArrayDict, Params, Shape
 from refattn.blocks import conv1x1
-from refattn.blocks.conv1x1 import PRESETS, Conv1x1Cache, Conv1x1Config
-from refattn.blocks.spec import BenchCase, BlockSpec, draw_param
+from refattn.blocks.conv1x1 import Conv1x1Cache, Conv1x1Config
+from refattn.blocks.spec import BenchCase, draw_param, module_specs
 from refattn.ops.conv import conv2d_out_shape, pair
 
 RULES: dict[str, checks.Rule] = {
@@ -149,19 +149,13 @@ def flops(cfg: Conv1x1Config, input_shapes: Mapping[str, Shape]) -> int:
     return 2 * N * Ho * Wo * cfg.out_channels * (C // cfg.groups)
 
 
-SPECS: dict[str, BlockSpec] = {
-    "conv1x1": BlockSpec.of_module(
-        __name__,
-        name="conv1x1",
-        diagram="conv1x1",
-        summary="1x1 convolution (per-position linear layer) with stride, "
-        "padding and groups",
-        config_cls=Conv1x1Config,
-        presets=PRESETS,
-        default_preset=None,
-        flops=flops,
-        bench=BenchCase(None, {"out_channels": 128}, {"x": (8, 256, 28, 28)},
-                        "x(8,256,28,28) -> 128, bias"),
-        anchors={None: "simple:make_conv1x1"},
-    ),
-}
+SPECS = module_specs(
+    __name__,
+    summary="1x1 convolution (per-position linear layer) with stride, "
+    "padding and groups",
+    config_cls=Conv1x1Config,
+    default_preset=None,
+    bench=BenchCase(None, {"out_channels": 128}, {"x": (8, 256, 28, 28)},
+                    "x(8,256,28,28) -> 128, bias"),
+    anchors={None: "simple:make_conv1x1"},
+)

@@ -14,8 +14,8 @@ from refattn.backend import host_rng, prod
 from refattn.blocks import cross_layer
 from refattn.blocks.cross_layer import (BN_MODES, LAYOUTS, PRESETS, CrossLayerCache,
                                         CrossLayerConfig)
-from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
-                                 draw_param, init_norm, norm_shapes, with_bn_field)
+from refattn.blocks.spec import (BenchCase, check_batch_statistics, draw_param,
+                                 init_norm, module_specs, norm_shapes, with_bn_field)
 from refattn.params import is_buffer
 
 RULES: dict[str, checks.Rule] = {
@@ -177,9 +177,7 @@ def init_params(cfg: CrossLayerConfig, input_shapes: Mapping[str, Shape], *, see
                 anchor_init: bool = False) -> tuple[Params, Params]:
     """Host float64 NumPy (params, state) for `cfg`.
 
-    Default: random and non-degenerate (weights N(0, 1/fan_in), biases
-    N(0, 0.1²), BN gamma in [0.5, 1.5], beta N(0, 0.1²), running mean
-    N(0, 0.1²) and variance in [0.5, 2]).
+    Default: the contract's random draws (``refattn.blocks.spec``).
 
     ``anchor_init=True``: with BN, the official CNLNet init (every CNL conv
     N(0, 0.01²), biases 0, every BN gamma = beta = 0, running statistics
@@ -293,22 +291,24 @@ def anchor_names(
     if preset not in PRESETS or not _anchor_supports(preset, cfg, input_shapes):
         return {}
     shapes = param_shapes(cfg, input_shapes)
-    names: dict[str, str] = {}
-    for key in shapes:
-        module, leaf = key.rsplit(".", 1)
-        if preset == "seed_fixed":
-            target = {"theta": "query_conv", "kv0.phi": "key_conv",
-                      "kv0.g": "value_conv"}[module]
+    return {key: _anchor_key(preset, cfg, key) for key in shapes}
+
+
+def _anchor_key(preset: str, cfg: CrossLayerConfig, key: str) -> str:
+    """The anchor's state_dict name of the parameter or buffer `key`."""
+    module, leaf = key.rsplit(".", 1)
+    if preset == "seed_fixed":
+        target = {"theta": "query_conv", "kv0.phi": "key_conv",
+                  "kv0.g": "value_conv"}[module]
+    else:
+        if module in ("theta", "W"):
+            target = {"theta": "t", "W": "z"}[module]
         else:
-            if module in ("theta", "W"):
-                target = {"theta": "t", "W": "z"}[module]
-            else:
-                layer, part = module.split(".")
-                target = {"phi": "p", "g": "g", "bn": "bn"}[part] + layer[len("kv"):]
-            if cfg.residual:
-                target = f"CNL_5.{target}"
-        names[key] = f"{target}.{leaf}"
-    return names
+            layer, part = module.split(".")
+            target = {"phi": "p", "g": "g", "bn": "bn"}[part] + layer[len("kv"):]
+        if cfg.residual:
+            target = f"CNL_5.{target}"
+    return f"{target}.{leaf}"
 
 
 def _anchor_supports(
@@ -365,24 +365,17 @@ def flops(cfg: CrossLayerConfig, input_shapes: Mapping[str, Shape]) -> int:
     return total
 
 
-SPECS: dict[str, BlockSpec] = {
-    "cross_layer": BlockSpec.of_module(
-        __name__,
-        name="cross_layer",
-        diagram="cross_layer",
-        summary="cross-layer non-local (Ye et al. 2020, CNL): queries from x_q, "
-        "keys/values from one or several other layers x_kv.m",
-        config_cls=CrossLayerConfig,
-        resolve=resolve,
-        presets=PRESETS,
-        default_preset="cnl",
-        flops=flops,
-        bench=BenchCase("cnl", {"planes": 128},
-                        {"x_q": (8, 512, 14, 14), "x_kv": (8, 256, 28, 28)},
-                        "x_q(8,512,14,14) x_kv(8,256,28,28) planes 128, scale, BN(train)"),
-        figure=("draw_cross_layer", (13.0, 3.6)),
-        anchors={"cnl": "cross_layer:make_cnl",
-                 "cnl_official_noperm": "cross_layer:make_cnl",
-                 "seed_fixed": "cross_layer:make_seed_fixed"},
-    )
-}
+SPECS = module_specs(
+    __name__,
+    summary="cross-layer non-local (Ye et al. 2020, CNL): queries from x_q, "
+    "keys/values from one or several other layers x_kv.m",
+    config_cls=CrossLayerConfig,
+    default_preset="cnl",
+    bench=BenchCase("cnl", {"planes": 128},
+                    {"x_q": (8, 512, 14, 14), "x_kv": (8, 256, 28, 28)},
+                    "x_q(8,512,14,14) x_kv(8,256,28,28) planes 128, scale, BN(train)"),
+    figure=("draw_cross_layer", (13.0, 3.6)),
+    anchors={"cnl": "cross_layer:make_cnl",
+             "cnl_official_noperm": "cross_layer:make_cnl",
+             "seed_fixed": "cross_layer:make_seed_fixed"},
+)

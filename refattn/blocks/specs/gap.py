@@ -9,8 +9,8 @@ from typing import Any
 from refattn import backend, checks
 from refattn._typing import ArrayDict, Shape
 from refattn.blocks import gap
-from refattn.blocks.gap import PRESETS, GapCache, GapConfig
-from refattn.blocks.spec import BenchCase, BlockSpec
+from refattn.blocks.gap import GapCache, GapConfig
+from refattn.blocks.spec import BenchCase, module_specs
 
 
 def check_config(cfg: Any) -> GapConfig:
@@ -97,18 +97,12 @@ def with_bn_mode(cfg: GapConfig, mode: str) -> None:
     """No batch norm: None."""
 
 
-SPECS: dict[str, BlockSpec] = {
-    "gap": BlockSpec.of_module(
-        __name__,
-        name="gap",
-        diagram="gap",
-        summary="global average pooling over all spatial positions",
-        config_cls=GapConfig,
-        presets=PRESETS,
-        default_preset=None,
-        check_config=check_config,
-        flops=lambda cfg, input_shapes: 0,  # no matmul: a memory-bound reduction
-        bench=BenchCase(None, {}, {"x": (8, 512, 14, 14)}, "x(8,512,14,14) -> (8,512)"),
-        anchors={None: "simple:make_gap"},
-    ),
-}
+SPECS = module_specs(
+    __name__,
+    summary="global average pooling over all spatial positions",
+    config_cls=GapConfig,
+    default_preset=None,
+    flops=lambda cfg, input_shapes: 0,  # no matmul: a memory-bound reduction
+    bench=BenchCase(None, {}, {"x": (8, 512, 14, 14)}, "x(8,512,14,14) -> (8,512)"),
+    anchors={None: "simple:make_gap"},
+)

@@ -22,9 +22,9 @@ from refattn.blocks.gc import (
 )
 from refattn.blocks.spec import (
     BenchCase,
-    BlockSpec,
     draw_bias,
     draw_weight,
+    module_specs,
     relu_margin,
 )
 
@@ -271,21 +271,14 @@ def flops(cfg: GCConfig, input_shapes: Mapping[str, Shape]) -> int:
     return att + len(branches(cfg)) * 2 * 2 * N * C * P
 
 
-SPECS: dict[str, BlockSpec] = {
-    "gc": BlockSpec.of_module(
-        __name__,
-        name="gc",
-        diagram="gc",
-        summary="global context block (Cao et al. 2019, GCNet; mmcv ContextBlock): "
-        "attention or average pooling, channel add and/or mul fusion",
-        config_cls=GCConfig,
-        resolve=resolve,
-        presets=PRESETS,
-        default_preset="mmcv",
-        flops=flops,
-        bench=BenchCase("mmcv", {}, {"x": (8, 256, 28, 28)},
-                        "x(8,256,28,28) att pooling, channel_add, ratio 1/4"),
-        figure=("draw_gc", (10.0, 4.2)),
-        anchors={p: f"context_block:make_{p}" for p in PRESETS},
-    )
-}
+SPECS = module_specs(
+    __name__,
+    summary="global context block (Cao et al. 2019, GCNet; mmcv ContextBlock): "
+    "attention or average pooling, channel add and/or mul fusion",
+    config_cls=GCConfig,
+    default_preset="mmcv",
+    bench=BenchCase("mmcv", {}, {"x": (8, 256, 28, 28)},
+                    "x(8,256,28,28) att pooling, channel_add, ratio 1/4"),
+    figure=("draw_gc", (10.0, 4.2)),
+    anchors={p: f"context_block:make_{p}" for p in PRESETS},
+)

@@ -27,8 +27,8 @@ from refattn.blocks.non_local import (
     _kv_names,
     _pooled,
 )
-from refattn.blocks.spec import (BenchCase, BlockSpec, check_batch_statistics,
-                                 draw_param, init_norm, max_gap, relu_margin,
+from refattn.blocks.spec import (BenchCase, check_batch_statistics, draw_param,
+                                 init_norm, max_gap, module_specs, relu_margin,
                                  single_x_shape, with_bn_field)
 from refattn.params import is_buffer
 
@@ -205,10 +205,8 @@ def init_params(
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Host float64 NumPy (params, state) for `cfg`.
 
-    Default: random and non-degenerate (weights N(0, 1/fan_in), biases
-    N(0, 0.1²), BN gamma in [0.5, 1.5], beta N(0, 0.1²), running mean
-    N(0, 0.1²) and variance in [0.5, 2], the scalar γ in [0.5, 1.5]), so
-    that every gradient is alive.
+    Default: the contract's random draws (``refattn.blocks.spec``) and the
+    scalar γ in [0.5, 1.5], so that every gradient is alive.
 
     ``anchor_init=True``: the anchors' identity-at-init scheme.  Without scale
     (AlexHex7): PyTorch's default conv init U(±1/sqrt(fan_in)) for weights and
@@ -339,37 +337,39 @@ def anchor_names(
     if preset not in PRESETS or not _anchor_supports(preset, cfg, input_shapes):
         return {}
     shapes = param_shapes(cfg, input_shapes)
-    names: dict[str, str] = {}
-    for key in shapes:
-        module, _, leaf = key.rpartition(".") if "." in key else (key, "", "")
-        if preset == "alexhex7":
-            if module in ("phi", "g") and cfg.sub_sample:
-                target = f"{module}.0"
-            elif module == "W" and cfg.bn is not None:
-                target = "W.0"
-            elif module == "W_bn":
-                target = "W.1"
-            elif module == "concat_project":
-                target = "concat_project.0"
-            else:
-                target = module
-        elif preset == "facebook":
-            target = {"W": "out", "W_bn": "bn"}.get(module, module)
-        elif preset in ("mmcv", "mmcv_bn"):
-            pooled = cfg.sub_sample and module in ("phi", "g")
-            target = {"W": "conv_out.conv", "W_bn": "conv_out.bn"}.get(
-                module, f"{module}.0.conv" if pooled else f"{module}.conv")
-        elif preset == "sagan":
-            target = {"theta": "query_conv", "phi": "key_conv", "g": "value_conv",
-                      "gamma": "gamma"}[module]
-        elif preset == "timm":
-            target = {"theta": "t", "phi": "p", "W": "z", "W_bn": "norm"}.get(
-                module, module)
+    return {key: _anchor_key(preset, cfg, key) for key in shapes}
+
+
+def _anchor_key(preset: str, cfg: NonLocalConfig, key: str) -> str:
+    """The anchor's state_dict name of the parameter or buffer `key`."""
+    module, _, leaf = key.rpartition(".") if "." in key else (key, "", "")
+    if preset == "alexhex7":
+        if module in ("phi", "g") and cfg.sub_sample:
+            target = f"{module}.0"
+        elif module == "W" and cfg.bn is not None:
+            target = "W.0"
+        elif module == "W_bn":
+            target = "W.1"
+        elif module == "concat_project":
+            target = "concat_project.0"
         else:
-            cgnl = {"theta": "t", "phi": "p", "W": "z", "W_bn": "bn"}
-            target = cgnl.get(module, module)
-        names[key] = target if module == key else f"{target}.{leaf}"
-    return names
+            target = module
+    elif preset == "facebook":
+        target = {"W": "out", "W_bn": "bn"}.get(module, module)
+    elif preset in ("mmcv", "mmcv_bn"):
+        pooled = cfg.sub_sample and module in ("phi", "g")
+        target = {"W": "conv_out.conv", "W_bn": "conv_out.bn"}.get(
+            module, f"{module}.0.conv" if pooled else f"{module}.conv")
+    elif preset == "sagan":
+        target = {"theta": "query_conv", "phi": "key_conv", "g": "value_conv",
+                  "gamma": "gamma"}[module]
+    elif preset == "timm":
+        target = {"theta": "t", "phi": "p", "W": "z", "W_bn": "norm"}.get(
+            module, module)
+    else:
+        cgnl = {"theta": "t", "phi": "p", "W": "z", "W_bn": "bn"}
+        target = cgnl.get(module, module)
+    return target if module == key else f"{target}.{leaf}"
 
 
 def _anchor_supports(
@@ -459,22 +459,15 @@ def flops(cfg: NonLocalConfig, input_shapes: Mapping[str, Shape]) -> int:
     return 2 * N * Ci * (Lq * C + 2 * projected * C + 2 * Lq * Lk + Lq * C)
 
 
-SPECS: dict[str, BlockSpec] = {
-    "non_local": BlockSpec.of_module(
-        __name__,
-        name="non_local",
-        diagram="non_local",
-        summary="non-local block (Wang et al. 2018): embedded Gaussian, Gaussian, "
-        "dot product and concatenation; 1-, 2- and 3-D",
-        config_cls=NonLocalConfig,
-        resolve=resolve,
-        presets=PRESETS,
-        default_preset="alexhex7",
-        flops=flops,
-        bench=BenchCase("alexhex7", {"inter_channels": 128}, {"x": (4, 256, 28, 28)},
-                        "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "
-                        "BN(train)"),
-        figure=("draw_non_local", (13.0, 3.2)),
-        anchors={p: f"non_local:make_{p.removesuffix('_bn')}" for p in PRESETS},
-    )
-}
+SPECS = module_specs(
+    __name__,
+    summary="non-local block (Wang et al. 2018): embedded Gaussian, Gaussian, "
+    "dot product and concatenation; 1-, 2- and 3-D",
+    config_cls=NonLocalConfig,
+    default_preset="alexhex7",
+    bench=BenchCase("alexhex7", {"inter_channels": 128}, {"x": (4, 256, 28, 28)},
+                    "x(4,256,28,28) embedded gaussian, inter 128, sub_sample, "
+                    "BN(train)"),
+    figure=("draw_non_local", (13.0, 3.2)),
+    anchors={p: f"non_local:make_{p.removesuffix('_bn')}" for p in PRESETS},
+)
