@@ -52,14 +52,12 @@ __global__ void refattn_channel_pool_bwd(const T* __restrict__ dmx,
                                          const T* __restrict__ dmean,
                                          T* __restrict__ dx, long long N, long long C,
                                          long long L, long long in_n_stride) {
-    const long long total = N * C * L;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const refattn_ncl e = refattn_unravel(i, C, L);
+    refattn_grid_ncl(N, C, L, [&](long long i, refattn_ncl e) {
         const long long o = e.n * in_n_stride + e.l;
         T g = dmean[o] / (T)C;
         if (arg[e.n * L + e.l] == e.c) g += dmx[o];
         dx[i] = g;
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------

@@ -76,6 +76,16 @@ __device__ __forceinline__ refattn_ncl refattn_unravel(long long i, long long C,
     return {n, nc - n * C, i - nc * L};
 }
 
+// f(i, e) for every element of a C-contiguous (N, C, L) array: its flat
+// index i and coordinates e, the elements spread over the whole grid
+template <typename F>
+__device__ __forceinline__ void refattn_grid_ncl(long long N, long long C, long long L,
+                                                 F f) {
+    const long long total = N * C * L;
+    for (long long i = refattn_gid(); i < total; i += refattn_gstride())
+        f(i, refattn_unravel(i, C, L));
+}
+
 // NaN-propagating max of two values
 template <typename T>
 __device__ __forceinline__ T refattn_max2(T a, T b) {
