@@ -437,7 +437,7 @@ def group_norm_forward(
     """group_norm with the mean and biased variance of every (n, group) from
     one kernel launch; the rest as array expressions."""
     xp = namespace(x=x)
-    N, C, G = x.shape[0], x.shape[1], num_groups
+    N, G = x.shape[0], num_groups
     mean, var = K.group_norm_stats(x, G)  # (N, G), (N, G)
     _check_statistics(xp, x, mean, var, "per-group")
     inv_std = 1.0 / xp.sqrt(var + eps)  # (N, G)
