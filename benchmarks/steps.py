@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def _steps(dtype: str) -> dict[str, tuple[str, Runner, Runner]]:
     k2 = ((2, 2), (2, 2), (14, 14))
 
     def softmax() -> None:
-        a, cache = _softmax(att, 2)
+        _, cache = _softmax(att, 2)
         _softmax_backward(datt, cache)
 
     def batch_norm() -> None:
@@ -148,8 +149,8 @@ def measure(steps: list[str], dtypes: list[str], reps: int) -> list[dict[str, An
         for name in steps:
             where, ours, theirs = table[name]
             ways = {
-                "numpy": lambda: _with_kernels("generic", ours),
-                "tier": lambda: _with_kernels("auto", ours),
+                "numpy": partial(_with_kernels, "generic", ours),
+                "tier": partial(_with_kernels, "auto", ours),
                 "torch": theirs,
             }
             times: dict[str, list[float]] = {w: [] for w in ways}
@@ -191,8 +192,8 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| step | shape | dtype | NumPy ms | CPU tier ms | PyTorch ms "
-           "| NumPy / PyTorch | tier / PyTorch |",
+    out = [("| step | shape | dtype | NumPy ms | CPU tier ms | PyTorch ms "
+            "| NumPy / PyTorch | tier / PyTorch |"),
            "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["torch_min_ms"]

@@ -444,70 +444,51 @@ def max_pool_backward(dout: Any, cache: MaxPoolCpuCache) -> Any:
 # the table
 
 
-def _softmax_applies(x: Any, axis: int) -> bool:
-    return axis == x.ndim - 1 and _takes(x)
-
-
-def _bn_applies(x: Any, *rest: Any) -> bool:
-    training = rest[4]
-    return training and x.ndim >= 3 and _takes(x)
-
-
-def _gn_applies(x: Any, *rest: Any) -> bool:
-    return _takes(x)
-
-
-def _gate_applies(x: Any, z: Any) -> bool:
-    return gate_kind(x, z) is not None and _takes(x)
-
-
-def _channel_pool_applies(x: Any, kind: str) -> bool:
-    return kind in ("max", "mean") and _takes(x)
-
-
-def _global_pool_applies(x: Any, kind: str, keepdim: bool) -> bool:
-    return kind == "max" and _takes(x)
-
-
-def _max_pool_applies(x: Any, k: Any, s: Any, so: Any) -> bool:
-    """2-D, of any strides: non_local pools a channel slice of its projections."""
-    return (x.ndim == 4 and type(x) is np.ndarray and x.dtype in _FLOATS
-            and x.size >= MIN_ELEMENTS and kernels_enabled())
-
-
 def _unreachable(dout: Any, cache: Any, **kwargs: Any) -> Any:  # pragma: no cover
     raise AssertionError("the forward returns a generic cache")
 
 
 OVERRIDES: dict[str, Override] = {
     "softmax": Override(
-        _softmax_applies, softmax_forward, softmax_backward, SoftmaxCpuCache,
+        lambda x, axis: axis == x.ndim - 1 and _takes(x),
+        softmax_forward, softmax_backward, SoftmaxCpuCache,
         "softmax along the last axis, forward and backward",
     ),
     "batch_norm": Override(
-        _bn_applies, batch_norm_forward, batch_norm_backward, BatchNormCpuCache,
+        lambda x, weight, bias, mean, var, training, *options: (
+            training and x.ndim >= 3 and _takes(x)
+        ),
+        batch_norm_forward, batch_norm_backward, BatchNormCpuCache,
         "batch norm in training mode with spatial dims: statistics, "
         "normalise + affine, backward sums and dx",
     ),
     "group_norm": Override(
-        _gn_applies, group_norm_forward, group_norm_backward, GroupNormCpuCache,
+        lambda x, *rest: _takes(x),
+        group_norm_forward, group_norm_backward, GroupNormCpuCache,
         "group norm: statistics, normalise + affine, backward sums and dx",
     ),
     "gate_mul": Override(
-        _gate_applies, gate_mul_forward, gate_mul_backward, GateMulCpuCache,
+        lambda x, z: gate_kind(x, z) is not None and _takes(x),
+        gate_mul_forward, gate_mul_backward, GateMulCpuCache,
         "the sigmoid gate with z per channel or per position: the backward's "
         "dx and dz in one pass",
     ),
     "channel_pool": Override(
-        _channel_pool_applies, channel_pool_forward, _unreachable, type(None),
+        lambda x, kind: kind in ("max", "mean") and _takes(x),
+        channel_pool_forward, _unreachable, type(None),
         "the channel max (with arg-max) and mean, forward",
     ),
     "global_pool": Override(
-        _global_pool_applies, global_pool_forward, _unreachable, type(None),
+        lambda x, kind, keepdim: kind == "max" and _takes(x),
+        global_pool_forward, _unreachable, type(None),
         "the global max with its arg-max, forward",
     ),
     "max_pool": Override(
-        _max_pool_applies, max_pool_forward, max_pool_backward, MaxPoolCpuCache,
+        lambda x, k, s, so: (  # any strides: non_local pools a channel slice
+            x.ndim == 4 and type(x) is np.ndarray and x.dtype in _FLOATS
+            and x.size >= MIN_ELEMENTS and kernels_enabled()
+        ),
+        max_pool_forward, max_pool_backward, MaxPoolCpuCache,
         "2-D max-pool with its arg-max, forward and backward",
     ),
 }

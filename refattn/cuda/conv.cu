@@ -12,71 +12,61 @@
 #include "refattn_common.h"
 #endif
 
+// acc + sum_{j < J, a, b < k} wt_j[a, b] src_j[h + D (a - p), w + D (b - p)]
+// for the position q = h * W + w of an H x W plane, with src_j = src + j H W,
+// wt_j = wt + j * wstride and out-of-range positions as the zero padding.
+// D = +1 gives y (the rows j are x's channels), D = -1 its transpose dx (the
+// rows j are dy's channels).  Terms are added in (j, a, b) order.
+template <int D, typename T>
+__device__ refattn_acc refattn_conv_gather(refattn_acc acc, const T* src, long long J,
+                                           const T* wt, long long wstride, long long H,
+                                           long long W, long long k, long long q) {
+    const long long pad = (k - 1) / 2;
+    const long long h = q / W;
+    const long long w = q - h * W;
+    for (long long j = 0; j < J; ++j) {
+        const T* sj = src + j * H * W;
+        const T* wj = wt + j * wstride;
+        for (long long a = 0; a < k; ++a) {
+            const long long hs = h + D * (a - pad);
+            if (hs < 0 || hs >= H) continue;
+            for (long long b = 0; b < k; ++b) {
+                const long long ws = w + D * (b - pad);
+                if (ws < 0 || ws >= W) continue;
+                acc += (refattn_acc)wj[a * k + b] * (refattn_acc)sj[hs * W + ws];
+            }
+        }
+    }
+    return acc;
+}
+
+// one thread per output element (n, o, q): bias[o] plus the gather over x[n]
 template <typename T>
 __global__ void refattn_small_conv_fwd(const T* __restrict__ x, const T* __restrict__ w,
                                        const T* __restrict__ bias, T* __restrict__ y,
                                        long long N, long long Cin, long long Cout,
                                        long long H, long long W, long long k) {
-    const long long pad = (k - 1) / 2;
     const long long HW = H * W;
-    const long long total = N * Cout * HW;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long q = i % HW;
-        const long long no = i / HW;
-        const long long o = no % Cout;
-        const long long n = no / Cout;
-        const long long h = q / W;
-        const long long ww = q - h * W;
-        refattn_acc acc = (refattn_acc)bias[o];
-        for (long long c = 0; c < Cin; ++c) {
-            const T* xc = x + (n * Cin + c) * HW;
-            const T* wc = w + (o * Cin + c) * k * k;
-            for (long long a = 0; a < k; ++a) {
-                const long long hi = h + a - pad;
-                if (hi < 0 || hi >= H) continue;
-                for (long long b = 0; b < k; ++b) {
-                    const long long wi = ww + b - pad;
-                    if (wi < 0 || wi >= W) continue;
-                    acc += (refattn_acc)wc[a * k + b] * (refattn_acc)xc[hi * W + wi];
-                }
-            }
-        }
-        y[i] = (T)acc;
-    }
+    refattn_grid_ncl(N, Cout, HW, [&](long long i, refattn_ncl e) {
+        const T* w_o = w + e.c * Cin * k * k;  // w[o, c] at c * k * k
+        y[i] = (T)refattn_conv_gather<1>((refattn_acc)bias[e.c], x + e.n * Cin * HW,
+                                         Cin, w_o, k * k, H, W, k, e.l);
+    });
 }
 
-// the transposed convolution, as a gather (no atomics)
+// the transposed convolution, as a gather (no atomics): one thread per input
+// element (n, c, q), summing over dy[n] with the flipped window
 template <typename T>
 __global__ void refattn_small_conv_dx_bwd(const T* __restrict__ dy,
                                           const T* __restrict__ w, T* __restrict__ dx,
                                           long long N, long long Cin, long long Cout,
                                           long long H, long long W, long long k) {
-    const long long pad = (k - 1) / 2;
     const long long HW = H * W;
-    const long long total = N * Cin * HW;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long q = i % HW;
-        const long long nc = i / HW;
-        const long long c = nc % Cin;
-        const long long n = nc / Cin;
-        const long long h = q / W;
-        const long long ww = q - h * W;
-        refattn_acc acc = 0;
-        for (long long o = 0; o < Cout; ++o) {
-            const T* dyo = dy + (n * Cout + o) * HW;
-            const T* wc = w + (o * Cin + c) * k * k;
-            for (long long a = 0; a < k; ++a) {
-                const long long ho = h - a + pad;
-                if (ho < 0 || ho >= H) continue;
-                for (long long b = 0; b < k; ++b) {
-                    const long long wo = ww - b + pad;
-                    if (wo < 0 || wo >= W) continue;
-                    acc += (refattn_acc)wc[a * k + b] * (refattn_acc)dyo[ho * W + wo];
-                }
-            }
-        }
-        dx[i] = (T)acc;
-    }
+    refattn_grid_ncl(N, Cin, HW, [&](long long i, refattn_ncl e) {
+        const T* w_c = w + e.c * k * k;  // w[o, c] at o * Cin * k * k
+        dx[i] = (T)refattn_conv_gather<-1>(0.0, dy + e.n * Cout * HW, Cout, w_c,
+                                           Cin * k * k, H, W, k, e.l);
+    });
 }
 
 // one block per weight element (o, c, a, b), reducing over (n, h, w)

@@ -37,7 +37,7 @@ from refattn.backend import (
 )
 from refattn.cuda import launch as K
 from refattn.cuda import wants_kernels
-from refattn.ops import overrides
+from refattn.ops import norm, overrides
 from refattn.ops.overrides import Override
 
 __all__ = [
@@ -354,40 +354,36 @@ def batch_norm_forward(
     """batch_norm with the per-channel mean and biased variance (train) from
     one kernel launch (two passes over each channel, summed in double);
     normalisation, affine map and running averages as array expressions.
-    The checks the generic op makes inside its math (one value per channel
-    in train mode; non-negative running_var in eval mode) are made here too,
-    with the same messages; batch_norm_forward checks x itself in eval mode.
+    The check the generic op makes inside its math in train mode (one value
+    per channel) is made here too, with the same message.  Eval mode has no
+    reduction: it runs the generic math, and its cache (as a
+    BatchNormKernelCache) routes the backward to the kernel sums.
 
     Returns ``((y, running_mean', running_var'), cache)``.
     """
+    if not training:
+        out, generic = norm._batch_norm.__wrapped__(
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        return out, BatchNormKernelCache(*generic)
     xp = namespace(x=x)
     N, C = x.shape[0], x.shape[1]
     M = N * prod(x.shape[2:])  # values per channel
     col = (1, C) + (1,) * (x.ndim - 2)  # (C,) against (N, C, *S)
-    if training:
-        if M == 1:
-            raise ValueError(
-                "batch_norm: training needs more than one value per channel, "
-                f"got input shape {tuple(x.shape)}"
-            )
-        mean, var = K.batch_norm_stats(x)  # (C,), (C,) biased
-        _check_statistics(xp, x, mean, var, "per-channel")
-        inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-        if running_mean is None:
-            new_mean = new_var = None
-        else:
-            unbiased_var = var * (M / (M - 1))  # (C,)
-            new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
-            new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
+    if M == 1:
+        raise ValueError(
+            "batch_norm: training needs more than one value per channel, "
+            f"got input shape {tuple(x.shape)}"
+        )
+    mean, var = K.batch_norm_stats(x)  # (C,), (C,) biased
+    _check_statistics(xp, x, mean, var, "per-channel")
+    inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
+    if running_mean is None:
+        new_mean = new_var = None
     else:
-        if not bool(xp.all(running_var >= 0)):
-            raise ValueError(
-                "running_var: expected non-negative values, got a minimum of "
-                f"{float(xp.min(running_var))}"
-            )
-        mean = running_mean
-        inv_std = 1.0 / xp.sqrt(running_var + eps)  # (C,)
-        new_mean, new_var = running_mean, running_var
+        unbiased_var = var * (M / (M - 1))  # (C,)
+        new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
+        new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
     xhat = x - xp.reshape(mean, col)  # (N, C, *S)
     xhat *= xp.reshape(inv_std, col)  # in place on the fresh difference
     y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
@@ -437,7 +433,7 @@ def group_norm_forward(
     """group_norm with the mean and biased variance of every (n, group) from
     one kernel launch; the rest as array expressions."""
     xp = namespace(x=x)
-    N, C, G = x.shape[0], x.shape[1], num_groups
+    N, G = x.shape[0], num_groups
     mean, var = K.group_norm_stats(x, G)  # (N, G), (N, G)
     _check_statistics(xp, x, mean, var, "per-group")
     inv_std = 1.0 / xp.sqrt(var + eps)  # (N, G)

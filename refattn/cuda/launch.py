@@ -16,6 +16,8 @@ Notation: x is (N, C, *S) with L = prod(S) positions.
 
 from __future__ import annotations
 
+import numpy
+
 from refattn._typing import Array, Shape
 from refattn.cuda._runner import (Runner, axis_index, check_shape, default_runner,
                                   elementwise_grid, float_array, i64, nonempty, prod,
@@ -96,16 +98,12 @@ def gate_mul_forward(
     x = float_array(r, "x", x, ndim=(2, 5))
     z = float_array(r, "z", z)
     same_dtype(x=x, z=z)
-    kind = _gate(x.shape, z.shape)
-    N, C = x.shape[0], x.shape[1]
-    L = prod(tuple(x.shape[2:]))
+    kind, sizes = _gate(x.shape, z.shape)
     out = r.xp.empty(x.shape, dtype=x.dtype)  # like x
     s = r.xp.empty(z.shape, dtype=z.dtype)  # like z
     if x.size:
-        args = (x, z, out, s, i64(N), i64(C), i64(L))
-        r.launch(
-            f"refattn_gate_mul_{kind}_fwd", x.dtype, elementwise_grid(r, x.size), args
-        )
+        grid = elementwise_grid(r, x.size)
+        r.launch(f"refattn_gate_mul_{kind}_fwd", x.dtype, grid, (x, z, out, s) + sizes)
     return out, s
 
 
@@ -126,14 +124,13 @@ def gate_mul_backward(
     check_shape("dout", dout, tuple(x.shape))
     s = float_array(r, "s", s)
     same_dtype(dout=dout, x=x, s=s)
-    kind = _gate(x.shape, s.shape)
-    N, C = x.shape[0], x.shape[1]
-    L = prod(tuple(x.shape[2:]))
+    kind, sizes = _gate(x.shape, s.shape)
     dx = r.xp.empty(x.shape, dtype=x.dtype)  # like x
     dz = r.xp.empty(s.shape, dtype=x.dtype)  # like z
     if x.size:
-        grid = row_grid(r, N * C) if kind == "channel" else elementwise_grid(r, N * L)
-        args = (dout, x, s, dx, dz, i64(N), i64(C), i64(L))
+        # a block per (n, c) row, or a thread per (n, position): one per z
+        grid = row_grid(r, s.size) if kind == "channel" else elementwise_grid(r, s.size)
+        args = (dout, x, s, dx, dz) + sizes
         r.launch(f"refattn_gate_mul_{kind}_bwd", x.dtype, grid, args)
     elif dz.size:
         dz[...] = 0
@@ -190,12 +187,17 @@ def softmax_backward(
 # helpers
 
 
-def _gate(x_shape: Shape, z_shape: Shape) -> str:
+def _gate(x_shape: Shape, z_shape: Shape) -> tuple[str, tuple[numpy.int64, ...]]:
+    """The gate's kind and its kernels' size arguments: (R = N·C, L) for a
+    channel gate, (N, C, L) for a spatial one."""
     kind = gate_kind(x_shape, z_shape)
-    if kind is None:
-        N, C = x_shape[0], x_shape[1]
-        raise ValueError(
-            f"z: expected a channel gate {(N, C) + (1,) * (len(x_shape) - 2)} or a "
-            f"spatial gate {(N, 1) + tuple(x_shape[2:])}, got {tuple(z_shape)}"
-        )
-    return kind
+    N, C = x_shape[0], x_shape[1]
+    L = prod(tuple(x_shape[2:]))
+    if kind == "channel":
+        return kind, (i64(N * C), i64(L))
+    if kind == "spatial":
+        return kind, (i64(N), i64(C), i64(L))
+    raise ValueError(
+        f"z: expected a channel gate {(N, C) + (1,) * (len(x_shape) - 2)} or a "
+        f"spatial gate {(N, 1) + tuple(x_shape[2:])}, got {tuple(z_shape)}"
+    )

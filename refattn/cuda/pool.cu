@@ -52,17 +52,12 @@ __global__ void refattn_channel_pool_bwd(const T* __restrict__ dmx,
                                          const T* __restrict__ dmean,
                                          T* __restrict__ dx, long long N, long long C,
                                          long long L, long long in_n_stride) {
-    const long long total = N * C * L;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long l = i % L;
-        const long long nc = i / L;
-        const long long c = nc % C;
-        const long long n = nc / C;
-        const long long o = n * in_n_stride + l;
+    refattn_grid_ncl(N, C, L, [&](long long i, refattn_ncl e) {
+        const long long o = e.n * in_n_stride + e.l;
         T g = dmean[o] / (T)C;
-        if (arg[n * L + l] == c) g += dmx[o];
+        if (arg[e.n * L + e.l] == e.c) g += dmx[o];
         dx[i] = g;
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -75,10 +70,8 @@ __global__ void refattn_global_avg_pool_fwd(const T* __restrict__ x,
     __shared__ refattn_acc buf[REFATTN_MAX_THREADS];
     for (long long r = blockIdx.x; r < R; r += gridDim.x) {
         const T* xr = x + r * L;
-        refattn_acc sum = 0;
-        for (long long l = threadIdx.x; l < L; l += blockDim.x)
-            sum += (refattn_acc)xr[l];
-        sum = refattn_block_sum(sum, buf);
+        const refattn_acc sum = refattn_block_sum_of(
+            L, buf, [&](long long l) { return (refattn_acc)xr[l]; });
         if (threadIdx.x == 0) out[r] = (T)(sum / (refattn_acc)L);
     }
 }
@@ -144,13 +137,11 @@ __global__ void refattn_global_lp_pool_fwd(const T* __restrict__ x, T* __restric
     __shared__ refattn_acc buf[REFATTN_MAX_THREADS];
     for (long long r = blockIdx.x; r < R; r += gridDim.x) {
         const T* xr = x + r * L;
-        refattn_acc sum = 0;
-        for (long long l = threadIdx.x; l < L; l += blockDim.x) {
+        const refattn_acc sum = refattn_block_sum_of(L, buf, [&](long long l) {
             const refattn_acc v = (refattn_acc)xr[l];
-            sum += v * v;
-        }
-        sum = refattn_block_sum(sum, buf);
-        if (threadIdx.x == 0) out[r] = (T)refattn_sqrt(sum);
+            return v * v;
+        });
+        if (threadIdx.x == 0) out[r] = (T)sqrt(sum);
     }
 }
 
@@ -179,17 +170,9 @@ __global__ void refattn_global_lse_pool_fwd(const T* __restrict__ x,
     __shared__ T mbuf[REFATTN_MAX_THREADS];
     __shared__ refattn_acc sbuf[REFATTN_MAX_THREADS];
     for (long long r = blockIdx.x; r < R; r += gridDim.x) {
-        const T* xr = x + r * L;
-        T m = xr[0];
-        for (long long l = threadIdx.x; l < L; l += blockDim.x)
-            m = refattn_max2(m, xr[l]);
-        m = refattn_block_max(m, mbuf);
-        refattn_acc sum = 0;
-        for (long long l = threadIdx.x; l < L; l += blockDim.x) {
-            sum += (refattn_acc)refattn_exp(xr[l] - m);
-        }
-        sum = refattn_block_sum(sum, sbuf);
-        if (threadIdx.x == 0) out[r] = (T)((refattn_acc)m + refattn_log(sum));
+        const refattn_max_sumexp<T> ms =
+            refattn_block_max_sumexp(x + r * L, L, mbuf, sbuf);
+        if (threadIdx.x == 0) out[r] = (T)((refattn_acc)ms.max + log(ms.sumexp));
     }
 }
 

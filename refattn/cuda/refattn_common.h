@@ -25,23 +25,13 @@
 
 typedef double refattn_acc;
 
+// exp in the precision of the data (softmax, lse, sigmoid); log and sqrt
+// are only taken of refattn_acc sums, so the double libm functions serve
 __device__ __forceinline__ float refattn_exp(float v) {
     return expf(v);
 }
 __device__ __forceinline__ double refattn_exp(double v) {
     return exp(v);
-}
-__device__ __forceinline__ float refattn_log(float v) {
-    return logf(v);
-}
-__device__ __forceinline__ double refattn_log(double v) {
-    return log(v);
-}
-__device__ __forceinline__ float refattn_sqrt(float v) {
-    return sqrtf(v);
-}
-__device__ __forceinline__ double refattn_sqrt(double v) {
-    return sqrt(v);
 }
 
 // first index of a grid-stride loop, and its stride, in 64 bits
@@ -71,6 +61,29 @@ __device__ __forceinline__ bool refattn_takes(T bv, long long bi, T av, long lon
     const bool anan = av != av;
     if (bnan || anan) return bnan && (!anan || bi < ai);
     return bv > av || (bv == av && bi < ai);
+}
+
+// The coordinates of the flat index i of a C-contiguous (N, C, L) array,
+// i = (n * C + c) * L + l.
+struct refattn_ncl {
+    long long n, c, l;
+};
+
+__device__ __forceinline__ refattn_ncl refattn_unravel(long long i, long long C,
+                                                       long long L) {
+    const long long nc = i / L;
+    const long long n = nc / C;
+    return {n, nc - n * C, i - nc * L};
+}
+
+// f(i, e) for every element of a C-contiguous (N, C, L) array: its flat
+// index i and coordinates e, the elements spread over the whole grid
+template <typename F>
+__device__ __forceinline__ void refattn_grid_ncl(long long N, long long C, long long L,
+                                                 F f) {
+    const long long total = N * C * L;
+    for (long long i = refattn_gid(); i < total; i += refattn_gstride())
+        f(i, refattn_unravel(i, C, L));
 }
 
 // NaN-propagating max of two values
@@ -124,6 +137,35 @@ __device__ A refattn_block_sum(A v, A* buf) {
 template <typename T>
 __device__ T refattn_block_max(T v, T* buf) {
     return refattn_block_reduce(v, buf, refattn_nanmax());
+}
+
+// Sum over l = 0..L-1 of term(l), a refattn_acc: each thread adds the terms
+// of l = threadIdx.x, + blockDim.x, ... in that order, then the block sums
+// the partial sums (see block_reduce; every thread gets the total).
+template <typename F>
+__device__ refattn_acc refattn_block_sum_of(long long L, refattn_acc* buf, F term) {
+    refattn_acc sum = 0;
+    for (long long l = threadIdx.x; l < L; l += blockDim.x) sum += term(l);
+    return refattn_block_sum(sum, buf);
+}
+
+// The max m of the row xr[0..L) (NaN-propagating) and sum_l exp(xr[l] - m),
+// the two reductions of a max-shifted softmax, over the block.
+template <typename T>
+struct refattn_max_sumexp {
+    T max;
+    refattn_acc sumexp;
+};
+
+template <typename T>
+__device__ refattn_max_sumexp<T> refattn_block_max_sumexp(const T* xr, long long L,
+                                                          T* mbuf, refattn_acc* sbuf) {
+    T m = xr[0];
+    for (long long l = threadIdx.x; l < L; l += blockDim.x) m = refattn_max2(m, xr[l]);
+    m = refattn_block_max(m, mbuf);
+    const refattn_acc sum = refattn_block_sum_of(
+        L, sbuf, [&](long long l) { return (refattn_acc)refattn_exp(xr[l] - m); });
+    return {m, sum};
 }
 
 // First arg-max over the threads of the block: each thread brings its own

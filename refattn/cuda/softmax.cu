@@ -15,18 +15,10 @@ __global__ void refattn_softmax_fwd(const T* __restrict__ x, T* __restrict__ y,
     for (long long r = blockIdx.x; r < R; r += gridDim.x) {
         const T* xr = x + r * K;
         T* yr = y + r * K;
-        T m = xr[0];
-        for (long long k = threadIdx.x; k < K; k += blockDim.x)
-            m = refattn_max2(m, xr[k]);
-        m = refattn_block_max(m, mbuf);
-        refattn_acc sum = 0;
+        const refattn_max_sumexp<T> ms = refattn_block_max_sumexp(xr, K, mbuf, sbuf);
+        const refattn_acc inv = 1.0 / ms.sumexp;
         for (long long k = threadIdx.x; k < K; k += blockDim.x) {
-            sum += (refattn_acc)refattn_exp(xr[k] - m);
-        }
-        sum = refattn_block_sum(sum, sbuf);
-        const refattn_acc inv = 1.0 / sum;
-        for (long long k = threadIdx.x; k < K; k += blockDim.x) {
-            yr[k] = (T)((refattn_acc)refattn_exp(xr[k] - m) * inv);
+            yr[k] = (T)((refattn_acc)refattn_exp(xr[k] - ms.max) * inv);
         }
     }
 }
@@ -37,12 +29,9 @@ __global__ void refattn_softmax_bwd(const T* __restrict__ dy, const T* __restric
     __shared__ refattn_acc buf[REFATTN_MAX_THREADS];
     for (long long r = blockIdx.x; r < R; r += gridDim.x) {
         const long long base = r * K;
-        refattn_acc dot = 0;
-        for (long long k = threadIdx.x; k < K; k += blockDim.x) {
-            dot += (refattn_acc)dy[base + k] * (refattn_acc)y[base + k];
-        }
-        dot = refattn_block_sum(dot, buf);
-        const T d = (T)dot;
+        const T d = (T)refattn_block_sum_of(K, buf, [&](long long k) {
+            return (refattn_acc)dy[base + k] * (refattn_acc)y[base + k];
+        });  // sum_k dy * y
         for (long long k = threadIdx.x; k < K; k += blockDim.x) {
             dx[base + k] = y[base + k] * (dy[base + k] - d);
         }
