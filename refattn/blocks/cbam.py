@@ -71,8 +71,7 @@ With ``mlp_layers = 1`` the keys ``reduction``, ``hidden_channels`` and
 and ``hidden_divisor`` inert.
 
 Inert keys are still validated and still written into golden manifests.
-The checked entry points, parameter shapes and draws are in
-``refattn/blocks/specs/cbam.py``.
+Checked entry points, shapes and draws: ``refattn/blocks/specs/cbam.py``.
 """
 
 from __future__ import annotations
@@ -84,41 +83,20 @@ from typing import Literal, NamedTuple
 from refattn._typing import Array, Params
 from refattn.backend import namespace
 from refattn.ops.conv import Conv2dCache, _conv2d, _conv2d_backward
-from refattn.ops.elementwise import (
-    GateMulCache,
-    ReluCache,
-    _gate_mul,
-    _gate_mul_backward,
-    _relu,
-    _relu_backward,
-)
+from refattn.ops.elementwise import (GateMulCache, ReluCache, _gate_mul,
+                                     _gate_mul_backward, _relu, _relu_backward)
 from refattn.ops.linear import LinearCache, _linear, _linear_backward
-from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
-from refattn.ops.pool import (
-    ChannelPoolCache,
-    GlobalPoolCache,
-    _channel_pool,
-    _channel_pool_backward,
-    _global_pool,
-    _global_pool_backward,
-)
+from refattn.ops.norm import (BatchNormCache, _batch_norm_named,
+                              _batch_norm_named_backward)
+from refattn.ops.pool import (ChannelPoolCache, GlobalPoolCache, _channel_pool,
+                              _channel_pool_backward, _global_pool,
+                              _global_pool_backward)
 from refattn.params import sub_params, with_prefix
 
-__all__ = [
-    "PRESETS",
-    "CBAMCache",
-    "CBAMConfig",
-    "ChannelGateCache",
-    "SpatialGateCache",
-    "backward",
-    "cbam_backward",
-    "cbam_forward",
-    "channel_gate_backward",
-    "channel_gate_forward",
-    "forward",
-    "spatial_gate_backward",
-    "spatial_gate_forward",
-]
+__all__ = ["PRESETS", "CBAMCache", "CBAMConfig", "ChannelGateCache", "SpatialGateCache",
+           "backward", "cbam_backward", "cbam_forward", "channel_gate_backward",
+           "channel_gate_forward", "forward", "spatial_gate_backward",
+           "spatial_gate_forward"]
 
 PoolType = Literal["avg", "max", "lp", "lse", "avgmax"]
 Part = Literal["cbam", "channel", "spatial"]
@@ -166,16 +144,9 @@ class CBAMConfig:
 # BasicConv(2, 1, 7, relu=False): conv without bias + BatchNorm2d(1, eps=1e-5,
 # momentum=0.01); a fresh module trains, so BN uses batch statistics.
 _JONGCHAN = CBAMConfig(
-    reduction=16,
-    pool_types=("avg", "max"),
-    mlp_bias=True,
-    spatial=True,
-    spatial_kernel=7,
-    channel_pool_order="max_mean",
-    spatial_bias=False,
-    spatial_bn="train",
-    bn_eps=1e-5,
-    bn_momentum=0.01,
+    reduction=16, pool_types=("avg", "max"), mlp_bias=True,  # channel gate
+    spatial=True, spatial_kernel=7, channel_pool_order="max_mean",  # spatial gate
+    spatial_bias=False, spatial_bn="train", bn_eps=1e-5, bn_momentum=0.01,
     spatial_relu=False,
 )
 
@@ -383,16 +354,10 @@ def spatial_gate_forward(
     bn = None
     new_state: Params = {}
     if cfg.spatial_bn is not None:
-        (s, new_mean, new_var), bn = _batch_norm(
-            s, params["spatial.bn.weight"], params["spatial.bn.bias"],
-            state["spatial.bn.running_mean"], state["spatial.bn.running_var"],
+        s, new_state, bn = _batch_norm_named(
+            s, params, state, "spatial.bn",
             cfg.spatial_bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
         )  # training, momentum, eps; y (N, 1, H, W)
-        if cfg.spatial_bn == "train":
-            new_state = {
-                "spatial.bn.running_mean": new_mean,
-                "spatial.bn.running_var": new_var,
-            }
     # 4. ReLU (optional; off in every anchor)
     pre_relu = act = None
     if cfg.spatial_relu:
@@ -431,8 +396,8 @@ def spatial_gate_backward(dout: Array, cache: SpatialGateCache) -> tuple[Array, 
         ds = _relu_backward(ds, c.act)  # (N, 1, H, W)
     # 3. batch norm
     if c.bn is not None:
-        ds, dgamma, dbeta = _batch_norm_backward(ds, c.bn)  # (N, 1, H, W), (1,), (1,)
-        dparams |= {"spatial.bn.weight": dgamma, "spatial.bn.bias": dbeta}
+        ds, dbn = _batch_norm_named_backward(ds, c.bn, "spatial.bn")  # (N, 1, H, W)
+        dparams |= dbn
     # 2. conv
     dm, dw, db = _conv2d_backward(ds, c.conv)  # (N, D, H, W), (1, D, k, k), (1,)|None
     dparams["spatial.conv.weight"] = dw

@@ -61,8 +61,7 @@ their gradients are eps-small.  Fixtures draw W_g small enough that GN does
 not saturate (``draw_scales``), so every gradient stays checkable
 (docs/blocks/cgnl.md, "Tolerances and conditioning").
 
-The checked entry points, parameter shapes and draws are in
-``refattn/blocks/specs/cgnl.py``.
+Checked entry points, shapes and draws: ``refattn/blocks/specs/cgnl.py``.
 """
 
 from __future__ import annotations
@@ -74,34 +73,16 @@ from typing import Any, Literal, NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import device, namespace, prod
-from refattn.ops.conv import (
-    PointwiseConvCache,
-    _pointwise_conv,
-    _pointwise_conv_backward,
-)
-from refattn.ops.norm import (
-    BatchNormCache,
-    GroupNormCache,
-    _batch_norm,
-    _batch_norm_backward,
-    _group_norm,
-    _group_norm_backward,
-)
+from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
+                              _pointwise_conv_backward)
+from refattn.ops.norm import (BatchNormCache, GroupNormCache, _batch_norm_named,
+                              _batch_norm_named_backward, _group_norm,
+                              _group_norm_backward)
 from refattn.ops.overrides import overridable, routed_by_cache
+from refattn.params import with_prefix
 
-__all__ = [
-    "BETAS",
-    "KERNELS",
-    "MAX_ORDER",
-    "NORMS",
-    "PRESETS",
-    "CGNLCache",
-    "CGNLConfig",
-    "backward",
-    "forward",
-    "gn_cancels_attention",
-    "taylor_alpha",
-]
+__all__ = ["BETAS", "KERNELS", "MAX_ORDER", "NORMS", "PRESETS", "CGNLCache",
+           "CGNLConfig", "backward", "forward", "gn_cancels_attention", "taylor_alpha"]
 
 Kernel = Literal["dot", "gaussian"]
 Beta = Literal["const", "per_element"]
@@ -471,17 +452,10 @@ def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: CGNLConfig
             int(cfg.gn_groups), float(cfg.eps),  # type: ignore[arg-type]
         )  # (N, C, L)
     elif cfg.norm is not None:
-        (z, new_mean, new_var), bn_cache = _batch_norm(
-            z,
-            params["bn.weight"],
-            params["bn.bias"],
-            state["bn.running_mean"],
-            state["bn.running_var"],
-            cfg.norm == "bn_train", float(cfg.bn_momentum), float(cfg.eps),
-        )  # training, momentum, eps; y (N, C, L)
-        if cfg.norm == "bn_train":
-            outputs["state.bn.running_mean"] = new_mean
-            outputs["state.bn.running_var"] = new_var
+        z, new_state, bn_cache = _batch_norm_named(
+            z, params, state, "bn", training=cfg.norm == "bn_train",
+            momentum=float(cfg.bn_momentum), eps=float(cfg.eps))  # y (N, C, L)
+        outputs |= with_prefix("state", new_state)
 
     # 6. residual
     out = z + x3 if cfg.residual else z  # (N, C, L)
@@ -512,8 +486,7 @@ def backward(douts: Arrays, cache: CGNLCache) -> tuple[ArrayDict, ArrayDict]:
         douts["out"]  (N, C, *S) -> dinputs["x"] (N, C, *S)
         dparams: one entry per trainable key of params, with its shape
     """
-    c = cache
-    cfg = c.cfg
+    c, cfg = cache, cache.cfg
     dout = douts["out"]
     xp = namespace(dout=dout)
     N, C = c.x_shape[0], c.x_shape[1]
@@ -534,7 +507,8 @@ def backward(douts: Arrays, cache: CGNLCache) -> tuple[ArrayDict, ArrayDict]:
     if c.gn is not None:
         dz, dparams["gn.weight"], dparams["gn.bias"] = _group_norm_backward(dz, c.gn)
     elif c.bn is not None:
-        dz, dparams["bn.weight"], dparams["bn.bias"] = _batch_norm_backward(dz, c.bn)
+        dz, dbn = _batch_norm_named_backward(dz, c.bn, "bn")  # (N, C, L)
+        dparams |= dbn
 
     # 4. z
     dy3, dw_z, _ = _pointwise_conv_backward(dz, c.z)  # (N, P, L), (C, P/G)

@@ -55,8 +55,7 @@ same parameters as ``x_kv.0`` (``kv0.*``, ``aux.attention.0``); only the
 input's name differs.  The official module indexes its responses from 0
 too (``p0 .. p4``), so ``kv{m}`` is the official ``p{m}``/``g{m}``/``bn{m}``.
 
-The checked entry points, parameter shapes and draws are in
-``refattn/blocks/specs/cross_layer.py``.
+Checked entry points, shapes and draws: ``refattn/blocks/specs/cross_layer.py``.
 """
 
 from __future__ import annotations
@@ -69,25 +68,16 @@ from typing import Literal, NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace
-from refattn.ops.conv import (
-    PointwiseConvCache,
-    _pointwise_conv,
-    _pointwise_conv_backward,
-)
+from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
+                              _pointwise_conv_backward)
 from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
-from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
+from refattn.ops.norm import (BatchNormCache, _batch_norm_named,
+                              _batch_norm_named_backward)
 from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
-from refattn.params import add_params
+from refattn.params import add_params, with_prefix
 
-__all__ = [
-    "LAYOUTS",
-    "PRESETS",
-    "CrossLayerCache",
-    "CrossLayerConfig",
-    "KVCache",
-    "backward",
-    "forward",
-]
+__all__ = ["LAYOUTS", "PRESETS", "CrossLayerCache", "CrossLayerConfig", "KVCache",
+           "backward", "forward"]
 
 Layout = Literal["transpose", "official_noperm"]
 BnMode = Literal["train", "eval"]
@@ -261,17 +251,11 @@ def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: CrossLayerConfig
         # 8. BN_m
         bn_cache = None
         if cfg.bn is not None:
-            (z, new_mean, new_var), bn_cache = _batch_norm(
-                z,
-                params[f"kv{m}.bn.weight"],
-                params[f"kv{m}.bn.bias"],
-                state[f"kv{m}.bn.running_mean"],
-                state[f"kv{m}.bn.running_var"],
+            z, bn_state, bn_cache = _batch_norm_named(
+                z, params, state, f"kv{m}.bn",
                 cfg.bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
             )  # training, momentum, eps; y (N, Cq, Lq)
-            if cfg.bn == "train":
-                new_state[f"state.kv{m}.bn.running_mean"] = new_mean
-                new_state[f"state.kv{m}.bn.running_var"] = new_var
+            new_state |= with_prefix("state", bn_state)
 
         zs.append(z)  # (N, Cq, Lq)
         layers.append(
@@ -323,8 +307,8 @@ def backward(douts: Arrays, cache: CrossLayerCache) -> tuple[ArrayDict, ArrayDic
 
         # 8. BN_m
         if layer.bn is not None:
-            dz, dgamma, dbeta = _batch_norm_backward(dz, layer.bn)  # (N, Cq, Lq)
-            dparams[f"kv{m}.bn.weight"], dparams[f"kv{m}.bn.bias"] = dgamma, dbeta
+            dz, dbn = _batch_norm_named_backward(dz, layer.bn, f"kv{m}.bn")  # (N,Cq,Lq)
+            dparams |= dbn
 
         # 7. W
         dy = dz  # (N, P, Lq) without W

@@ -43,8 +43,7 @@ per fusion branch ``<b>.conv1.weight (P, C, 1, 1)``, ``<b>.conv1.bias (P,)``,
 (C, P, 1, 1)``, ``<b>.conv2.bias (C,)``.  mmcv's state_dict keys are
 ``channel_add_conv.0/1/3.*`` (``anchor_names``).
 
-The checked entry points, parameter shapes and draws are in
-``refattn/blocks/specs/gc.py``.
+Checked entry points, shapes and draws: ``refattn/blocks/specs/gc.py``.
 """
 
 from __future__ import annotations
@@ -54,37 +53,18 @@ from typing import Literal, NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace
-from refattn.ops.conv import (
-    PointwiseConvCache,
-    _pointwise_conv,
-    _pointwise_conv_backward,
-)
-from refattn.ops.elementwise import (
-    AddCache,
-    GateMulCache,
-    ReluCache,
-    _add,
-    _add_backward,
-    _gate_mul,
-    _gate_mul_backward,
-    _relu,
-    _relu_backward,
-)
+from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
+                              _pointwise_conv_backward)
+from refattn.ops.elementwise import (AddCache, GateMulCache, ReluCache, _add,
+                                     _add_backward, _gate_mul, _gate_mul_backward,
+                                     _relu, _relu_backward)
 from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
 from refattn.ops.norm import GroupNormCache, _group_norm, _group_norm_backward
 from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
 
-__all__ = [
-    "FUSION_TYPES",
-    "POOLING_TYPES",
-    "PRESETS",
-    "GCCache",
-    "GCConfig",
-    "TransformCache",
-    "backward",
-    "forward",
-]
+__all__ = ["FUSION_TYPES", "POOLING_TYPES", "PRESETS", "GCCache", "GCConfig",
+           "TransformCache", "backward", "forward"]
 
 PoolingType = Literal["att", "avg"]
 

@@ -35,31 +35,15 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays
-from refattn.ops.conv import (
-    Conv2dCache,
-    PointwiseConvCache,
-    _conv2d,
-    _conv2d_backward,
-    _pointwise_conv,
-    _pointwise_conv_backward,
-    pair,
-)
+from refattn.ops.conv import (Conv2dCache, PointwiseConvCache, _conv2d,
+                              _conv2d_backward, _pointwise_conv,
+                              _pointwise_conv_backward, pair)
 from refattn.ops.elementwise import ReluCache, _relu, _relu_backward
 from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 
-__all__ = [
-    "MLPCONV_PRESETS",
-    "NIN_CIFAR_HEAD",
-    "NIN_HEAD_PRESETS",
-    "MlpconvCache",
-    "MlpconvConfig",
-    "NinHeadCache",
-    "NinHeadConfig",
-    "mlpconv_backward",
-    "mlpconv_forward",
-    "nin_head_backward",
-    "nin_head_forward",
-]
+__all__ = ["MLPCONV_PRESETS", "NIN_CIFAR_HEAD", "NIN_HEAD_PRESETS", "MlpconvCache",
+           "MlpconvConfig", "NinHeadCache", "NinHeadConfig", "mlpconv_backward",
+           "mlpconv_forward", "nin_head_backward", "nin_head_forward"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,14 +79,8 @@ class NinHeadConfig(MlpconvConfig):
 MLPCONV_PRESETS: dict[str, MlpconvConfig] = {
     # The first mlpconv of the CIFAR-10 NIN (input 3 x 32 x 32), blocks.md 9.3.
     "nin_cifar_1": MlpconvConfig(
-        channels=(192, 160, 96),
-        kernel_size=5,
-        stride=1,
-        padding=2,
-        dilation=1,
-        groups=1,
-        relu_last=True,
-        bias=True,
+        channels=(192, 160, 96), kernel_size=5, stride=1, padding=2, dilation=1,
+        groups=1, relu_last=True, bias=True,
     ),
 }
 
@@ -114,14 +92,8 @@ MLPCONV_PRESETS: dict[str, MlpconvConfig] = {
 #   refattn golden --block nin_head --set channels=[192,192,10] --set kernel_size=3
 #                  --set padding=1 --shape x=2,192,8,8
 NIN_CIFAR_HEAD = NinHeadConfig(
-    channels=(192, 192, 10),
-    kernel_size=3,
-    stride=1,
-    padding=1,
-    dilation=1,
-    groups=1,
-    relu_last=True,
-    bias=True,
+    channels=(192, 192, 10), kernel_size=3, stride=1, padding=1, dilation=1,
+    groups=1, relu_last=True, bias=True,
 )
 
 NIN_HEAD_PRESETS: dict[str, NinHeadConfig] = {}

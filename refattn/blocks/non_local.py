@@ -17,13 +17,14 @@ Paper (Eq. 1 and 6, instantiations of section 3.2), over all positions j:
 
 θ, φ are 1x1 convolutions C -> Ci, g one C -> Cv (Cv = Ci unless set) and
 W_z a 1x1 convolution Cv -> C, optionally followed by batch norm, or absent
-(SAGAN: y itself, Cv = C, scaled by a learned scalar γ before the residual).  The key/value branch (φ and g) may be
-sub-sampled by a max-pool P (kernel = stride = (2,), (2, 2) or (1, 2, 2)):
-after the projection, ``P(W x)`` (paper, AlexHex7) or before it, ``W P(x)``
-with one pool shared by φ and g (facebook).  Only keys and values are
-sub-sampled, so the output keeps the input's (query) size.  The optional
-scale is ``s = 1/sqrt(Ci)`` (``1/sqrt(C)`` in gaussian mode or with
-``scale_channels='in'``, timm's), softmax modes only; N_k is the number of key positions after sub-sampling.
+(SAGAN: y itself, Cv = C, scaled by a learned scalar γ before the residual).
+The key/value branch (φ and g) may be sub-sampled by a max-pool P (kernel =
+stride = (2,), (2, 2) or (1, 2, 2)): after the projection, ``P(W x)`` (paper,
+AlexHex7) or before it, ``W P(x)`` with one pool shared by φ and g
+(facebook).  Only keys and values are sub-sampled, so the output keeps the
+input's (query) size.  The optional scale is ``s = 1/sqrt(Ci)``
+(``1/sqrt(C)`` in gaussian mode or with ``scale_channels='in'``, timm's),
+softmax modes only; N_k is the number of key positions after sub-sampling.
 
 Computation (per sample; Θ (Ci, Lq), Φ (Ci, Lk), G (Ci, Lk) channel-first):
 
@@ -62,8 +63,7 @@ only) and its ``.bias (1,)`` with ``concat_bias``; ``gamma (1,)`` with
 ``gamma``; ``W_bn.weight``, ``W_bn.bias`` and the buffers
 ``W_bn.running_mean``, ``W_bn.running_var`` ``(C,)`` when ``bn`` is set.
 
-The checked entry points, parameter shapes and draws are in
-``refattn/blocks/specs/non_local.py``.
+Checked entry points, shapes and draws: ``refattn/blocks/specs/non_local.py``.
 """
 
 from __future__ import annotations
@@ -74,34 +74,19 @@ from typing import Literal, NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays, Shape
 from refattn.backend import namespace, prod
-from refattn.ops.conv import (
-    PointwiseConvCache,
-    _pointwise_conv,
-    _pointwise_conv_backward,
-)
-from refattn.ops.elementwise import (
-    AddCache,
-    ReluCache,
-    _add,
-    _add_backward,
-    _relu,
-    _relu_backward,
-)
+from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
+                              _pointwise_conv_backward)
+from refattn.ops.elementwise import (AddCache, ReluCache, _add, _add_backward, _relu,
+                                     _relu_backward)
 from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
-from refattn.ops.norm import BatchNormCache, _batch_norm, _batch_norm_backward
+from refattn.ops.norm import (BatchNormCache, _batch_norm_named,
+                              _batch_norm_named_backward)
 from refattn.ops.pool import MaxPoolCache, _geometry, _max_pool, _max_pool_backward
 from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
+from refattn.params import with_prefix
 
-__all__ = [
-    "MODES",
-    "POOL_KERNELS",
-    "PRESETS",
-    "SOFTMAX_MODES",
-    "NonLocalCache",
-    "NonLocalConfig",
-    "backward",
-    "forward",
-]
+__all__ = ["MODES", "POOL_KERNELS", "PRESETS", "SOFTMAX_MODES", "NonLocalCache",
+           "NonLocalConfig", "backward", "forward"]
 
 Mode = Literal["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
 PoolPosition = Literal["after_proj", "before_proj"]
@@ -158,16 +143,9 @@ class NonLocalConfig:
 # AlexHex7/Non-local_pytorch, non_local_embedded_gaussian.py (the other three
 # files are the same preset with `mode` changed); bn=None is bn_layer=False
 _ALEXHEX7 = NonLocalConfig(
-    mode="embedded_gaussian",
-    inter_channels=None,
-    sub_sample=True,
-    pool_position="after_proj",
-    use_scale=False,
-    bias=True,
-    bn="train",
-    bn_eps=1e-5,
-    bn_momentum=0.1,
-    residual=True,
+    mode="embedded_gaussian", inter_channels=None, use_scale=False, bias=True,
+    sub_sample=True, pool_position="after_proj",  # max-pool of φ x and g x
+    bn="train", bn_eps=1e-5, bn_momentum=0.1, residual=True,  # W_z: conv + BN
 )
 
 PRESETS: dict[str, NonLocalConfig] = {
@@ -351,17 +329,10 @@ def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: NonLocalConfig
     outputs: dict[str, Array] = {}
     bn_cache = None
     if cfg.bn is not None:
-        (z, new_mean, new_var), bn_cache = _batch_norm(
-            z,
-            params["W_bn.weight"],
-            params["W_bn.bias"],
-            state["W_bn.running_mean"],
-            state["W_bn.running_var"],
-            cfg.bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
-        )  # training, momentum, eps; y (N, C, Lq)
-        if cfg.bn == "train":
-            outputs["state.W_bn.running_mean"] = new_mean
-            outputs["state.W_bn.running_var"] = new_var
+        z, new_state, bn_cache = _batch_norm_named(
+            z, params, state, "W_bn", training=cfg.bn == "train",
+            momentum=float(cfg.bn_momentum), eps=float(cfg.bn_eps))  # y (N, C, Lq)
+        outputs |= with_prefix("state", new_state)
 
     # 9. the learned scalar, then the residual
     z_unscaled = None
@@ -421,8 +392,8 @@ def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]
 
     # 8. batch norm
     if c.bn is not None:
-        dz, dgamma, dbeta = _batch_norm_backward(dz, c.bn)  # (N, C, Lq), (C,), (C,)
-        dparams["W_bn.weight"], dparams["W_bn.bias"] = dgamma, dbeta
+        dz, dbn = _batch_norm_named_backward(dz, c.bn, "W_bn")  # (N, C, Lq)
+        dparams |= dbn
 
     # 7. W
     dy = dz  # (N, Cv = C, Lq) without W

@@ -430,3 +430,37 @@ def _check_nonempty(x: Array) -> None:
 def _describe(a: Array | None) -> str:
     return "None" if a is None else f"array of shape {tuple(a.shape)}"
 
+
+
+# ---------------------------------------------------------------------------
+# a block's BN step: parameters and buffers stored under one name
+
+
+def _batch_norm_named(
+    x: Array, params: dict[str, Array], state: dict[str, Array], name: str,
+    training: bool, momentum: float, eps: float,
+) -> tuple[Array, dict[str, Array], BatchNormCache]:
+    """``_batch_norm`` on the γ, β and running statistics that a block keeps
+    under ``name`` (``<name>.weight``, ``<name>.bias``, ``<name>.running_mean``,
+    ``<name>.running_var``).
+
+    Returns y, the updated running statistics keyed as in ``state`` (training
+    only: eval reads the buffers and leaves them as they are, so the dict is
+    empty) and the cache.
+    """
+    (y, mean, var), cache = _batch_norm(
+        x, params[f"{name}.weight"], params[f"{name}.bias"],
+        state[f"{name}.running_mean"], state[f"{name}.running_var"],
+        training, momentum, eps,
+    )
+    if not training:
+        return y, {}, cache
+    return y, {f"{name}.running_mean": mean, f"{name}.running_var": var}, cache
+
+
+def _batch_norm_named_backward(
+    dout: Array, cache: BatchNormCache, name: str
+) -> tuple[Array, dict[str, Array]]:
+    """``_batch_norm_backward``, with dγ and dβ keyed ``<name>.weight``/``.bias``."""
+    dx, dweight, dbias = _batch_norm_backward(dout, cache)
+    return dx, {f"{name}.weight": dweight, f"{name}.bias": dbias}
