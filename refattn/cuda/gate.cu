@@ -45,11 +45,9 @@ __global__ void refattn_gate_mul_channel_fwd(const T* __restrict__ x,
                                              const T* __restrict__ z,
                                              T* __restrict__ out, T* __restrict__ s,
                                              long long R, long long L) {
-    const long long total = R * L;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long row = i / L;
+    refattn_grid_rows(R, L, [&](long long i, long long row) {
         refattn_gate_fwd_at(x, z, out, s, i, row, i - row * L == 0);
-    }
+    });
 }
 
 // one block per row r = (n, c): dz[r] = s(1 - s) * sum_l dout * x

@@ -342,14 +342,8 @@ class BatchNormKernelCache(NamedTuple):
 
 
 def batch_norm_forward(
-    x: Array,
-    weight: Array | None,
-    bias: Array | None,
-    running_mean: Array | None,
-    running_var: Array | None,
-    training: bool,
-    momentum: float,
-    eps: float,
+    x: Array, weight: Array | None, bias: Array | None, running_mean: Array | None,
+    running_var: Array | None, training: bool, momentum: float, eps: float,
 ) -> tuple[tuple[Array, Array | None, Array | None], BatchNormKernelCache]:
     """batch_norm with the per-channel mean and biased variance (train) from
     one kernel launch (two passes over each channel, summed in double);
@@ -378,12 +372,10 @@ def batch_norm_forward(
     mean, var = K.batch_norm_stats(x)  # (C,), (C,) biased
     _check_statistics(xp, x, mean, var, "per-channel")
     inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-    if running_mean is None:
-        new_mean = new_var = None
-    else:
-        unbiased_var = var * (M / (M - 1))  # (C,)
-        new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
-        new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
+    new_mean = new_var = None
+    if running_mean is not None:  # the unbiased variance enters the average
+        new_mean = _running_average(running_mean, mean, momentum)  # (C,)
+        new_var = _running_average(running_var, var * (M / (M - 1)), momentum)  # (C,)
     xhat = x - xp.reshape(mean, col)  # (N, C, *S)
     xhat *= xp.reshape(inv_std, col)  # in place on the fresh difference
     y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
@@ -622,6 +614,11 @@ def register() -> None:
 def _check_dout(dout: Array, shape: Shape) -> None:
     check_array("dout", dout, shape=shape)
     check_finite("dout", dout)
+
+
+def _running_average(running: Array, batch: Array, momentum: float) -> Array:
+    """(1 − momentum)·running + momentum·batch, a new array (PyTorch's update)."""
+    return (1.0 - momentum) * running + momentum * batch
 
 
 def _affine(xp: Any, xhat: Array, weight: Array | None, bias: Array | None) -> Array:

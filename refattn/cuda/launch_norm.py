@@ -53,12 +53,8 @@ def small_conv_forward(
 
 
 def small_conv_backward(
-    dy: Array,
-    x: Array,
-    weight: Array,
-    *,
-    with_bias: bool = False,
-    runner: Runner | None = None,
+    dy: Array, x: Array, weight: Array,
+    *, with_bias: bool = False, runner: Runner | None = None,
 ) -> tuple[Array, Array, Array | None]:
     """VJP of small_conv_forward.
 
@@ -106,7 +102,61 @@ def _conv_args(r: Runner, x: Array, weight: Array, bias: Array | None) -> tuple:
 
 
 # ---------------------------------------------------------------------------
-# batch norm and group norm reductions
+# group norm and batch norm reductions
+
+
+def group_norm_stats(
+    x: Array, num_groups: int, *, runner: Runner | None = None
+) -> tuple[Array, Array]:
+    """Statistics per (sample, group) over the group's (C/G)·L values.
+
+    Shapes:
+        x (N, C, *S) -> mean, var (N, G)  (var biased)
+    """
+    r = runner or default_runner()
+    x = float_array(r, "x", x, ndim=(2, 5))
+    N, C = x.shape[0], x.shape[1]
+    G = check_groups(num_groups, C)
+    K = x.size // (N * G) if N else 0
+    nonempty("x", K if N else 1, "values per group")
+    mean = r.xp.empty((N, G), dtype=x.dtype)
+    var = r.xp.empty((N, G), dtype=x.dtype)
+    if N:
+        args = (x, mean, var, i64(N * G), i64(K))
+        r.launch("refattn_group_norm_stats_fwd", x.dtype, row_grid(r, N * G), args)
+    return mean, var
+
+
+def group_norm_sums(
+    dy: Array, xhat: Array, num_groups: int, weight: Array | None = None,
+    *, runner: Runner | None = None,
+) -> tuple[Array, Array]:
+    """Per-(sample, group) reductions of the group-norm dx.
+
+    Math:
+        sum_gdy[n, g]      = Σ_{c∈g, l} γ_c dy
+        sum_gdy_xhat[n, g] = Σ_{c∈g, l} γ_c dy x̂        (γ = 1 without weight)
+    Shapes:
+        dy, xhat (N, C, *S), weight (C,) or None -> (N, G), (N, G)
+    """
+    r = runner or default_runner()
+    xhat = float_array(r, "xhat", xhat, ndim=(2, 5))
+    dy = float_array(r, "dy", dy)
+    check_shape("dy", dy, tuple(xhat.shape))
+    N, C = xhat.shape[0], xhat.shape[1]
+    G = check_groups(num_groups, C)
+    if weight is None:
+        weight = r.xp.ones((C,), dtype=xhat.dtype)
+    weight = float_array(r, "weight", weight)
+    check_shape("weight", weight, (C,))
+    same_dtype(dy=dy, xhat=xhat, weight=weight)
+    L = prod(tuple(xhat.shape[2:]))
+    s1 = r.xp.zeros((N, G), dtype=dy.dtype)
+    s2 = r.xp.zeros((N, G), dtype=dy.dtype)
+    if N and L:
+        args = (dy, xhat, weight, s1, s2, i64(N), i64(C), i64(L), i64(G))
+        r.launch("refattn_group_norm_reduce_bwd", dy.dtype, row_grid(r, N * G), args)
+    return s1, s2
 
 
 def batch_norm_stats(x: Array, *, runner: Runner | None = None) -> tuple[Array, Array]:
@@ -152,64 +202,6 @@ def batch_norm_sums(
     if C and N * L:
         args = (dy, xhat, s1, s2, i64(N), i64(C), i64(L))
         r.launch("refattn_batch_norm_reduce_bwd", dy.dtype, row_grid(r, C), args)
-    return s1, s2
-
-
-def group_norm_stats(
-    x: Array, num_groups: int, *, runner: Runner | None = None
-) -> tuple[Array, Array]:
-    """Statistics per (sample, group) over the group's (C/G)·L values.
-
-    Shapes:
-        x (N, C, *S) -> mean, var (N, G)  (var biased)
-    """
-    r = runner or default_runner()
-    x = float_array(r, "x", x, ndim=(2, 5))
-    N, C = x.shape[0], x.shape[1]
-    G = check_groups(num_groups, C)
-    K = x.size // (N * G) if N else 0
-    nonempty("x", K if N else 1, "values per group")
-    mean = r.xp.empty((N, G), dtype=x.dtype)
-    var = r.xp.empty((N, G), dtype=x.dtype)
-    if N:
-        args = (x, mean, var, i64(N * G), i64(K))
-        r.launch("refattn_group_norm_stats_fwd", x.dtype, row_grid(r, N * G), args)
-    return mean, var
-
-
-def group_norm_sums(
-    dy: Array,
-    xhat: Array,
-    num_groups: int,
-    weight: Array | None = None,
-    *,
-    runner: Runner | None = None,
-) -> tuple[Array, Array]:
-    """Per-(sample, group) reductions of the group-norm dx.
-
-    Math:
-        sum_gdy[n, g]      = Σ_{c∈g, l} γ_c dy
-        sum_gdy_xhat[n, g] = Σ_{c∈g, l} γ_c dy x̂        (γ = 1 without weight)
-    Shapes:
-        dy, xhat (N, C, *S), weight (C,) or None -> (N, G), (N, G)
-    """
-    r = runner or default_runner()
-    xhat = float_array(r, "xhat", xhat, ndim=(2, 5))
-    dy = float_array(r, "dy", dy)
-    check_shape("dy", dy, tuple(xhat.shape))
-    N, C = xhat.shape[0], xhat.shape[1]
-    G = check_groups(num_groups, C)
-    if weight is None:
-        weight = r.xp.ones((C,), dtype=xhat.dtype)
-    weight = float_array(r, "weight", weight)
-    check_shape("weight", weight, (C,))
-    same_dtype(dy=dy, xhat=xhat, weight=weight)
-    L = prod(tuple(xhat.shape[2:]))
-    s1 = r.xp.zeros((N, G), dtype=dy.dtype)
-    s2 = r.xp.zeros((N, G), dtype=dy.dtype)
-    if N and L:
-        args = (dy, xhat, weight, s1, s2, i64(N), i64(C), i64(L), i64(G))
-        r.launch("refattn_group_norm_reduce_bwd", dy.dtype, row_grid(r, N * G), args)
     return s1, s2
 
 

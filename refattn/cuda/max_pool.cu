@@ -55,9 +55,7 @@ __global__ void refattn_max_pool_bwd(const T* __restrict__ dy,
                                      const long long* __restrict__ arg,
                                      T* __restrict__ dx, long long P,
                                      long long plane_in, long long plane_out) {
-    const long long total = P * plane_out;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long p = i / plane_out;
+    refattn_grid_rows(P, plane_out, [&](long long i, long long p) {
         atomicAdd(dx + p * plane_in + arg[i], dy[i]);
-    }
+    });
 }

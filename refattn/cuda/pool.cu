@@ -77,13 +77,9 @@ __global__ void refattn_global_avg_pool_fwd(const T* __restrict__ x,
 }
 
 template <typename T>
-__global__ void refattn_global_avg_pool_bwd(const T* __restrict__ dout,
-                                            T* __restrict__ dx, long long R,
-                                            long long L) {
-    const long long total = R * L;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        dx[i] = dout[i / L] / (T)L;
-    }
+__global__ void refattn_global_avg_pool_bwd(
+    const T* __restrict__ dout, T* __restrict__ dx, long long R, long long L) {
+    refattn_grid_rows(R, L, [&](long long i, long long r) { dx[i] = dout[r] / (T)L; });
 }
 
 // ---------------------------------------------------------------------------
@@ -116,15 +112,12 @@ __global__ void refattn_global_max_pool_fwd(const T* __restrict__ x,
 }
 
 template <typename T>
-__global__ void refattn_global_max_pool_bwd(const T* __restrict__ dout,
-                                            const long long* __restrict__ arg,
-                                            T* __restrict__ dx, long long R,
-                                            long long L) {
-    const long long total = R * L;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long r = i / L;
+__global__ void refattn_global_max_pool_bwd(
+    const T* __restrict__ dout, const long long* __restrict__ arg, T* __restrict__ dx,
+    long long R, long long L) {
+    refattn_grid_rows(R, L, [&](long long i, long long r) {
         dx[i] = (i - r * L == arg[r]) ? dout[r] : T(0);
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -146,17 +139,13 @@ __global__ void refattn_global_lp_pool_fwd(const T* __restrict__ x, T* __restric
 }
 
 template <typename T>
-__global__ void refattn_global_lp_pool_bwd(const T* __restrict__ dout,
-                                           const T* __restrict__ x,
-                                           const T* __restrict__ out,
-                                           T* __restrict__ dx, long long R,
-                                           long long L) {
-    const long long total = R * L;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long r = i / L;
+__global__ void refattn_global_lp_pool_bwd(
+    const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ out,
+    T* __restrict__ dx, long long R, long long L) {
+    refattn_grid_rows(R, L, [&](long long i, long long r) {
         const T norm = out[r];
         dx[i] = norm == T(0) ? T(0) : dout[r] * (x[i] / norm);
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -177,14 +166,10 @@ __global__ void refattn_global_lse_pool_fwd(const T* __restrict__ x,
 }
 
 template <typename T>
-__global__ void refattn_global_lse_pool_bwd(const T* __restrict__ dout,
-                                            const T* __restrict__ x,
-                                            const T* __restrict__ out,
-                                            T* __restrict__ dx, long long R,
-                                            long long L) {
-    const long long total = R * L;
-    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) {
-        const long long r = i / L;
+__global__ void refattn_global_lse_pool_bwd(
+    const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ out,
+    T* __restrict__ dx, long long R, long long L) {
+    refattn_grid_rows(R, L, [&](long long i, long long r) {
         dx[i] = dout[r] * refattn_exp(x[i] - out[r]);
-    }
+    });
 }

@@ -86,6 +86,14 @@ __device__ __forceinline__ void refattn_grid_ncl(long long N, long long C, long 
         f(i, refattn_unravel(i, C, L));
 }
 
+// f(i, r) for every element of R rows of L values: its flat index
+// i = r * L + l and its row r, the elements spread over the whole grid
+template <typename F>
+__device__ __forceinline__ void refattn_grid_rows(long long R, long long L, F f) {
+    const long long total = R * L;
+    for (long long i = refattn_gid(); i < total; i += refattn_gstride()) f(i, i / L);
+}
+
 // NaN-propagating max of two values
 template <typename T>
 __device__ __forceinline__ T refattn_max2(T a, T b) {
