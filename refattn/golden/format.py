@@ -37,7 +37,6 @@ from refattn.golden.containers import _load_file, _safetensors_bytes, _write_npz
 from refattn.golden.errors import CaseExistsError, FixtureError, _raise_problems
 from refattn.golden.files import DirectorySnapshot, display_path, shown
 from refattn.golden.manifest import (
-    _ID_RE,
     DTYPES,
     FILE_NAMES,
     FORMATS,
@@ -45,10 +44,9 @@ from refattn.golden.manifest import (
     METADATA_KEY,
     ROLES,
     SCHEMA,
-    _assemble_manifest,
     _manifest_digest_problems,
     _ordered_keys,
-    _prepare_tensors,
+    _plan_case,
     _pretty_json,
     canonical_json,
     case_digest,
@@ -97,6 +95,12 @@ __all__ = [
     "verify_case",
     "write_case",
 ]
+
+# What write_case takes per tensor key (see its docstring).
+Tensors = Mapping[str, np.ndarray]
+Tolerances = Mapping[str, tuple[float, float]]  # (rtol, absolute atol)
+Accumulation = Mapping[str, int]  # accumulation length, for the tolerance rule
+Checks = Mapping[str, tuple[str, str]]  # (kind, reason) of a partial check
 
 
 # ---------------------------------------------------------------------------
@@ -370,36 +374,24 @@ def summarize_case(case: GoldenCase) -> list[dict[str, Any]]:
 
 
 def planned_manifest(
-    block: str,
-    case_id: str,
-    tensors: Mapping[str, np.ndarray],
-    manifest: Mapping[str, Any],
-    *,
-    tolerances: Mapping[str, tuple[float, float]] | None = None,
-    accumulation: Mapping[str, int] | None = None,
-    checks: Mapping[str, tuple[str, str]] | None = None,
-    formats: Iterable[str] = FORMATS,
+    block: str, case_id: str, tensors: Tensors, manifest: Mapping[str, Any], *,
+    tolerances: Tolerances | None = None, accumulation: Accumulation | None = None,
+    checks: Checks | None = None, formats: Iterable[str] = FORMATS,
 ) -> dict[str, Any]:
     """The manifest ``write_case`` would write for these arguments (its
     ``digest`` included), without writing anything: a caller compares it
     with an existing case's to keep an identical case instead of rewriting
-    it."""
-    fmts = [f for f in FORMATS if f in tuple(formats)]
-    return _assemble_manifest(block, case_id, _prepare_tensors(tensors), manifest, fmts,
-                              tolerances, accumulation, checks)
+    it.  Raises as ``write_case`` does for invalid arguments."""
+    _, planned = _plan_case(block, case_id, tensors, manifest, formats,
+                            tolerances, accumulation, checks)
+    return planned
 
 
 def write_case(
     root: str | os.PathLike[str],
-    block: str,
-    case_id: str,
-    tensors: Mapping[str, np.ndarray],
-    manifest: Mapping[str, Any],
-    *,
-    tolerances: Mapping[str, tuple[float, float]] | None = None,
-    accumulation: Mapping[str, int] | None = None,
-    checks: Mapping[str, tuple[str, str]] | None = None,
-    formats: Iterable[str] = FORMATS,
+    block: str, case_id: str, tensors: Tensors, manifest: Mapping[str, Any], *,
+    tolerances: Tolerances | None = None, accumulation: Accumulation | None = None,
+    checks: Checks | None = None, formats: Iterable[str] = FORMATS,
     force: bool = False,
 ) -> Path:
     """Write one case to ``<root>/<block>/<case_id>/`` atomically.
@@ -432,23 +424,9 @@ def write_case(
         FixtureError: invalid keys, names, tensors, tolerances or manifest.
         TypeError: a tensor is not a NumPy array.
     """
-    for what, value in (("block", block), ("case_id", case_id)):
-        if not isinstance(value, str) or not _ID_RE.match(value):
-            raise FixtureError(
-                f"{what}: expected a name of [A-Za-z0-9._-] starting "
-                f"with a letter or digit, got {value!r}"
-            )
-    formats = tuple(formats)
-    fmts = [f for f in FORMATS if f in formats]
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown or not fmts:
-        raise FixtureError(
-            f"formats: expected a non-empty subset of {FORMATS}, got {tuple(formats)!r}"
-        )
-    arrays = _prepare_tensors(tensors)
-    m = _assemble_manifest(
-        block, case_id, arrays, manifest, fmts, tolerances, accumulation, checks
-    )
+    arrays, m = _plan_case(block, case_id, tensors, manifest, formats,
+                           tolerances, accumulation, checks)
+    fmts = m["formats"]
     root = Path(root)
     block_dir = root / block
     final = block_dir / case_id

@@ -5,9 +5,10 @@ Holds the schema constants, tensor keys and roles (``split_key``, ``ROLES``),
 canonical JSON and the tensor and case digests (the hashed bytes are the
 format's specification: docs/format.md), manifest validation
 (``validate_manifest``), strict JSON parsing and ``load_manifest``, and the
-assembly of a new manifest from a case's tensors (tolerances, checks,
-provenance, field order) for ``write_case``.  Knows nothing of the tensor
-files (``containers``) or of publishing a case (``publish``).
+checks and assembly of a new case's manifest (names, formats, tensors,
+tolerances, checks, provenance, field order) for ``write_case`` and
+``planned_manifest``.  Knows nothing of the tensor files (``containers``) or
+of publishing a case (``publish``).
 """
 
 from __future__ import annotations
@@ -609,15 +610,35 @@ def _tensor_entries(
     return entries
 
 
+def _plan_case(
+    block: Any, case_id: Any, tensors: Any, manifest: Any, formats: Iterable[str],
+    tolerances: Any, accumulation: Any, checks: Any,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Check a new case's names, formats and tensors and assemble its manifest:
+    (the canonical arrays, the manifest with its digest), as ``write_case``
+    writes them."""
+    for what, value in (("block", block), ("case_id", case_id)):
+        if not isinstance(value, str) or not _ID_RE.match(value):
+            raise FixtureError(
+                f"{what}: expected a name of [A-Za-z0-9._-] starting "
+                f"with a letter or digit, got {value!r}"
+            )
+    formats = tuple(formats)
+    fmts = [f for f in FORMATS if f in formats]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not fmts:
+        raise FixtureError(
+            f"formats: expected a non-empty subset of {FORMATS}, got {tuple(formats)!r}"
+        )
+    arrays = _prepare_tensors(tensors)
+    return arrays, _assemble_manifest(
+        block, case_id, arrays, manifest, fmts, tolerances, accumulation, checks
+    )
+
+
 def _assemble_manifest(
-    block: str,
-    case_id: str,
-    arrays: Mapping[str, np.ndarray],
-    manifest: Mapping[str, Any],
-    formats: list[str],
-    tolerances: Any,
-    accumulation: Any,
-    checks: Any = None,
+    block: str, case_id: str, arrays: Mapping[str, np.ndarray], manifest: Any,
+    formats: list[str], tolerances: Any, accumulation: Any, checks: Any,
 ) -> dict[str, Any]:
     if not isinstance(manifest, Mapping):
         raise TypeError(f"manifest: expected a dict, got {type(manifest).__name__}")

@@ -7,6 +7,7 @@ gradient has exactly its input's shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from refattn._typing import Array, Shape
@@ -285,6 +286,7 @@ def add_forward(a: Array, b: Array) -> tuple[Array, AddCache]:
     Shapes:
         a, b  broadcast-compatible
         out   broadcast(a.shape, b.shape)
+    The cache keeps only the two shapes: the backward needs no values.
     """
     _check_operands(a, b)
     return _add(a, b)
@@ -349,22 +351,20 @@ def _check_operands(a: Array, b: Array) -> None:
     _broadcast("a", a.shape, "b", b.shape)
 
 
-def broadcast_shapes(shape_a: Shape, shape_b: Shape) -> Shape | None:
-    """The broadcast of two shapes (NumPy's rules), or None where they clash."""
+def broadcast_shapes(shape_a: Shape, shape_b: Shape, clash: Callable[[], str]) -> Shape:
+    """The broadcast of two shapes (NumPy's rules); where they clash, a
+    ValueError whose message is ``clash()`` (built only then)."""
     n = max(len(shape_a), len(shape_b))
     pa = (1,) * (n - len(shape_a)) + tuple(shape_a)
     pb = (1,) * (n - len(shape_b)) + tuple(shape_b)
     if any(da != db and da != 1 and db != 1 for da, db in zip(pa, pb)):
-        return None
+        raise ValueError(clash())
     return tuple(db if da == 1 else da for da, db in zip(pa, pb))
 
 
 def _broadcast(name_a: str, shape_a: Shape, name_b: str, shape_b: Shape) -> Shape:
     """The broadcast of two shapes, or a ValueError naming both arguments."""
-    out = broadcast_shapes(shape_a, shape_b)
-    if out is None:
-        raise ValueError(
-            f"{name_a}, {name_b}: expected broadcast-compatible shapes, "
-            f"got {tuple(shape_a)} and {tuple(shape_b)}"
-        )
-    return out
+    return broadcast_shapes(shape_a, shape_b, lambda: (
+        f"{name_a}, {name_b}: expected broadcast-compatible shapes, "
+        f"got {tuple(shape_a)} and {tuple(shape_b)}"
+    ))

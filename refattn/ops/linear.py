@@ -160,7 +160,7 @@ def matmul_forward(a: Array, b: Array) -> tuple[Array, MatmulCache]:
             f"b: expected b.shape[-2] = a.shape[-1] = {a.shape[-1]}, got shapes "
             f"a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
-    _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
+    _batch_shape(a, b)
     check_same_dtype(a=a, b=b)
     check_finite("a", a)
     check_finite("b", b)
@@ -190,7 +190,7 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     """
     namespace(dout=dout)  # an array of a supported library
     a, b = cache
-    batch = _broadcast_batch(tuple(a.shape[:-2]), tuple(b.shape[:-2]), a, b)
+    batch = _batch_shape(a, b)
     want = batch + (a.shape[-2], b.shape[-1])
     _check_dout(dout, want, a=a)
     return _matmul_backward(dout, cache)
@@ -223,13 +223,11 @@ def _check_dout(dout: Array, want: Shape, **forward: Array) -> None:
     check_same_dtype(dout=dout, **forward)
 
 
-def _broadcast_batch(sa: Shape, sb: Shape, a: Array, b: Array) -> Shape:
-    """Broadcast two batch shapes, or raise naming both operands."""
-    out = broadcast_shapes(sa, sb)
-    if out is None:
-        raise ValueError(
-            f"b: expected batch axes broadcastable with a's, got shapes "
-            f"a {tuple(a.shape)} and b {tuple(b.shape)} (batch {sa} vs {sb})"
-        )
-    return out
+def _batch_shape(a: Array, b: Array) -> Shape:
+    """The broadcast of a's and b's batch axes, or a ValueError naming both."""
+    sa, sb = tuple(a.shape[:-2]), tuple(b.shape[:-2])
+    return broadcast_shapes(sa, sb, lambda: (
+        f"b: expected batch axes broadcastable with a's, got shapes "
+        f"a {tuple(a.shape)} and b {tuple(b.shape)} (batch {sa} vs {sb})"
+    ))
 

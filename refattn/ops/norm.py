@@ -155,13 +155,9 @@ def _batch_norm(
         _check_statistic(xp, x, var, "per-channel variance")
         inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
         xc *= xp.reshape(inv_std, (1, C, 1))  # x̂, in place on the fresh xc
-        if running_mean is None:
-            new_mean = new_var = None
-        else:
-            # buffers: fresh arrays; the unbiased variance enters the average
-            unbiased_var = var * (M / (M - 1))  # (C,)
-            new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
-            new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
+        new_mean, new_var = _running_averages(
+            running_mean, running_var, mean, var, M, momentum
+        )
     else:
         if not bool(xp.all(running_var >= 0)):
             raise ValueError(
@@ -179,9 +175,7 @@ def _batch_norm(
 
 
 @routed_by_cache("batch_norm")
-def batch_norm_backward(
-    dout: Array, cache: BatchNormCache
-) -> tuple[Array, Array | None, Array | None]:
+def batch_norm_backward(dout: Array, cache: BatchNormCache) -> NormGrads:
     """VJP of batch_norm with respect to x, weight and bias.
 
     Math:
@@ -191,10 +185,10 @@ def batch_norm_backward(
         train:  dx = (dx̂ − mean_{N,S} dx̂ − x̂ ⊙ mean_{N,S}(dx̂ ⊙ x̂)) / sqrt(σ² + eps)
                    = γ/sqrt(σ² + eps) ⊙ (dout − dbias/M − x̂ ⊙ dweight/M)
         eval:   dx = dx̂ / sqrt(running_var + eps)
-    The running statistics are buffers and get no gradient.
     Shapes:
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
+    The running statistics are buffers and get no gradient.
     """
     _check_dout(dout, cache.xhat)
     return _batch_norm_backward(dout, cache)
@@ -292,19 +286,16 @@ def _group_norm(
 
 
 @routed_by_cache("group_norm")
-def group_norm_backward(
-    dout: Array, cache: GroupNormCache
-) -> tuple[Array, Array | None, Array | None]:
+def group_norm_backward(dout: Array, cache: GroupNormCache) -> NormGrads:
     """VJP of group_norm with respect to x, weight and bias.
 
-    Math:
+    Math (mean_g averages over the K values of each (n, group)):
         dbias   = Σ_{N,S} dout
         dweight = Σ_{N,S} dout ⊙ x̂
         dx̂     = γ ⊙ dout                                  (γ = 1 without weight)
         dx      = (dx̂ − mean_g dx̂ − x̂ ⊙ mean_g(dx̂ ⊙ x̂)) / sqrt(σ² + eps)
-    where mean_g averages over the K values of each (n, group).  Both group
-    means come from per-(n, c) sums: mean_g dx̂ = Σ_{c∈g} γ_c Σ_S dout / K and
-    mean_g(dx̂ ⊙ x̂) = Σ_{c∈g} γ_c Σ_S (dout ⊙ x̂) / K.
+    Both group means come from per-(n, c) sums: mean_g dx̂ = Σ_{c∈g} γ_c Σ_S dout / K
+    and mean_g(dx̂ ⊙ x̂) = Σ_{c∈g} γ_c Σ_S (dout ⊙ x̂) / K.
     Shapes:
         dout, dx          (N, C, *S)
         dweight, dbias    (C,), or None where weight / bias was None
@@ -361,6 +352,21 @@ def _affine(xp: Any, xhat: Array, weight: Array | None, bias: Array | None) -> A
     if bias is not None:
         y += xp.reshape(bias, bshape)  # in place on the fresh product
     return y
+
+
+def _running_averages(
+    running_mean: Array | None, running_var: Array | None, mean: Array, var: Array,
+    M: int, momentum: float,
+) -> tuple[Array | None, Array | None]:
+    """The updated running statistics from the batch ones over M values per
+    channel, as fresh arrays (None without running statistics); the unbiased
+    variance σ²·M/(M − 1) enters the average."""
+    if running_mean is None:
+        return None, None
+    unbiased_var = var * (M / (M - 1))  # (C,)
+    new_mean = (1.0 - momentum) * running_mean + momentum * mean  # (C,)
+    new_var = (1.0 - momentum) * running_var + momentum * unbiased_var  # (C,)
+    return new_mean, new_var
 
 
 def _rowdot(xp: Any, a: Array, b: Array) -> Array:

@@ -69,7 +69,7 @@ IntOrTuple = int | tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------
-# max pooling
+# windowed pooling; the caches keep the window geometry (and max's arg-maxes)
 
 
 class MaxPoolCache(NamedTuple):
@@ -77,6 +77,15 @@ class MaxPoolCache(NamedTuple):
     x_shape: Shape  # (N, C, *S)
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
+
+
+class AvgPoolCache(NamedTuple):
+    x_shape: Shape  # (N, C, *S)
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+# max pooling
 
 
 def max_pool_forward(
@@ -145,12 +154,6 @@ def _max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
 
 # ---------------------------------------------------------------------------
 # average pooling
-
-
-class AvgPoolCache(NamedTuple):
-    x_shape: Shape  # (N, C, *S)
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
 
 
 def avg_pool_forward(
@@ -312,7 +315,8 @@ def global_pool_backward(
 def _global_pool_backward(
     dout: Array, cache: GlobalPoolCache, *, into: Array | None = None
 ) -> Array:
-    """The math of global_pool_backward, arguments already checked."""
+    """The math of global_pool_backward, arguments already checked; with
+    `into`, a max adds its N·C routed values straight into it."""
     xp = namespace(dout=dout)
     c = cache
     n, ch = c.x_shape[:2]

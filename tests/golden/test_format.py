@@ -605,6 +605,29 @@ def test_writer_rejects_bad_tensors_and_names(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_planned_manifest_is_what_write_case_writes(tmp_path: Path) -> None:
+    """The plan equals the manifest written for the same arguments, options
+    included, and invalid arguments fail the plan as they fail the writer."""
+    t, m = make_tensors(), make_manifest()
+    opts: dict[str, Any] = {
+        "tolerances": {"output.out": (1e-6, 1e-9)},
+        "accumulation": {"grad.input.x": 12},
+        "formats": ("npz",),
+    }
+    planned = fmt.planned_manifest("cgnl", "case-a", t, m, **opts)
+    written = fmt.load_manifest(write_case(tmp_path, "cgnl", "case-a", t, m, **opts))
+    assert planned == written
+    assert planned["formats"] == ["npz"]
+    assert planned["tensors"]["output.out"]["rtol"] == 1e-6
+    assert planned["digest"] != fmt.planned_manifest("cgnl", "case-a", t, m)["digest"]
+    for formats in (("hdf5",), ("npz", "hdf5"), ()):
+        with pytest.raises(FixtureError, match="formats"):
+            fmt.planned_manifest("cgnl", "case-a", t, m, formats=formats)
+    for bad_id in ("../x", ""):
+        with pytest.raises(FixtureError, match="case_id"):
+            fmt.planned_manifest("cgnl", bad_id, t, m)
+
+
 def test_single_format_cases(tmp_path: Path) -> None:
     case = write(tmp_path, formats=("npz",))
     assert sorted(p.name for p in case.iterdir()) == ["manifest.json", "tensors.npz"]
