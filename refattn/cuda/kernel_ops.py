@@ -372,13 +372,12 @@ def batch_norm_forward(
     mean, var = K.batch_norm_stats(x)  # (C,), (C,) biased
     _check_statistics(xp, x, mean, var, "per-channel")
     inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-    new_mean = new_var = None
-    if running_mean is not None:  # the unbiased variance enters the average
-        new_mean = _running_average(running_mean, mean, momentum)  # (C,)
-        new_var = _running_average(running_var, var * (M / (M - 1)), momentum)  # (C,)
+    new_mean, new_var = norm._running_averages(
+        running_mean, running_var, mean, var, M, momentum
+    )  # (C,), (C,), or None without running statistics
     xhat = x - xp.reshape(mean, col)  # (N, C, *S)
     xhat *= xp.reshape(inv_std, col)  # in place on the fresh difference
-    y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
+    y = norm._affine(xp, xhat, weight, bias)  # (N, C, *S)
     cache = BatchNormKernelCache(xhat, inv_std, weight, bias is not None, training)
     return (y, new_mean, new_var), cache
 
@@ -433,7 +432,7 @@ def group_norm_forward(
     xhat = xg - xp.reshape(mean, (N, G, 1))  # (N, G, K)
     xhat *= xp.reshape(inv_std, (N, G, 1))  # in place on the fresh difference
     xhat = xp.reshape(xhat, tuple(x.shape))  # (N, C, *S)
-    y = _affine(xp, xhat, weight, bias)  # (N, C, *S)
+    y = norm._affine(xp, xhat, weight, bias)  # (N, C, *S)
     return y, GroupNormKernelCache(xhat, inv_std, weight, bias is not None)
 
 
@@ -614,22 +613,6 @@ def register() -> None:
 def _check_dout(dout: Array, shape: Shape) -> None:
     check_array("dout", dout, shape=shape)
     check_finite("dout", dout)
-
-
-def _running_average(running: Array, batch: Array, momentum: float) -> Array:
-    """(1 − momentum)·running + momentum·batch, a new array (PyTorch's update)."""
-    return (1.0 - momentum) * running + momentum * batch
-
-
-def _affine(xp: Any, xhat: Array, weight: Array | None, bias: Array | None) -> Array:
-    """γ ⊙ x̂ + β with per-channel γ, β (either may be None)."""
-    col = (1, xhat.shape[1]) + (1,) * (xhat.ndim - 2)
-    if weight is None:
-        return xhat if bias is None else xhat + xp.reshape(bias, col)
-    y = xhat * xp.reshape(weight, col)  # (N, C, *S)
-    if bias is not None:
-        y += xp.reshape(bias, col)
-    return y
 
 
 def _check_statistics(xp: Any, x: Array, mean: Array, var: Array, what: str) -> None:

@@ -437,7 +437,6 @@ def _describe(a: Array | None) -> str:
     return "None" if a is None else f"array of shape {tuple(a.shape)}"
 
 
-
 # ---------------------------------------------------------------------------
 # a block's BN step: parameters and buffers stored under one name
 
