@@ -52,6 +52,7 @@ __all__ = [
     "host_rng",
     "is_cupy",
     "is_numpy",
+    "matmul",
     "mean_last_axis",
     "namespace",
     "pad_spatial",
@@ -460,6 +461,21 @@ def _leading_rank(a_shape: Shape, shape: Shape) -> int | None:
     while k and shape[k - 1] == 1:
         k -= 1
     return k if k < len(shape) and shape[:k] == a_shape[:k] else None
+
+
+def matmul(xp: Any, a: Array, b: Array) -> Array:
+    """``xp.matmul(a, b)``, with a contraction of length 1 as ``a * b``.
+
+    When a's last axis (b's second-last) has length 1, every element of the
+    product is one product a[..., i, 0] · b[..., 0, j] and no sum: the
+    broadcast multiply gives the same numbers in one pass, where a BLAS GEMM
+    of inner size 1 runs at about 1 GFLOP/s (an outer product (C, 1) x
+    (1, L) of the GC block's backward: 4 ms as a GEMM, 0.4 ms broadcast).
+    Batch axes broadcast the same way in both.  The result is a fresh array.
+    """
+    if a.ndim >= 2 and b.ndim >= 2 and a.shape[-1] == 1 == b.shape[-2]:
+        return a * b  # (..., n, 1) * (..., 1, m) -> (..., n, m)
+    return xp.matmul(a, b)
 
 
 def mean_last_axis(a: Array) -> Array:

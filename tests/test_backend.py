@@ -16,6 +16,7 @@ from refattn import backend
 from refattn.backend import (
     add_along_axis,
     all_finite,
+    matmul,
     mean_last_axis,
     route_along_axis,
     sum_product_to_shape,
@@ -279,6 +280,40 @@ def test_mean_last_axis_is_the_mean(xb, full, dtype) -> None:
 def test_mean_last_axis_refuses_an_empty_axis(xb) -> None:
     with pytest.raises(ValueError, match=r"a: expected a non-empty last axis, got shape \(3, 0\)"):
         mean_last_axis(xb.asarray(np.zeros((3, 0))))
+
+
+# ---------------------------------------------------------------------------
+# matmul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "a_shape, b_shape",
+    [
+        ((8, 16, 1), (8, 1, 49)),  # an outer product per sample
+        ((16, 1), (3, 1, 49)),  # a shared left factor, broadcast over the batch
+        ((2, 1, 5, 1), (3, 1, 7)),  # batch axes broadcast on both sides
+        ((1, 1), (1, 1)),
+        ((8, 16, 3), (8, 3, 49)),  # k > 1: the GEMM
+        ((4, 2), (2, 6)),
+    ],
+)
+def test_matmul_is_xp_matmul_bit_for_bit(xb, a_shape, b_shape, dtype) -> None:
+    """k = 1 takes the broadcast multiply: one product per element, so the
+    same bits as the GEMM, shape and batch broadcasting included."""
+    rng = np.random.default_rng(11)
+    a = xb.asarray(rng.standard_normal(a_shape).astype(dtype))
+    b = xb.asarray(rng.standard_normal(b_shape).astype(dtype))
+    got, want = _host(matmul(xb.xp, a, b)), _host(xb.xp.matmul(a, b))
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_matmul_leaves_a_shape_mismatch_to_the_gemm() -> None:
+    """(3, 1) x (3, 4) has no product; the broadcast multiply would silently
+    give a (3, 4) array, so only a true k = 1 pair takes it."""
+    with pytest.raises(ValueError):
+        matmul(np, np.ones((3, 1)), np.ones((3, 4)))
 
 
 # ---------------------------------------------------------------------------

@@ -232,6 +232,7 @@ def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
     dout = douts["out"]
     xp = namespace(dout=dout)
     N, C, H, W = c.x_shape
+    L = H * W
     dparams: dict[str, Array] = {}
     dcontext = None  # (N, C, 1): the sum over the branches
 
@@ -254,12 +255,13 @@ def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
         dparams |= grads
         dcontext = dcontext_mul if dcontext is None else dcontext + dcontext_mul
     else:
-        dx = dout + 0.0  # (N, C, H, W) a fresh array: the context path adds in
+        dx = dout  # (N, C, H, W): x reaches the output unchanged
 
     if cfg.pooling_type == "att":
-        # 3. context = x3 αᵀ
-        dx3_pool, dattention_t = _matmul_backward(dcontext, c.pool)
-        # dx3_pool (N, C, L), dattention_t (N, L, 1)
+        # 3. context = x3 αᵀ; dx3 is a fresh array that the other paths add into
+        dx3, dattention_t = _matmul_backward(dcontext, c.pool)
+        # dx3 (N, C, L) = dc α, dattention_t (N, L, 1)
+        dx3 += xp.reshape(dx, (N, C, L))  # the direct path x -> out
 
         # 2. softmax over the positions
         dlogits = _softmax_backward(dattention_t.mT, c.softmax)  # (N, 1, L)
@@ -269,10 +271,12 @@ def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
         # dx3_mask (N, C, L), dw_k (1, C), db_k (1,)
         dparams["conv_mask.weight"] = xp.reshape(dw_k, (1, C, 1, 1))
         dparams["conv_mask.bias"] = db_k
-        dx += xp.reshape(dx3_pool + dx3_mask, (N, C, H, W))  # (N, C, H, W)
+        dx3 += dx3_mask  # (N, C, L)
+        dx = xp.reshape(dx3, (N, C, H, W))  # (N, C, H, W)
     else:
-        # 3. context = the mean over the positions
-        dx = _global_pool_backward(xp.reshape(dcontext, (N, C)), c.pool, into=dx)
+        # 3. context = the mean over the positions, added into a fresh dx
+        into = dx if c.gate is not None else dout + 0.0  # (N, C, H, W)
+        dx = _global_pool_backward(xp.reshape(dcontext, (N, C)), c.pool, into=into)
     return {"x": dx}, dparams
 
 

@@ -344,10 +344,18 @@ def gate_kind(x: Any, z: Any) -> str | None:
 
 
 def gate_mul_forward(x: np.ndarray, z: np.ndarray) -> tuple[Any, GateMulCpuCache]:
-    """The generic formula (NumPy's product is one pass already; same bits);
-    the cache routes the backward to the fused kernel."""
+    """s = σ(z) by the generic formula (z is small), then x ⊙ s on every core:
+    the same single product per element as NumPy's, so the same bits."""
     s = sigmoid(z)  # like z
-    return x * s, GateMulCpuCache(x, s)
+    N, C = x.shape[0], x.shape[1]
+    y = np.empty_like(x)
+    if s.shape[1] == C:  # channel gate: one value per (n, c) row
+        _K.gate_channel_forward(x.reshape(N * C, -1), s.reshape(N * C),
+                                y.reshape(N * C, -1))
+    else:  # spatial gate: one value per (n, position)
+        _K.gate_spatial_forward(x.reshape(N, C, -1), s.reshape(N, -1),
+                                y.reshape(N, C, -1))
+    return y, GateMulCpuCache(x, s)
 
 
 def gate_mul_backward(dout: Any, cache: GateMulCpuCache) -> Any:

@@ -35,7 +35,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 __all__ = [
     "channel_pool_max_mean",
     "gate_channel_backward",
+    "gate_channel_forward",
     "gate_spatial_backward",
+    "gate_spatial_forward",
     "max_pool2d_backward",
     "max_pool2d_forward",
     "norm_apply",
@@ -176,7 +178,27 @@ def norm_backward_apply(dout, xhat, a, b, c, dx):  # pragma: no cover - compiled
 
 
 # ---------------------------------------------------------------------------
-# gates: backward of x ⊙ s with s broadcast over positions or channels
+# gates: x ⊙ s with s broadcast over positions or channels, and its backward
+
+
+@_jit
+def gate_channel_forward(x, s, y):  # pragma: no cover - compiled
+    """Rows (R, L), one gate value per row: y = x · s[r] (NumPy's bits)."""
+    R, L = x.shape
+    for r in numba.prange(R):
+        g = s[r]
+        for j in range(L):
+            y[r, j] = x[r, j] * g
+
+
+@_jit
+def gate_spatial_forward(x, s, y):  # pragma: no cover - compiled
+    """Planes (N, C, L), one gate value per (n, position): y = x · s[n]."""
+    N, C, L = x.shape
+    for r in numba.prange(N * C):
+        n = r // C
+        for j in range(L):
+            y[n, r - n * C, j] = x[n, r - n * C, j] * s[n, j]
 
 
 @_jit_sum

@@ -35,6 +35,7 @@ from refattn.backend import (
     check_finite,
     check_same_dtype,
     device,
+    matmul,
     namespace,
     pad_spatial,
     prod,
@@ -449,12 +450,12 @@ def _mix_forward(
     N, K, L = cols.shape
     Cout = w2.shape[0]
     if groups == 1:
-        out = xp.matmul(w2, cols)  # (N, O, L)
+        out = matmul(xp, w2, cols)  # (N, O, L)
     else:
         G = groups
         wg = xp.reshape(w2, (G, Cout // G, K // G))  # (G, O/G, K/G)
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
-        out = xp.reshape(xp.matmul(wg, cg), (N, Cout, L))  # (N, O, L)
+        out = xp.reshape(matmul(xp, wg, cg), (N, Cout, L))  # (N, O, L)
     if bias is not None:
         out += xp.reshape(bias, (Cout, 1))  # in place on the fresh product
     return out
@@ -471,15 +472,15 @@ def _mix_backward(
     N, K, L = cols.shape
     Cout = w2.shape[0]
     if groups == 1:
-        dcols = xp.matmul(w2.mT, dout3)  # (N, K, L)
-        dw2 = xp.sum(xp.matmul(dout3, cols.mT), axis=0)  # (O, K)
+        dcols = matmul(xp, w2.mT, dout3)  # (N, K, L)
+        dw2 = xp.sum(matmul(xp, dout3, cols.mT), axis=0)  # (O, K)
     else:
         G = groups
         wg = xp.reshape(w2, (G, Cout // G, K // G))  # (G, O/G, K/G)
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
         dg = xp.reshape(dout3, (N, G, Cout // G, L))  # (N, G, O/G, L)
-        dcols = xp.reshape(xp.matmul(wg.mT, dg), (N, K, L))  # (N, K, L)
-        dwg = xp.sum(xp.matmul(dg, cg.mT), axis=0)  # (G, O/G, K/G)
+        dcols = xp.reshape(matmul(xp, wg.mT, dg), (N, K, L))  # (N, K, L)
+        dwg = xp.sum(matmul(xp, dg, cg.mT), axis=0)  # (G, O/G, K/G)
         dw2 = xp.reshape(dwg, (Cout, K // G))  # (O, K/G)
     dbias = xp.sum(dout3, axis=(0, 2)) if has_bias else None  # (O,)
     return dcols, dw2, dbias

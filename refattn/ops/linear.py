@@ -16,6 +16,7 @@ from refattn.backend import (
     check_array,
     check_finite,
     check_same_dtype,
+    matmul,
     namespace,
     prod,
     sum_to_shape,
@@ -170,7 +171,7 @@ def matmul_forward(a: Array, b: Array) -> tuple[Array, MatmulCache]:
 def _matmul(a: Array, b: Array) -> tuple[Array, MatmulCache]:
     """The math of matmul_forward, arguments already checked."""
     xp = namespace(a=a)
-    out = xp.matmul(a, b)  # (*B, n, m)
+    out = matmul(xp, a, b)  # (*B, n, m)
     return out, MatmulCache(a, b)
 
 
@@ -185,8 +186,8 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     (B·n, m), instead of B products and a sum.
     Shapes:
         dout  (*B, n, m)
-        da    like a
-        db    like b
+        da    like a, a fresh array (callers may add into it)
+        db    like b, a fresh array
     """
     namespace(dout=dout)  # an array of a supported library
     a, b = cache
@@ -202,14 +203,14 @@ def _matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     a, b = cache
     batch = tuple(dout.shape[:-2])
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
-    da = sum_to_shape(xp.matmul(dout, b.mT), tuple(a.shape))  # like a
+    da = sum_to_shape(matmul(xp, dout, b.mT), tuple(a.shape))  # like a
     if b.ndim == 2 and tuple(a.shape[:-2]) == batch:
         # b was shared by the whole batch: one (k, B·n) x (B·n, m) product
         a2 = xp.reshape(a, (prod(batch) * n, k))  # (B·n, k)
         dout2 = xp.reshape(dout, (prod(batch) * n, m))  # (B·n, m)
-        db = xp.matmul(a2.mT, dout2)  # (k, m)
+        db = matmul(xp, a2.mT, dout2)  # (k, m)
     else:
-        db = sum_to_shape(xp.matmul(a.mT, dout), tuple(b.shape))  # like b
+        db = sum_to_shape(matmul(xp, a.mT, dout), tuple(b.shape))  # like b
     return da, db
 
 
