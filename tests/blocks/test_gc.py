@@ -456,9 +456,11 @@ def test_properties_linearity_keys_no_mutation(case) -> None:
     saved = copy.deepcopy((inputs, params, state))
     rng = np.random.default_rng(seed)
     d1, d2 = rng.standard_normal(shape), rng.standard_normal(shape)
+    d1_saved = d1.copy()
     outputs, cache = SPEC.forward(inputs, params, state, cfg)
     assert outputs["out"].shape == shape
     g1 = SPEC.backward({"out": d1}, cache)
+    np.testing.assert_array_equal(d1, d1_saved)  # the caller's dout is read only
     g2 = SPEC.backward({"out": d2}, cache)
     g12 = SPEC.backward({"out": 2.0 * d1 - 3.0 * d2}, cache)
     assert set(g1[0]) == {"x"} and g1[0]["x"].shape == shape
