@@ -367,6 +367,7 @@ def backward(douts: Arrays, cache: CrossLayerCache) -> tuple[ArrayDict, ArrayDic
     if db_theta is not None:
         dparams["theta.bias"] = db_theta
     # x_q feeds θ and, with the residual, the output directly
-    dxq3 = dxq3 + dout3 if cfg.residual else dxq3  # (N, Cq, Lq)
+    if cfg.residual:
+        dxq3 += dout3  # (N, Cq, Lq), in place on the fresh product
     dinputs = {"x_q": xp.reshape(dxq3, c.q_shape)} | dinputs  # (N, Cq, Hq, Wq)
     return dinputs, dparams

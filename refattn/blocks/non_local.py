@@ -306,7 +306,7 @@ def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: NonLocalConfig
         if cfg.use_scale:
             width = C if cfg.scale_channels == "in" else theta.shape[1]  # Ci | C
             scale = 1.0 / math.sqrt(width)
-            f = f * scale  # (N, Lq, Lk)
+            f *= scale  # (N, Lq, Lk), in place on the fresh product
 
     # 5. normalise over the keys (last axis)
     softmax_cache = None
@@ -424,7 +424,7 @@ def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]
             dparams["concat_project.bias"] = db_f
     else:
         if c.scale != 1.0:
-            df = df * c.scale  # (N, Lq, Lk)
+            df *= c.scale  # (N, Lq, Lk), in place on the fresh gradient
         dtheta_t, dphi = _matmul_backward(df, c.affinity)  # (N, Lq, Ci), (N, Ci, Lk)
         dtheta = dtheta_t.mT  # (N, Ci, Lq)
     del df
