@@ -891,6 +891,36 @@ def test_parity_with_anchor(torch, anchors, block, preset, mode, overrides, fact
     assert errors[worst] < PARITY_RTOL, (worst, errors)
 
 
+def _logsumexp_exact(x: np.ndarray) -> np.ndarray:
+    """log Σ exp over the last axis: s + log Σ exp(x − s), each sum exact
+    (math.fsum), so only exp and log round (a few ulp)."""
+    import math
+
+    s = x.max(axis=-1)
+    e = np.exp(x - s[..., None])
+    sums = np.array([math.fsum(r) for r in e.reshape(-1, e.shape[-1])])
+    return s + np.log(sums.reshape(s.shape))
+
+
+def test_anchor_lse_pool_is_round_off_exact_over_many_threads(torch, anchors) -> None:
+    """The parity input's lse pool is one exp over 4,032 float64 values, two
+    threads' chunks.  On the MKL in torch 2.13's wheels the first such call of
+    a process could run one chunk through a low-accuracy kernel (errors up to
+    3.3e-9, ~1e-10 in the pool, pytorch/pytorch#188792); the torch fixture
+    settles MKL's choice on one thread first (anchors.settle_vml_dispatch).
+    The pool agrees with an exactly summed logsumexp to round-off, and an
+    error a tenth the size of that one fails the check."""
+    import anchors as anchor_package
+
+    assert id(torch) in anchor_package._settled
+    x = np.random.default_rng(11).standard_normal((3, 32, 7, 6))
+    got = anchors.logsumexp_2d(torch.tensor(x)).numpy()[..., 0]  # (N, C)
+    want = _logsumexp_exact(x.reshape(3, 32, -1))
+    assert rel_err(got, want) < 1e-14
+    for bad in (got * (1 + 1e-11), got[::-1], np.zeros_like(got)):
+        assert rel_err(bad, want) > 1e-14
+
+
 def test_luuuyi_ignores_its_ratio(torch, anchors) -> None:
     """luuuyi PR #16: the width is C // 16 whatever the ratio, so reduction 8
     weights do not fit the anchor."""
