@@ -71,7 +71,7 @@ def xb(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture(scope="session")
 def torch() -> Any:
     """PyTorch, or a skip; a failure when REFATTN_REQUIRE_TORCH=1.  Its MKL VML
-    kernels are chosen on one thread first (``anchors.settle_vml_dispatch``)."""
+    kernels are chosen on one thread first (``settle_vml_dispatch``)."""
     try:
         import torch as _torch
     except ImportError:
@@ -79,7 +79,7 @@ def torch() -> Any:
             pytest.fail("REFATTN_REQUIRE_TORCH=1 but torch is not importable")
         pytest.skip("torch is not installed (pip install 'refattn[torch]')")
     _torch.set_num_threads(max(1, os.cpu_count() or 1))
-    from anchors import settle_vml_dispatch
+    from refattn.adapters.torch import settle_vml_dispatch
 
     settle_vml_dispatch(_torch)  # before any multi-threaded exp, log, sqrt, ...
     return _torch

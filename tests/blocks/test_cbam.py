@@ -907,12 +907,13 @@ def test_anchor_lse_pool_is_round_off_exact_over_many_threads(torch, anchors) ->
     threads' chunks.  On the MKL in torch 2.13's wheels the first such call of
     a process could run one chunk through a low-accuracy kernel (errors up to
     3.3e-9, ~1e-10 in the pool, pytorch/pytorch#188792); the torch fixture
-    settles MKL's choice on one thread first (anchors.settle_vml_dispatch).
+    settles MKL's choice on one thread first (settle_vml_dispatch of the torch
+    adapter, which ``refattn validate --torch`` runs too).
     The pool agrees with an exactly summed logsumexp to round-off, and an
     error a tenth the size of that one fails the check."""
-    import anchors as anchor_package
+    from refattn.adapters import torch as adapter
 
-    assert id(torch) in anchor_package._settled
+    assert id(torch) in adapter._settled
     x = np.random.default_rng(11).standard_normal((3, 32, 7, 6))
     got = anchors.logsumexp_2d(torch.tensor(x)).numpy()[..., 0]  # (N, C)
     want = _logsumexp_exact(x.reshape(3, 32, -1))
