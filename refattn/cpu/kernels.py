@@ -52,9 +52,10 @@ __all__ = [
 _jit = numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 # For kernels whose only multi-term arithmetic is a float64 sum: "reassoc"
 # lets LLVM split the sum into SIMD lanes (a 4x faster reduction at
-# (2048, 784) float32); the order of a float64 sum moves its result by far
-# less than the tier's tolerance, and no element-wise formula of these kernels
-# has two terms to regroup.
+# (2048, 784) float32; softmax's backward at (4, 784, 196) float32: 2.98 ->
+# 2.34 ms forward + backward); the order of a float64 sum moves its result by
+# far less than the tier's tolerance, and no element-wise formula of these
+# kernels has two terms to regroup.
 _jit_sum = numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
 
 
@@ -79,7 +80,7 @@ def softmax_rows(x, y):  # pragma: no cover - compiled
             y[r, j] = y[r, j] / total
 
 
-@_jit
+@_jit_sum
 def softmax_backward_rows(dout, y, dx):  # pragma: no cover - compiled
     """dx[r] = (dout[r] − Σ dout[r] ⊙ y[r]) ⊙ y[r]."""
     R, L = y.shape
