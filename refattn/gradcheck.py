@@ -14,7 +14,10 @@ backward claims to be ``vjp(c)``, and then probes ``L`` by central differences:
 
 Step: ``h = cbrt(eps)`` and ``d = max(1, |x|) * t``, so each element moves by
 about ``6e-6 * max(1, |x_i|)`` (central differences balance the O(h^2)
-truncation error against the O(eps/h) round-off there).
+truncation error against the O(eps/h) round-off there).  A probe that fails
+is repeated at ``h / 8`` and ``h / 64``; it passes there only if its error
+shrank with the step as truncation error does (64-fold per level), which a
+wrong gradient's discrepancy never does.
 
 Modes:
 
@@ -69,6 +72,8 @@ Fn = Callable[[dict[str, Array]], tuple[Mapping[str, Array], VJP]]
 
 EPS = float(np.finfo(np.float64).eps)
 STEP = EPS ** (1.0 / 3.0)  # ~6.06e-6
+REFINE = 8  # a failing probe is repeated at STEP / 8, then STEP / 64 (_settled)
+REFINE_LEVELS = 2
 KINK_RATIO = 1e-2  # one-sided slopes differing by this fraction of their size
 
 
@@ -255,6 +260,7 @@ class _Problem:
             "analytic": analytic,
             "bound": bound,
             "noise": noise,
+            "asymmetry": kink,
             # A kink crossed at distance d < h on one side bends that one-sided
             # slope only: |s+ - s-| = 2 |numeric - true slope|.  So an asymmetry
             # as large as the discrepancy explains it; a wrong gradient on a
@@ -269,6 +275,49 @@ def _verdict(p: dict[str, float], rtol: float, atol: float) -> tuple[bool, float
     tol = atol + rtol * p["bound"] + p["noise"]
     rel = err / max(abs(p["analytic"]), abs(p["numeric"]), 1e-300)
     return err <= tol, err, rel
+
+
+def _settled(prob: _Problem, d: Mapping[str, np.ndarray], rtol: float, atol: float
+             ) -> tuple[dict[str, float], bool, float, float]:
+    """A probe along d and its verdict, refined while truncation error can
+    explain a failure.
+
+    The central difference errs by about h² |L⁽³⁾| / 6, so a correct
+    gradient of a function that bends within a few steps (a normalisation
+    whose variance is near its eps, a tensor drawn at a scale far below the
+    step's floor of 1) can miss the tolerance at the default step.  A
+    failing probe is repeated at ``REFINE`` and then ``REFINE²`` times
+    smaller steps, where that error is ``REFINE²`` and ``REFINE⁴`` times
+    smaller.  A refined probe passes only if it meets the tolerance AND its
+    error fell at least ``REFINE``-fold from the step before: truncation
+    error does, while a wrong gradient's discrepancy does not depend on h,
+    so it keeps failing (down to the tolerance itself, which is what the
+    check accepts anyway).
+
+    The smaller step also tells a kink from a bend.  A smooth function's
+    one-sided slopes differ by h |L''|, which falls ``REFINE``-fold with the
+    step; a kink still inside the smaller step bends one slope by the same
+    jump at both.  So a refined probe counts as a kink only if its
+    asymmetry fell by less than sqrt(REFINE): a bend steep enough to pass
+    for a kink at the default step (and hide a wrong gradient behind it)
+    is checked instead.  A kink beyond the smaller step is not crossed
+    there, and the gradient is checked at that point too.
+    """
+    p = prob.probe(d)
+    ok, err, rel = _verdict(p, rtol, atol)
+    h = STEP
+    for _ in range(REFINE_LEVELS):
+        if ok:
+            break
+        h /= REFINE
+        q = prob.probe(d, h)
+        q["kink"] = q["kink"] and q["asymmetry"] * math.sqrt(REFINE) > p["asymmetry"]
+        ok_q, err_q, rel_q = _verdict(q, rtol, atol)
+        fell = err_q * REFINE <= err
+        p, ok, err, rel = q, ok_q and fell, err_q, rel_q
+        if p["kink"] or not fell:
+            break  # a kink, or an error that does not shrink with the step
+    return p, ok, err, rel
 
 
 # ---------------------------------------------------------------------------
@@ -298,8 +347,7 @@ def _check_elements(prob: _Problem, name: str, rtol: float, atol: float,
         idx = np.unravel_index(i, shape)
         s = float(prob.scale[name][idx])
         d[idx] = s
-        p = prob.probe({name: d})
-        ok, err, rel = _verdict(p, rtol, atol)
+        p, ok, err, rel = _settled(prob, {name: d}, rtol, atol)
         if not ok and p["kink"]:
             check.skipped_probes += 1
             check.skipped_at.append(tuple(int(j) for j in idx))
@@ -327,8 +375,7 @@ def _check_fast(prob: _Problem, rtol: float, atol: float, n_directions: int,
         shape = prob.host[name].shape
         size = prob.host[name].size
         d = prob.scale[name] * _unit(rng, shape)
-        p = prob.probe({name: d})
-        ok, err, rel = _verdict(p, rtol, atol)
+        p, ok, err, rel = _settled(prob, {name: d}, rtol, atol)
         check = _check_elements(prob, name, rtol, atol, n_coords, rng, "fast")
         check.probes += 1
         check.max_abs_err = max(check.max_abs_err, err)
@@ -354,8 +401,7 @@ def _check_fast(prob: _Problem, rtol: float, atol: float, n_directions: int,
     if all(c.status != "fail" for c in checks):
         for j in range(n_directions):
             d = {k: prob.scale[k] * _unit(rng, prob.host[k].shape) for k in prob.wrt}
-            p = prob.probe(d)
-            ok, err, _ = _verdict(p, rtol, atol)
+            p, ok, err, _ = _settled(prob, d, rtol, atol)
             if not ok and not p["kink"]:
                 joint.append(ProbeFailure(j, p["analytic"], p["numeric"], err))
     return checks, joint

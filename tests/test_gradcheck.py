@@ -185,6 +185,50 @@ def test_tie_in_a_max_is_skipped():
     assert report.tensors[0].status == "skipped"
 
 
+# -- a function that bends within a few steps --------------------------------
+
+
+K_STIFF = 1.5e3  # sin(K x): the third derivative is K^3, the step 6e-6
+
+
+def stiff_forward(x):
+    return np.sin(K_STIFF * x), x
+
+
+def stiff_backward(dy, x, factor=1.0):
+    return factor * K_STIFF * np.cos(K_STIFF * x) * dy
+
+
+def test_stiff_function_fails_at_the_default_step_alone():
+    """The premise: at h = 6e-6 the central difference of sin(K x) errs by
+    (K h)^2 / 6 ~ 1.4e-5 of the slope, above rtol = 1e-6."""
+    from refattn.gradcheck import STEP
+
+    assert (K_STIFF * STEP) ** 2 / 6 > 1e-5
+    x = np.array([0.3, -0.1, 0.7])
+    numeric = (np.sin(K_STIFF * (x + STEP)) - np.sin(K_STIFF * (x - STEP))) / (2 * STEP)
+    exact = K_STIFF * np.cos(K_STIFF * x)
+    assert np.max(np.abs(numeric - exact) / np.abs(exact)) > 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_a_correct_stiff_gradient_passes_at_the_refined_step(mode):
+    x = np.array([0.3, -0.1, 0.7])
+    report = gradcheck_op(stiff_forward, stiff_backward, {"x": x}, mode=mode)
+    assert report.ok, report.to_text()
+    assert report.tensors[0].status == "pass"
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+@pytest.mark.parametrize("factor", [1.0001, 0.999, -1.0, 0.0])
+def test_a_wrong_stiff_gradient_still_fails(mode, factor):
+    """The refined step does not forgive: 1e-4 off fails like a sign flip."""
+    x = np.array([0.3, -0.1, 0.7])
+    report = gradcheck_op(
+        stiff_forward, lambda d, c: stiff_backward(d, c, factor), {"x": x}, mode=mode)
+    assert report.failed == ["x"], report.to_text()
+
+
 # -- the generic interface ---------------------------------------------------
 
 

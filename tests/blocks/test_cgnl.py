@@ -486,6 +486,47 @@ def test_gradcheck_catches_a_planted_kernel_bug(monkeypatch) -> None:
     assert sorted(report.failed) == ["input.x", "param.p.weight"], report.to_text()
 
 
+def _cli_case(preset: str) -> tuple[Any, dict, dict, dict]:
+    """The case ``refattn gradcheck --block cgnl --preset P`` checks: the
+    fixture draw, with the t/p/g scales of ``draw_scales``."""
+    from refattn.blocks.spec import config_from_dict
+    from refattn.golden.generate import expand_requests, generate_case, split_case
+
+    req, cfg = expand_requests("cgnl", preset, {}, seed=0)[0]
+    case = generate_case(req, cfg)
+    inputs, params, state = split_case(case.tensors)
+    return config_from_dict(SPEC.config_cls, case.manifest["config"]), inputs, params, state
+
+
+def test_full_gradcheck_of_the_default_fixture_case_checks_every_probe() -> None:
+    """The yue fixture draws W_g about 1e-4 in size (``draw_scales``), so the
+    loss bends within a default step of 6e-6 along those weights: the
+    central differences there err by up to 1e-3 and converge to the
+    analytic gradient like h² (2.6e-3, 1.6e-4, 1.0e-5, ... at h, h/4,
+    h/16).  The refined steps check every probe, none is skipped."""
+    cfg, inputs, params, state = _cli_case("yue")
+    report = gradcheck_block(SPEC, cfg, inputs, params, state, mode="full")
+    assert report.ok, report.to_text()
+    assert not any(t.skipped_probes for t in report.tensors), report.to_text()
+
+
+@pytest.mark.parametrize("factor", [1.0 + 1e-4, 1.0 - 1e-3, -1.0])
+def test_full_gradcheck_of_the_default_fixture_case_rejects_a_wrong_g_gradient(
+        monkeypatch, factor) -> None:
+    """The refined steps forgive truncation error only: the same case with
+    the W_g gradient 1e-4 off fails on that tensor alone."""
+    cfg, inputs, params, state = _cli_case("yue")
+    real = SPEC.backward
+
+    def wrong(douts, cache):
+        dinputs, dparams = real(douts, cache)
+        return dinputs, dparams | {"g.weight": dparams["g.weight"] * factor}
+
+    spec = dataclasses.replace(SPEC, backward=wrong)
+    report = gradcheck_block(spec, cfg, inputs, params, state, mode="full")
+    assert report.failed == ["param.g.weight"], report.to_text()
+
+
 def test_gradcheck_strict_backend(xb) -> None:
     cfg = cfg_of(**G_SMALL, order=2, beta="per_element", norm="bn_train", bias=True,
                  groups=4)
