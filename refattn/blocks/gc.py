@@ -261,7 +261,6 @@ def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
         # 3. context = x3 αᵀ; dx3 is a fresh array that the other paths add into
         dx3, dattention_t = _matmul_backward(dcontext, c.pool)
         # dx3 (N, C, L) = dc α, dattention_t (N, L, 1)
-        dx3 += xp.reshape(dx, (N, C, L))  # the direct path x -> out
 
         # 2. softmax over the positions
         dlogits = _softmax_backward(dattention_t.mT, c.softmax)  # (N, 1, L)
@@ -272,6 +271,8 @@ def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
         dparams["conv_mask.weight"] = xp.reshape(dw_k, (1, C, 1, 1))
         dparams["conv_mask.bias"] = db_k
         dx3 += dx3_mask  # (N, C, L)
+        del dx3_mask
+        dx3 += xp.reshape(dx, (N, C, L))  # the direct path x -> out: dx + (dc α + ...)
         dx = xp.reshape(dx3, (N, C, H, W))  # (N, C, H, W)
     else:
         # 3. context = the mean over the positions, added into a fresh dx
