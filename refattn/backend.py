@@ -470,7 +470,7 @@ def matmul(xp: Any, a: Array, b: Array) -> Array:
     product is one product a[..., i, 0] · b[..., 0, j] and no sum: the
     broadcast multiply gives the same numbers in one pass, where a BLAS GEMM
     of inner size 1 runs at about 1 GFLOP/s (the GC block's outer product
-    (8, 256, 1) x (8, 1, 784) at float32: 2.3 ms as a GEMM, 0.84 broadcast).
+    (8, 256, 1) x (8, 1, 784) at float32: 2.3 ms as a GEMM, 0.84 ms broadcast).
     Batch axes broadcast the same way in both.  The result is a fresh array.
     """
     if a.ndim >= 2 and b.ndim >= 2 and a.shape[-1] == 1 == b.shape[-2]:

@@ -355,9 +355,8 @@ def spatial_gate_forward(
     new_state: Params = {}
     if cfg.spatial_bn is not None:
         s, new_state, bn = _batch_norm_named(
-            s, params, state, "spatial.bn",
-            cfg.spatial_bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
-        )  # training, momentum, eps; y (N, 1, H, W)
+            s, params, state, "spatial.bn", training=cfg.spatial_bn == "train",
+            momentum=float(cfg.bn_momentum), eps=float(cfg.bn_eps))  # y (N, 1, H, W)
     # 4. ReLU (optional; off in every anchor)
     pre_relu = act = None
     if cfg.spatial_relu:

@@ -252,9 +252,8 @@ def forward(inputs: Arrays, params: Arrays, state: Arrays, cfg: CrossLayerConfig
         bn_cache = None
         if cfg.bn is not None:
             z, bn_state, bn_cache = _batch_norm_named(
-                z, params, state, f"kv{m}.bn",
-                cfg.bn == "train", float(cfg.bn_momentum), float(cfg.bn_eps),
-            )  # training, momentum, eps; y (N, Cq, Lq)
+                z, params, state, f"kv{m}.bn", training=cfg.bn == "train",
+                momentum=float(cfg.bn_momentum), eps=float(cfg.bn_eps))  # (N, Cq, Lq)
             new_state |= with_prefix("state", bn_state)
 
         zs.append(z)  # (N, Cq, Lq)

@@ -272,7 +272,9 @@ def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
         dparams["conv_mask.bias"] = db_k
         dx3 += dx3_mask  # (N, C, L)
         del dx3_mask
-        dx3 += xp.reshape(dx, (N, C, L))  # the direct path x -> out: dx + (dc α + ...)
+        # the direct path x -> out, added last: dx + (dc α + W_kᵀ dlogits), the
+        # order of the committed fixtures' sums
+        dx3 += xp.reshape(dx, (N, C, L))  # (N, C, L)
         dx = xp.reshape(dx3, (N, C, H, W))  # (N, C, H, W)
     else:
         # 3. context = the mean over the positions, added into a fresh dx
