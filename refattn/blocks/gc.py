@@ -58,7 +58,12 @@ from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
 from refattn.ops.elementwise import (AddCache, GateMulCache, ReluCache, _add,
                                      _add_backward, _gate_mul, _gate_mul_backward,
                                      _relu, _relu_backward)
-from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.linear import (
+    MatmulCache,
+    _add_outer_products,
+    _matmul,
+    _matmul_backward,
+)
 from refattn.ops.norm import GroupNormCache, _group_norm, _group_norm_backward
 from refattn.ops.pool import GlobalPoolCache, _global_pool, _global_pool_backward
 from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
@@ -258,23 +263,25 @@ def backward(douts: Arrays, cache: GCCache) -> tuple[ArrayDict, ArrayDict]:
         dx = dout  # (N, C, H, W): x reaches the output unchanged
 
     if cfg.pooling_type == "att":
-        # 3. context = x3 αᵀ; dx3 is a fresh array that the other paths add into
-        dx3, dattention_t = _matmul_backward(dcontext, c.pool)
-        # dx3 (N, C, L) = dc α, dattention_t (N, L, 1)
+        # 3. context = x3 αᵀ: dα = x3ᵀ dc; x's share dc α joins the sum below
+        _, dattention_t = _matmul_backward(dcontext, c.pool, need_da=False)  # (N, L, 1)
 
         # 2. softmax over the positions
         dlogits = _softmax_backward(dattention_t.mT, c.softmax)  # (N, 1, L)
 
-        # 1. attention logits: the 1x1 conv W_k
-        dx3_mask, dw_k, db_k = _pointwise_conv_backward(dlogits, c.mask)
-        # dx3_mask (N, C, L), dw_k (1, C), db_k (1,)
+        # 1. attention logits: the 1x1 conv W_k; x's share W_kᵀ dlogits joins
+        #    the sum below
+        _, dw_k, db_k = _pointwise_conv_backward(dlogits, c.mask, need_dx=False)
+        # dw_k (1, C), db_k (1,)
         dparams["conv_mask.weight"] = xp.reshape(dw_k, (1, C, 1, 1))
         dparams["conv_mask.bias"] = db_k
-        dx3 += dx3_mask  # (N, C, L)
-        del dx3_mask
-        # the direct path x -> out, added last: dx + (dc α + W_kᵀ dlogits), the
-        # order of the committed fixtures' sums
-        dx3 += xp.reshape(dx, (N, C, L))  # (N, C, L)
+
+        # x's three paths, summed in one pass: dx + (dc α + W_kᵀ dlogits),
+        # the order of the committed fixtures' sums
+        attention = c.pool.b.mT  # (N, 1, L)
+        w_k_t = xp.reshape(c.mask.weight, (C, 1))  # (C, 1)
+        dx3 = _add_outer_products(xp.reshape(dx, (N, C, L)), dcontext, attention,
+                                  w_k_t, dlogits)  # (N, C, L)
         dx = xp.reshape(dx3, (N, C, H, W))  # (N, C, H, W)
     else:
         # 3. context = the mean over the positions, added into a fresh dx

@@ -38,7 +38,7 @@ import numpy as np
 from refattn.backend import check_array, check_finite
 from refattn.cuda import kernels_enabled
 from refattn.ops import overrides
-from refattn.ops.elementwise import GateMulCache, sigmoid
+from refattn.ops.elementwise import AddCache, GateMulCache, sigmoid
 from refattn.ops.norm import BatchNormCache, GroupNormCache
 from refattn.ops.overrides import Override
 from refattn.ops.pool import ChannelPoolCache, GlobalPoolCache, MaxPoolCache
@@ -380,6 +380,79 @@ def gate_mul_backward(dout: Any, cache: GateMulCpuCache) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# sums: a + b (same shape, or b per (n, c) row) and the rank-2 update
+
+
+class AddCpuCache(AddCache):
+    __slots__ = ()
+
+
+def add_kind(a: Any, b: Any) -> str | None:
+    """'same' for b of a's shape, 'channel' for b (N, C, 1, ..., 1) against
+    a (N, C, *S), else None (the generic broadcast)."""
+    if type(b) is not np.ndarray or b.dtype != a.dtype or not b.flags.c_contiguous:
+        return None
+    if b.shape == a.shape:
+        return "same"
+    if (a.ndim >= 3 and b.ndim == a.ndim and b.shape[:2] == a.shape[:2]
+            and all(d == 1 for d in b.shape[2:])):
+        return "channel"
+    return None
+
+
+def add_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, AddCpuCache]:
+    """a + b on every core: one addition per element, NumPy's bits."""
+    out = np.empty_like(a)
+    if b.shape == a.shape:
+        _K.add_same(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+    else:  # b per (n, c) row
+        R = a.shape[0] * a.shape[1]
+        _K.add_channel(a.reshape(R, -1), b.reshape(R), out.reshape(R, -1))
+    return out, AddCpuCache(tuple(a.shape), tuple(b.shape))
+
+
+def add_backward(dout: Any, cache: AddCpuCache) -> tuple[Any, Any]:
+    """da = dout; db = dout, or its sum over each (n, c) row in one pass."""
+    a_shape, b_shape = cache
+    if a_shape == b_shape or type(dout) is not np.ndarray or dout.shape != a_shape \
+            or dout.dtype not in _FLOATS or not dout.flags.c_contiguous:
+        from refattn.ops.elementwise import add_backward as generic
+
+        return generic(dout, AddCache(*cache))
+    R = a_shape[0] * a_shape[1]
+    db = np.empty(R)
+    _K.row_sum(dout.reshape(R, -1), db)
+    return dout, db.astype(dout.dtype).reshape(b_shape)
+
+
+def outer_kind(base: Any, u1: Any, v1: Any, u2: Any, v2: Any) -> bool:
+    """base (N, n, m) with u1 (N, n, 1), v1 and v2 (N, 1, m), u2 (n, 1),
+    (1, n, 1) or (N, n, 1), all ndarrays of base's dtype."""
+    if base.ndim != 3:
+        return False
+    N, n, m = base.shape
+    if any(type(t) is not np.ndarray or t.dtype != base.dtype
+           for t in (u1, v1, u2, v2)):
+        return False
+    return (u1.shape == (N, n, 1) and v1.shape == (N, 1, m) and v2.shape == (N, 1, m)
+            and u2.shape in ((n, 1), (1, n, 1), (N, n, 1)))
+
+
+def add_outer_products_forward(
+    base: np.ndarray, u1: np.ndarray, v1: np.ndarray, u2: np.ndarray, v2: np.ndarray
+) -> np.ndarray:
+    """base + (u1 v1 + u2 v2) in one pass (the NumPy passes' order and bits)."""
+    N, n, m = base.shape
+    out = np.empty_like(base)
+
+    def rows(t: np.ndarray, k: int) -> np.ndarray:  # the small operands, (·, k)
+        return np.ascontiguousarray(t.reshape(-1, k))
+
+    _K.add_outer_products(base, rows(u1, n), rows(v1, m), rows(u2, n), rows(v2, m), out)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # pools
 
 
@@ -480,6 +553,16 @@ OVERRIDES: dict[str, Override] = {
         gate_mul_forward, gate_mul_backward, GateMulCpuCache,
         "the sigmoid gate with z per channel or per position: the backward's "
         "dx and dz in one pass",
+    ),
+    "add": Override(
+        lambda a, b: add_kind(a, b) is not None and _takes(a),
+        add_forward, add_backward, AddCpuCache,
+        "a + b, b of a's shape or per (n, c) row: forward; the backward's row sums",
+    ),
+    "add_outer_products": Override(
+        lambda base, *uv: outer_kind(base, *uv) and _takes(base),
+        add_outer_products_forward, _unreachable, type(None),
+        "base + (u1 v1 + u2 v2), the GC block's x gradient, in one pass",
     ),
     "channel_pool": Override(
         lambda x, kind: kind in ("max", "mean") and _takes(x),

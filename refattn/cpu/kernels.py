@@ -33,6 +33,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 __all__ = [
+    "add_channel",
+    "add_outer_products",
+    "add_same",
     "channel_pool_max_mean",
     "gate_channel_backward",
     "gate_channel_forward",
@@ -43,6 +46,7 @@ __all__ = [
     "norm_apply",
     "norm_backward_apply",
     "row_max_arg",
+    "row_sum",
     "row_sums",
     "row_sums_centered",
     "softmax_backward_rows",
@@ -229,6 +233,56 @@ def gate_spatial_backward(dout, x, s, dx, ds):  # pragma: no cover - compiled
                 d = dout[n, c, j]
                 dx[n, c, j] = d * s[n, j]
                 ds[n, j] += d * x[n, c, j]
+
+
+# ---------------------------------------------------------------------------
+# sums: a + b, a + b broadcast per row, and the rank-2 update
+
+
+@_jit
+def add_same(a, b, out):  # pragma: no cover - compiled
+    """Flat (M,): out = a + b (NumPy's bits), split into one block per thread."""
+    M = a.shape[0]
+    B = 1 << 16
+    for k in numba.prange((M + B - 1) // B):
+        for j in range(k * B, min(M, (k + 1) * B)):
+            out[j] = a[j] + b[j]
+
+
+@_jit
+def add_channel(a, b, out):  # pragma: no cover - compiled
+    """Rows (R, L), one value per row: out = a + b[r] (NumPy's bits)."""
+    R, L = a.shape
+    for r in numba.prange(R):
+        t = b[r]
+        for j in range(L):
+            out[r, j] = a[r, j] + t
+
+
+@_jit_sum
+def row_sum(a, s):  # pragma: no cover - compiled
+    """Rows (R, L): s[r] = Σ_j a[r, j] in float64."""
+    R, L = a.shape
+    for r in numba.prange(R):
+        t = 0.0
+        for j in range(L):
+            t += a[r, j]
+        s[r] = t
+
+
+@_jit
+def add_outer_products(base, u1, v1, u2, v2, out):  # pragma: no cover - compiled
+    """Planes (N, n, m): out = base + (u1[b, i] v1[b, j] + u2[b', i] v2[b, j]),
+    b' = b when u2 has N rows, else 0; the NumPy passes' order, so their bits."""
+    N, n, m = base.shape
+    shared = u2.shape[0] == 1
+    for r in numba.prange(N * n):
+        b = r // n
+        i = r - b * n
+        a1 = u1[b, i]
+        a2 = u2[0, i] if shared else u2[b, i]
+        for j in range(m):
+            out[b, i, j] = base[b, i, j] + (a1 * v1[b, j] + a2 * v2[b, j])
 
 
 # ---------------------------------------------------------------------------

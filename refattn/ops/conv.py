@@ -421,17 +421,22 @@ def pointwise_conv_backward(
 
 
 def _pointwise_conv_backward(
-    dout: Array, cache: PointwiseConvCache
-) -> tuple[Array, Array, Array | None]:
-    """The math of pointwise_conv_backward, arguments already checked."""
+    dout: Array, cache: PointwiseConvCache, *, need_dx: bool = True
+) -> tuple[Array | None, Array, Array | None]:
+    """The math of pointwise_conv_backward, arguments already checked.
+
+    ``need_dx=False`` skips dx (returned as None) for a caller that adds
+    W2ᵀ · dout into another gradient itself.
+    """
     xp = namespace(dout=dout)
     c = cache
     N, C = c.x_shape[0], c.x_shape[1]
     Cout = c.weight.shape[0]
     dout3 = xp.reshape(dout, (N, Cout, prod(tuple(c.x_shape[2:]))))  # (N, O, L)
     w2 = xp.reshape(c.weight, (Cout, C // c.groups))  # (O, C/G)
-    dx3, dw2, dbias = _mix_backward(xp, dout3, c.x3, w2, c.groups, c.has_bias)
-    dx = xp.reshape(dx3, c.x_shape)  # (N, C, *S)
+    dx3, dw2, dbias = _mix_backward(xp, dout3, c.x3, w2, c.groups, c.has_bias,
+                                    need_dcols=need_dx)
+    dx = xp.reshape(dx3, c.x_shape) if need_dx else None  # (N, C, *S)
     dweight = xp.reshape(dw2, tuple(c.weight.shape))  # like weight
     return dx, dweight, dbias
 
@@ -462,9 +467,10 @@ def _mix_forward(
 
 
 def _mix_backward(
-    xp: Any, dout3: Array, cols: Array, w2: Array, groups: int, has_bias: bool
-) -> tuple[Array, Array, Array | None]:
-    """VJP of _mix_forward: (dcols, dW2, db).
+    xp: Any, dout3: Array, cols: Array, w2: Array, groups: int, has_bias: bool,
+    *, need_dcols: bool = True,
+) -> tuple[Array | None, Array, Array | None]:
+    """VJP of _mix_forward: (dcols, dW2, db); dcols is None when not needed.
 
     dcols[n] = W2ᵀ · dout[n] and dW2 = Σ_n dout[n] · cols[n]ᵀ: one batched
     matmul each, the second followed by the sum over n.
@@ -472,14 +478,15 @@ def _mix_backward(
     N, K, L = cols.shape
     Cout = w2.shape[0]
     if groups == 1:
-        dcols = matmul(xp, w2.mT, dout3)  # (N, K, L)
+        dcols = matmul(xp, w2.mT, dout3) if need_dcols else None  # (N, K, L)
         dw2 = xp.sum(matmul(xp, dout3, cols.mT), axis=0)  # (O, K)
     else:
         G = groups
         wg = xp.reshape(w2, (G, Cout // G, K // G))  # (G, O/G, K/G)
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
         dg = xp.reshape(dout3, (N, G, Cout // G, L))  # (N, G, O/G, L)
-        dcols = xp.reshape(matmul(xp, wg.mT, dg), (N, K, L))  # (N, K, L)
+        dcols = (xp.reshape(matmul(xp, wg.mT, dg), (N, K, L))  # (N, K, L)
+                 if need_dcols else None)
         dwg = xp.sum(matmul(xp, dg, cg.mT), axis=0)  # (G, O/G, K/G)
         dw2 = xp.reshape(dwg, (Cout, K // G))  # (O, K/G)
     dbias = xp.sum(dout3, axis=(0, 2)) if has_bias else None  # (O,)

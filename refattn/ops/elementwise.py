@@ -292,12 +292,14 @@ def add_forward(a: Array, b: Array) -> tuple[Array, AddCache]:
     return _add(a, b)
 
 
+@overridable("add")
 def _add(a: Array, b: Array) -> tuple[Array, AddCache]:
     """The math of add_forward, arguments already checked."""
     out = a + b  # broadcast(a, b)
     return out, AddCache(tuple(a.shape), tuple(b.shape))
 
 
+@routed_by_cache("add")
 def add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
     """VJP of add: dout flows to both operands, summed where they broadcast.
 
@@ -315,6 +317,7 @@ def add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
     return _add_backward(dout, cache)
 
 
+@routed_by_cache("add")
 def _add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
     """The math of add_backward, arguments already checked."""
     a_shape, b_shape = cache

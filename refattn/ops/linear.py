@@ -22,6 +22,7 @@ from refattn.backend import (
     sum_to_shape,
 )
 from refattn.ops.elementwise import broadcast_shapes
+from refattn.ops.overrides import overridable
 
 __all__ = [
     "LinearCache",
@@ -197,13 +198,19 @@ def matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     return _matmul_backward(dout, cache)
 
 
-def _matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
-    """The math of matmul_backward, arguments already checked."""
+def _matmul_backward(
+    dout: Array, cache: MatmulCache, *, need_da: bool = True
+) -> tuple[Array | None, Array]:
+    """The math of matmul_backward, arguments already checked.
+
+    ``need_da=False`` skips da (returned as None) for a caller that adds
+    dout · bᵀ into another gradient itself (``_add_outer_products``).
+    """
     xp = namespace(dout=dout)
     a, b = cache
     batch = tuple(dout.shape[:-2])
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
-    da = sum_to_shape(matmul(xp, dout, b.mT), tuple(a.shape))  # like a
+    da = sum_to_shape(matmul(xp, dout, b.mT), tuple(a.shape)) if need_da else None
     if b.ndim == 2 and tuple(a.shape[:-2]) == batch:
         # b was shared by the whole batch: one (k, B·n) x (B·n, m) product
         a2 = xp.reshape(a, (prod(batch) * n, k))  # (B·n, k)
@@ -212,6 +219,31 @@ def _matmul_backward(dout: Array, cache: MatmulCache) -> tuple[Array, Array]:
     else:
         db = sum_to_shape(matmul(xp, a.mT, dout), tuple(b.shape))  # like b
     return da, db
+
+
+@overridable("add_outer_products")
+def _add_outer_products(base: Array, u1: Array, v1: Array, u2: Array, v2: Array) -> Array:
+    """A base plus two outer products, summed in the order written.
+
+    Math:
+        out[..., i, j] = base[..., i, j] + (u1[..., i, 0] v1[..., 0, j]
+                                             + u2[..., i, 0] v2[..., 0, j])
+    Shapes:
+        base    (*B, n, m)
+        u1, u2  (*B1, n, 1), (*B2, n, 1)   batch axes broadcast to B
+        v1, v2  (*B1, 1, m), (*B2, 1, m)   u1 v1 has base's shape
+        out     like base, a fresh array
+    Each product has one term and no sum (``backend.matmul``'s broadcast
+    multiply), so this is the same bits as the three passes written out.
+    The GC block's x gradient is one: the direct path plus the attention
+    pooling's two paths, dx + (dc α + W_kᵀ dlogits).  The CPU tier does it
+    in one pass over the data instead of four.
+    """
+    xp = namespace(base=base)
+    out = matmul(xp, u1, v1)  # (*B, n, m)
+    out += matmul(xp, u2, v2)  # (*B, n, m)
+    out += base  # (*B, n, m)
+    return out
 
 
 def _check_dout(dout: Array, want: Shape, **forward: Array) -> None:

@@ -25,7 +25,14 @@ from refattn.backend import NonFiniteError
 from refattn.blocks.registry import BLOCKS, draw_case, gradcheck_block, run_block
 from refattn.cuda import use_kernels
 from refattn.ops import overrides
-from refattn.ops.elementwise import gate_mul_backward, gate_mul_forward
+from refattn.ops.elementwise import (
+    AddCache,
+    add_backward,
+    add_forward,
+    gate_mul_backward,
+    gate_mul_forward,
+)
+from refattn.ops.linear import _add_outer_products
 from refattn.ops.norm import (
     BatchNormCache,
     GroupNormCache,
@@ -307,6 +314,94 @@ def test_gate_mul_matches_numpy(dtype: str, gate: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# sums: a + b and the rank-2 update
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["same", "channel"])
+def test_add_matches_numpy(dtype: str, kind: str) -> None:
+    N, C, H, W = 4, 24, 14, 13
+    a = normal((N, C, H, W), dtype)
+    b = normal((N, C, H, W) if kind == "same" else (N, C, 1, 1), dtype, 1)
+    dout = normal(a.shape, dtype, 2)
+    out, cache = add_forward(a, b)
+    da, db = add_backward(dout, cache)
+    _caches_of_tier(cache)
+    out0, c0 = generic(add_forward, a, b)
+    da0, db0 = generic(add_backward, dout, c0)
+    np.testing.assert_array_equal(out, out0)  # one addition, the same bits
+    assert da is dout and da0 is dout  # no copy where nothing was broadcast
+    assert db.shape == b.shape and db.dtype == b.dtype
+    if kind == "same":
+        assert db is dout
+    else:
+        assert_close(db, db0, dtype)  # a float64 sum against NumPy's pairwise one
+
+
+def test_add_of_other_broadcasts_stays_on_the_numpy_path() -> None:
+    a = normal((4, 24, 14, 13), "float64")
+    for b in (normal((1, 24, 1, 1), "float64"), normal((4, 1, 14, 13), "float64"),
+              normal((4, 24, 14, 26), "float64")[..., ::2]):
+        _, cache = add_forward(a, b)
+        assert type(cache) is AddCache, b.shape
+
+
+def test_add_backward_with_a_bad_dout_raises_the_numpy_error() -> None:
+    a = normal((4, 24, 14, 13), "float64")
+    _, cache = add_forward(a, normal((4, 24, 1, 1), "float64", 1))
+    _caches_of_tier(cache)
+    with pytest.raises(ValueError, match="dout"):
+        add_backward(normal((4, 24, 14, 12), "float64"), cache)
+    # a strided dout takes the generic sum and gives the same result
+    dout = normal((4, 24, 14, 26), "float64", 2)[..., ::2]
+    assert_close(add_backward(dout, cache)[1],
+                 generic(add_backward, dout, AddCache(*cache))[1], "float64")
+
+
+def _outer_operands(dtype: str, shared: bool) -> tuple[np.ndarray, ...]:
+    N, n, m = 4, 48, 100
+    u2_shape = (n, 1) if shared else (N, n, 1)
+    return (normal((N, n, m), dtype), normal((N, n, 1), dtype, 1),
+            normal((N, 1, m), dtype, 2), normal(u2_shape, dtype, 3),
+            normal((N, 1, m), dtype, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [True, False])
+def test_add_outer_products_is_numpy_bit_for_bit(
+        dtype: str, shared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass, the NumPy passes' order: the same bits (no fused multiply-add)."""
+    base, u1, v1, u2, v2 = _outer_operands(dtype, shared)
+    taken = _tier_steps_taken(monkeypatch)
+    out = _add_outer_products(base, u1, v1, u2, v2)
+    assert taken == {"add_outer_products"}
+    out0 = generic(_add_outer_products, base, u1, v1, u2, v2)
+    np.testing.assert_array_equal(out, out0)
+    written_out = base + (u1 * v1 + u2 * v2)  # the math, term by term
+    np.testing.assert_array_equal(out, written_out)
+    assert not np.shares_memory(out, base)
+
+
+def test_add_outer_products_rejects_a_swapped_product() -> None:
+    """The bit-for-bit comparison sees one wrong term (v1 and v2 swapped)."""
+    base, u1, v1, u2, v2 = _outer_operands("float64", True)
+    out = _add_outer_products(base, u1, v2, u2, v1)
+    with pytest.raises(AssertionError):
+        np.testing.assert_array_equal(out, base + (u1 * v1 + u2 * v2))
+
+
+def test_add_outer_products_of_other_shapes_stays_on_the_numpy_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    base, u1, v1, u2, v2 = _outer_operands("float64", True)
+    taken = _tier_steps_taken(monkeypatch)
+    out = _add_outer_products(base, u1, v1, u2.astype("float32"), v2)
+    np.testing.assert_array_equal(out, base + (u1 * v1 + u2.astype("float32") * v2))
+    out = _add_outer_products(base, u1, v1, u2[:1], v2[:, :, :1])  # broadcast v2
+    np.testing.assert_array_equal(out, base + (u1 * v1 + u2[:1] * v2[:, :, :1]))
+    assert taken == set()
+
+
+# ---------------------------------------------------------------------------
 # pools (arg-max: bit for bit, ties included)
 
 
@@ -403,6 +498,8 @@ BLOCK_CASES = {  # block -> (preset, overrides, shapes) large enough for the tie
     "cbam": ("jongchan", {}, {"x": (4, 64, 14, 14)}),
     "non_local": ("alexhex7", {"inter_channels": 32}, {"x": (2, 64, 14, 14)}),
     "cgnl": ("yue", {"planes": 32}, {"x": (2, 64, 12, 12)}),
+    "gc": ("mmcv", {"fusion_types": ["channel_mul", "channel_add"]},
+           {"x": (4, 64, 14, 14)}),
     "cross_layer": ("cnl", {"planes": 32},
                     {"x_q": (2, 64, 7, 7), "x_kv": (2, 32, 14, 14)}),
 }

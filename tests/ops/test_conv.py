@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from refattn import backend
 from refattn.gradcheck import gradcheck_op
 from refattn.ops.conv import (
+    _pointwise_conv_backward,
     conv2d_backward,
     conv2d_forward,
     pointwise_conv_backward,
@@ -751,3 +752,18 @@ def test_backward_rejects_bad_dout(op) -> None:
         bwd(np.zeros((2, 6, 5, 4)), cache)
     with pytest.raises(TypeError, match=r"dout=float32, weight=float64"):
         bwd(np.zeros(out.shape, np.float32), cache)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pointwise_backward_without_dx_gives_the_same_weight_grads(groups) -> None:
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 4, 5, 3))
+    w = rng.standard_normal((6, 4 // groups, 1, 1))
+    b = rng.standard_normal(6)
+    out, cache = pointwise_conv_forward(x, w, b, groups=groups)
+    dout = rng.standard_normal(out.shape)
+    dx, dw, db = _pointwise_conv_backward(dout, cache)
+    none, dw_only, db_only = _pointwise_conv_backward(dout, cache, need_dx=False)
+    assert none is None and dx is not None
+    np.testing.assert_array_equal(dw_only, dw)
+    np.testing.assert_array_equal(db_only, db)

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from refattn import backend
 from refattn.gradcheck import gradcheck_op
 from refattn.ops.linear import (
+    _add_outer_products,
+    _matmul_backward,
     linear_backward,
     linear_forward,
     matmul_backward,
@@ -492,3 +494,46 @@ def test_backward_rejects_bad_dout(op) -> None:
         bwd(np.zeros((2, 5, 3)), cache)
     with pytest.raises(TypeError, match=r"dout=float32"):
         bwd(np.zeros(out.shape, np.float32), cache)
+
+
+# ---------------------------------------------------------------------------
+# the rank-2 update of the GC block's x gradient, and skipping da
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("u2_shape", [(6, 1), (3, 6, 1)])
+def test_add_outer_products_is_the_three_passes_bit_for_bit(xb, dtype, u2_shape) -> None:
+    """base + (u1 v1 + u2 v2) with each product one term: the bits of the
+    products and sums written out (NumPy, whichever tier, and array_api_strict)."""
+    rng = np.random.default_rng(21)
+    host = [rng.standard_normal(s).astype(dtype)
+            for s in ((3, 6, 50), (3, 6, 1), (3, 1, 50), u2_shape, (3, 1, 50))]
+    base, u1, v1, u2, v2 = (xb.asarray(h) for h in host)
+    out = backend.to_host(_add_outer_products(base, u1, v1, u2, v2))
+    hb, hu1, hv1, hu2, hv2 = host
+    np.testing.assert_array_equal(out, hb + (hu1 * hv1 + hu2 * hv2))
+    assert out.dtype == np.dtype(dtype)
+    # the check sees a regrouped sum: (base + u1 v1) + u2 v2 differs in the last bits
+    regrouped = (hb + hu1 * hv1) + hu2 * hv2
+    assert not np.array_equal(regrouped, out)
+
+
+def test_add_outer_products_leaves_its_operands_alone() -> None:
+    rng = np.random.default_rng(22)
+    ops = [rng.standard_normal(s) for s in ((2, 4, 9), (2, 4, 1), (2, 1, 9), (4, 1),
+                                            (2, 1, 9))]
+    copies = [o.copy() for o in ops]
+    out = _add_outer_products(*ops)
+    for o, c in zip(ops, copies):
+        np.testing.assert_array_equal(o, c)
+        assert not np.shares_memory(out, o)
+
+
+def test_matmul_backward_without_da_gives_the_same_db() -> None:
+    inp = matmul_inputs(23, (3, 7, 1), (3, 1, 9))
+    _, cache = matmul_forward(*inp.values())
+    dout = np.random.default_rng(24).standard_normal((3, 7, 9))
+    da, db = _matmul_backward(dout, cache)
+    none, db_only = _matmul_backward(dout, cache, need_da=False)
+    assert none is None and da is not None
+    np.testing.assert_array_equal(db_only, db)
