@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn.backend import check_array, check_finite
+from refattn.backend import check_array, check_finite, check_same_dtype
 from refattn.cuda import kernels_enabled
 from refattn.ops import overrides
+from refattn.ops.conv import is_small_conv
 from refattn.ops.elementwise import AddCache, GateMulCache, sigmoid
 from refattn.ops.norm import BatchNormCache, GroupNormCache
 from refattn.ops.overrides import Override
@@ -110,6 +111,12 @@ def _plain(a: Any) -> bool:
 
 def _takes(*arrays: Any) -> bool:
     return all(_plain(a) for a in arrays) and kernels_enabled()
+
+
+def _beside(a: Any, x: Any) -> bool:
+    """A small operand (a weight, a bias) the kernel may read beside x: a
+    C-contiguous ndarray of x's dtype, of any size."""
+    return type(a) is np.ndarray and a.dtype == x.dtype and a.flags.c_contiguous
 
 
 def _same(dout: Any, like: Any) -> bool:
@@ -425,6 +432,18 @@ def add_backward(dout: Any, cache: AddCpuCache) -> tuple[Any, Any]:
     return dout, db.astype(dout.dtype).reshape(b_shape)
 
 
+def add_broadcast_into(into: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """into += g in place, g per (n, c) row or per (n, position), on every
+    core (the same single addition per element, so NumPy's bits)."""
+    N, C = into.shape[0], into.shape[1]
+    if g.shape[1] == C:
+        _K.add_channel(into.reshape(N * C, -1), g.reshape(N * C),
+                       into.reshape(N * C, -1))
+    else:
+        _K.add_spatial(into.reshape(N, C, -1), g.reshape(N, -1), into.reshape(N, C, -1))
+    return into
+
+
 def outer_kind(base: Any, u1: Any, v1: Any, u2: Any, v2: Any) -> bool:
     """base (N, n, m) with u1 (N, n, 1), v1 and v2 (N, 1, m), u2 (n, 1),
     (1, n, 1) or (N, n, 1), all ndarrays of base's dtype."""
@@ -522,6 +541,46 @@ def max_pool_backward(dout: Any, cache: MaxPoolCpuCache) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# small k x k convolution (CBAM's spatial conv)
+
+
+class Conv2dCpuCache(NamedTuple):
+    x: np.ndarray  # (N, C, H, W) the input (the dW pass reads it)
+    weight: np.ndarray  # (O, C, k, k)
+    has_bias: bool
+
+
+def conv2d_forward(
+    x: np.ndarray, weight: np.ndarray, bias: Any, *geometry: Any
+) -> tuple[np.ndarray, Conv2dCpuCache]:
+    """conv2d in the is_small_conv case (stride 1, 'same' padding, one
+    group), directly: no im2col matrix, one output row per thread step."""
+    N, H, W = x.shape[0], x.shape[2], x.shape[3]
+    out = np.empty((N, weight.shape[0], H, W), dtype=x.dtype)
+    b = weight[:, 0, 0, 0] if bias is None else bias  # read only with a bias
+    _K.small_conv_forward(x, weight, b, bias is not None, out)
+    return out, Conv2dCpuCache(x, weight, bias is not None)
+
+
+def conv2d_backward(dout: Any, cache: Conv2dCpuCache) -> tuple[Any, Any, Any]:
+    """dx by rows (a gather, no scatter), dW and db by tap, float64 sums."""
+    x, weight, has_bias = cache
+    want = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    check_array("dout", dout)
+    if tuple(dout.shape) != want:
+        raise ValueError(
+            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
+        )
+    check_same_dtype(dout=dout, weight=weight)
+    dout = np.ascontiguousarray(dout)
+    dx = np.empty_like(x)
+    dw = np.empty(weight.shape)
+    db = np.empty(weight.shape[0])
+    _K.small_conv_backward(dout, x, weight, dx, dw, db)
+    return dx, dw.astype(x.dtype), db.astype(x.dtype) if has_bias else None
+
+
+# ---------------------------------------------------------------------------
 # the table
 
 
@@ -559,10 +618,25 @@ OVERRIDES: dict[str, Override] = {
         add_forward, add_backward, AddCpuCache,
         "a + b, b of a's shape or per (n, c) row: forward; the backward's row sums",
     ),
+    "add_broadcast_into": Override(
+        lambda into, g: gate_kind(into, g) is not None and _takes(into),
+        add_broadcast_into, _unreachable, type(None),
+        "into += g in place, g per (n, c) or per (n, position): the average "
+        "pools' backward",
+    ),
     "add_outer_products": Override(
         lambda base, *uv: outer_kind(base, *uv) and _takes(base),
         add_outer_products_forward, _unreachable, type(None),
         "base + (u1 v1 + u2 v2), the GC block's x gradient, in one pass",
+    ),
+    "conv2d": Override(
+        lambda x, weight, bias, *geometry: (
+            is_small_conv(weight.shape, *geometry) and _takes(x)
+            and _beside(weight, x) and (bias is None or _beside(bias, x))
+        ),
+        conv2d_forward, conv2d_backward, Conv2dCpuCache,
+        "C_in, C_out <= 4, odd square k >= 3, 'same' padding, stride 1 (CBAM's "
+        "spatial conv): directly, forward and backward",
     ),
     "channel_pool": Override(
         lambda x, kind: kind in ("max", "mean") and _takes(x),

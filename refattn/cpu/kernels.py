@@ -11,7 +11,8 @@ Layouts (the wrappers of ``refattn.cpu.kernel_ops`` reshape to them):
 
 - rows ``(R, L)``: R independent rows of L contiguous values;
 - planes ``(N, C, L)``: C channels of L positions per sample;
-- images ``(N, C, H, W)`` of any strides (the max-pool kernels).
+- images ``(N, C, H, W)`` of any strides (the max-pool kernels), or
+  C-contiguous (the small convolution).
 
 This module imports numba at import time; ``refattn.cpu.kernel_ops``
 imports it only when numba is installed.
@@ -36,6 +37,7 @@ __all__ = [
     "add_channel",
     "add_outer_products",
     "add_same",
+    "add_spatial",
     "channel_pool_max_mean",
     "gate_channel_backward",
     "gate_channel_forward",
@@ -49,6 +51,8 @@ __all__ = [
     "row_sum",
     "row_sums",
     "row_sums_centered",
+    "small_conv_backward",
+    "small_conv_forward",
     "softmax_backward_rows",
     "softmax_rows",
 ]
@@ -259,6 +263,16 @@ def add_channel(a, b, out):  # pragma: no cover - compiled
             out[r, j] = a[r, j] + t
 
 
+@_jit
+def add_spatial(a, b, out):  # pragma: no cover - compiled
+    """Planes (N, C, L), one value per (n, position): out = a + b[n] (NumPy's bits)."""
+    N, C, L = a.shape
+    for r in numba.prange(N * C):
+        n = r // C
+        for j in range(L):
+            out[n, r - n * C, j] = a[n, r - n * C, j] + b[n, j]
+
+
 @_jit_sum
 def row_sum(a, s):  # pragma: no cover - compiled
     """Rows (R, L): s[r] = Σ_j a[r, j] in float64."""
@@ -364,3 +378,75 @@ def max_pool2d_backward(dout, idx, kw, sh, sw, dx):  # pragma: no cover - compil
             for j in range(Wo):
                 k = idx[n, c, i, j]
                 dx[n, c, i * sh + k // kw, j * sw + k % kw] += dout[n, c, i, j]
+
+
+# ---------------------------------------------------------------------------
+# small k x k convolution, 'same' padding p = (k − 1)/2, stride 1
+
+
+@_jit_sum
+def small_conv_forward(x, w, b, has_bias, out):  # pragma: no cover - compiled
+    """Images (N, C, H, W), weight (O, C, k, k): out[n, o, i, j] = b[o] +
+    Σ_{c,u,v} w[o, c, u, v] · x[n, c, i + u − p, j + v − p] over the taps
+    inside the image (float64 sums), one output row per thread step, the
+    row's positions innermost."""
+    N, C, H, W = x.shape
+    O, k = w.shape[0], w.shape[2]
+    p = (k - 1) // 2
+    for r in numba.prange(N * O * H):
+        n = r // (O * H)
+        o = (r // H) % O
+        i = r % H
+        acc = np.zeros(W)
+        for c in range(C):
+            for u in range(max(0, p - i), min(k, H + p - i)):
+                for v in range(k):
+                    wt = np.float64(w[o, c, u, v])
+                    for j in range(max(0, p - v), min(W, W + p - v)):
+                        acc[j] += wt * x[n, c, i + u - p, j + v - p]
+        for j in range(W):
+            out[n, o, i, j] = acc[j] + b[o] if has_bias else acc[j]
+
+
+@_jit_sum
+def small_conv_backward(dout, x, w, dx, dw, db):  # pragma: no cover - compiled
+    """VJP of small_conv_forward (float64 sums):
+    dx[n, c, h, q] = Σ_{o,u,v} w[o, c, u, v] · dout[n, o, h − u + p, q − v + p],
+    dw[o, c, u, v] = Σ_{n,i,j} dout[n, o, i, j] · x[n, c, i + u − p, j + v − p],
+    db[o] = Σ dout[:, o]; dx by rows (a gather, no scatter), dw and db by tap."""
+    N, C, H, W = x.shape
+    O, k = w.shape[0], w.shape[2]
+    p = (k - 1) // 2
+    for r in numba.prange(N * C * H):
+        n = r // (C * H)
+        c = (r // H) % C
+        h = r % H
+        acc = np.zeros(W)
+        for o in range(O):
+            for u in range(max(0, h + p - H + 1), min(k, h + p + 1)):
+                for v in range(k):
+                    wt = np.float64(w[o, c, u, v])
+                    for q in range(max(0, v - p), min(W, W + v - p)):
+                        acc[q] += wt * dout[n, o, h - u + p, q - v + p]
+        for q in range(W):
+            dx[n, c, h, q] = acc[q]
+    taps = O * C * k * k
+    for tap in numba.prange(taps + O):
+        t = 0.0
+        if tap >= taps:  # the bias sums
+            o = tap - taps
+            for n in range(N):
+                for i in range(H):
+                    for j in range(W):
+                        t += dout[n, o, i, j]
+            db[o] = t
+        else:
+            o = tap // (C * k * k)
+            c = (tap // (k * k)) % C
+            u = (tap // k) % k
+            v = tap % k
+            for n in range(N):
+                for i in range(max(0, p - u), min(H, H + p - u)):
+                    for j in range(max(0, p - v), min(W, W + p - v)):
+                        t += np.float64(dout[n, o, i, j]) * x[n, c, i + u - p, j + v - p]
+            dw[o, c, u, v] = t

@@ -38,6 +38,7 @@ from refattn.backend import (
 from refattn.cuda import launch as K
 from refattn.cuda import wants_kernels
 from refattn.ops import norm, overrides
+from refattn.ops.conv import SMALL_CONV_MAX_CHANNELS, is_small_conv
 from refattn.ops.overrides import Override
 
 __all__ = [
@@ -79,9 +80,6 @@ __all__ = [
 
 gate_kind = K.gate_kind  # 'channel', 'spatial' or None (then: generic)
 
-SMALL_CONV_MAX_CHANNELS = 4
-"""Up to this many input and output channels the direct k x k kernel runs;
-wider convolutions go through im2col and cuBLAS (the generic path)."""
 
 
 # ---------------------------------------------------------------------------
@@ -273,29 +271,6 @@ def max_pool_backward(dout: Array, cache: MaxPoolKernelCache) -> Array:
 
 # ---------------------------------------------------------------------------
 # small k x k convolution
-
-
-def is_small_conv(
-    weight_shape: Shape,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-) -> bool:
-    """Whether conv2d is the direct kernel's case: few channels, odd square
-    k >= 3, 'same' zero padding (k − 1)/2, stride 1, dilation 1, one group."""
-    cout, cin, kh, kw = (int(v) for v in weight_shape)
-    return (
-        groups == 1
-        and stride == (1, 1)
-        and dilation == (1, 1)
-        and kh == kw
-        and kh % 2 == 1
-        and kh >= 3
-        and padding == ((kh - 1) // 2, (kh - 1) // 2)
-        and cin <= SMALL_CONV_MAX_CHANNELS
-        and cout <= SMALL_CONV_MAX_CHANNELS
-    )
 
 
 class Conv2dKernelCache(NamedTuple):

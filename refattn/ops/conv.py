@@ -47,12 +47,14 @@ from refattn.ops.overrides import overridable, routed_by_cache
 
 __all__ = [
     "SHIFTED_MIN_CHANNELS",
+    "SMALL_CONV_MAX_CHANNELS",
     "Conv2dCache",
     "Conv2dShiftedCache",
     "PointwiseConvCache",
     "conv2d_backward",
     "conv2d_forward",
     "conv2d_out_shape",
+    "is_small_conv",
     "pair",
     "pointwise_conv_backward",
     "pointwise_conv_forward",
@@ -64,6 +66,11 @@ SHIFTED_MIN_CHANNELS = 16
 """Input and output channels from which a stride-1 K x K conv2d takes the
 shifted-view products (each product then has a reduction of C terms; below,
 the KH*KW thin products cost more than building the im2col matrix)."""
+
+SMALL_CONV_MAX_CHANNELS = 4
+"""Up to this many input and output channels the kernel tiers (CUDA, CPU)
+run a k x k convolution directly (``is_small_conv``); wider ones take the
+generic path."""
 
 
 def pair(v: int | Pair) -> Pair:
@@ -256,6 +263,29 @@ def _shifted_applies(
         and groups == 1
         and KH * KW > 1
         and min(x.shape[1], weight.shape[0]) >= SHIFTED_MIN_CHANNELS
+    )
+
+
+def is_small_conv(
+    weight_shape: Shape,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> bool:
+    """Whether conv2d is the kernel tiers' direct case's case: few channels, odd square
+    k >= 3, 'same' zero padding (k − 1)/2, stride 1, dilation 1, one group."""
+    cout, cin, kh, kw = (int(v) for v in weight_shape)
+    return (
+        groups == 1
+        and stride == (1, 1)
+        and dilation == (1, 1)
+        and kh == kw
+        and kh % 2 == 1
+        and kh >= 3
+        and padding == ((kh - 1) // 2, (kh - 1) // 2)
+        and cin <= SMALL_CONV_MAX_CHANNELS
+        and cout <= SMALL_CONV_MAX_CHANNELS
     )
 
 

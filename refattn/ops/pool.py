@@ -324,7 +324,7 @@ def _global_pool_backward(
     length = prod(c.x_shape[2:])
     if c.kind == "avg":
         g = xp.reshape(g / length, _keep_shape(c.x_shape))  # (N, C, 1, ..., 1)
-        return add_into(into, xp.broadcast_to(g, c.x_shape))  # (N, C, *S)
+        return _broadcast_into(into, g, c.x_shape)  # (N, C, *S)
     if c.kind == "max" and into is not None:
         total = xp.reshape(into, (n, ch, length))  # (N, C, L)
         total = add_along_axis(total, c.idx[..., None], g, -1)  # (N, C, L)
@@ -339,6 +339,28 @@ def _global_pool_backward(
     else:
         dx = c.e * (g / c.sum_e[..., None])  # (N, C, L) = g · softmax
     return add_into(into, xp.reshape(dx, c.x_shape))  # (N, C, *S)
+
+
+def _broadcast_into(into: Array | None, g: Array, shape: Shape) -> Array:
+    """An average's gradient: g broadcast to `shape`, as a read-only view,
+    or added into the caller's `into` in place."""
+    xp = namespace(g=g)
+    if into is None:
+        return xp.broadcast_to(g, shape)  # (N, C, *S)
+    return _add_broadcast_into(into, g)  # (N, C, *S)
+
+
+@overridable("add_broadcast_into")
+def _add_broadcast_into(into: Array, g: Array) -> Array:
+    """into += g broadcast to into's shape, in place; returns into.
+
+    g is (N, C, 1, ..., 1) for a global average, (N, 1, *S) for a channel
+    mean: one addition per element, which the CPU tier spreads over the
+    cores with the same bits.
+    """
+    xp = namespace(into=into)
+    into += xp.broadcast_to(g, tuple(into.shape))  # (N, C, *S)
+    return into
 
 
 # ---------------------------------------------------------------------------
@@ -417,7 +439,7 @@ def _channel_pool_backward(
     kind, x_shape, idx = cache
     c = x_shape[1]
     if kind == "mean":
-        return add_into(into, xp.broadcast_to(dout / c, x_shape))  # (N, C, *S)
+        return _broadcast_into(into, dout / c, x_shape)  # (N, C, *S)
     if into is not None:
         return add_along_axis(into, idx, dout, 1)  # (N, C, *S)
     return route_along_axis(dout, idx, 1, c)  # (N, C, *S)

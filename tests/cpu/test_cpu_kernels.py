@@ -32,6 +32,7 @@ from refattn.ops.elementwise import (
     gate_mul_backward,
     gate_mul_forward,
 )
+from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
 from refattn.ops.linear import _add_outer_products
 from refattn.ops.norm import (
     BatchNormCache,
@@ -358,6 +359,28 @@ def test_add_backward_with_a_bad_dout_raises_the_numpy_error() -> None:
                  generic(add_backward, dout, AddCache(*cache))[1], "float64")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool", ["global avg", "channel mean"])
+def test_average_backward_into_is_numpy_bit_for_bit(
+        dtype: str, pool: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The average pools' gradient added into the caller's array, in place."""
+    x = normal((4, 24, 14, 13), dtype)
+    if pool == "global avg":
+        _, cache = global_pool_forward(x, kind="avg", keepdim=False)
+        backward, dout = global_pool_backward, normal((4, 24), dtype, 1)
+    else:
+        _, cache = channel_pool_forward(x, kind="mean")
+        backward, dout = channel_pool_backward, normal((4, 1, 14, 13), dtype, 1)
+    into, into0 = normal(x.shape, dtype, 2), normal(x.shape, dtype, 2)
+    taken = _tier_steps_taken(monkeypatch)
+    dx = backward(dout, cache, into=into)
+    assert taken == {"add_broadcast_into"}
+    dx0 = generic(backward, dout, cache, into=into0)
+    assert dx is into and dx0 is into0  # in place, as the generic path
+    np.testing.assert_array_equal(dx, dx0)
+    assert not np.array_equal(dx, normal(x.shape, dtype, 2))  # it did add
+
+
 def _outer_operands(dtype: str, shared: bool) -> tuple[np.ndarray, ...]:
     N, n, m = 4, 48, 100
     u2_shape = (n, 1) if shared else (N, n, 1)
@@ -399,6 +422,56 @@ def test_add_outer_products_of_other_shapes_stays_on_the_numpy_path(
     out = _add_outer_products(base, u1, v1, u2[:1], v2[:, :, :1])  # broadcast v2
     np.testing.assert_array_equal(out, base + (u1 * v1 + u2[:1] * v2[:, :, :1]))
     assert taken == set()
+
+
+# ---------------------------------------------------------------------------
+# the small k x k convolution (CBAM's spatial conv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", [(8, 2, 1, 28, 28, 7, False), (3, 3, 2, 9, 11, 3, True),
+                                      (2, 4, 4, 6, 17, 5, True), (1, 1, 1, 2, 3, 7, True)])
+def test_small_conv_matches_numpy(dtype: str, geometry: Any,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct sums against im2col + BLAS; kernels larger than the image
+    (k = 7 on 2 x 3) and every border included."""
+    monkeypatch.setattr(kernel_ops, "MIN_ELEMENTS", 0)
+    N, C, O, H, W, k, has_bias = geometry
+    x, w = normal((N, C, H, W), dtype), normal((O, C, k, k), dtype, 1)
+    b = normal((O,), dtype, 2) if has_bias else None
+    out, cache = conv2d_forward(x, w, b, padding=(k - 1) // 2)
+    assert type(cache) is kernel_ops.Conv2dCpuCache
+    out0, c0 = generic(conv2d_forward, x, w, b, padding=(k - 1) // 2)
+    assert_close(out, out0, dtype)
+    dout = normal(out.shape, dtype, 3)
+    grads = conv2d_backward(dout[..., ::-1], cache)  # a strided dout too
+    grads0 = generic(conv2d_backward, dout[..., ::-1], c0)
+    for g, g0 in zip(grads, grads0):
+        if g0 is None:
+            assert g is None
+        else:
+            assert g.dtype == g0.dtype and g.shape == g0.shape
+            assert_close(g, g0, dtype)
+
+
+def test_small_conv_of_other_geometries_stays_on_the_numpy_path() -> None:
+    x = normal((4, 4, 30, 30), "float64")
+    for w, kwargs in ((normal((5, 4, 3, 3), "float64"), {"padding": 1}),  # 5 > 4 out
+                      (normal((1, 4, 3, 3), "float64"), {"padding": 0}),  # not 'same'
+                      (normal((1, 4, 3, 3), "float64"), {"padding": 1, "stride": 2}),
+                      (normal((1, 4, 4, 4), "float64"), {"padding": 2})):  # even k
+        _, cache = conv2d_forward(x, w, **kwargs)
+        assert type(cache) is Conv2dCache, (w.shape, kwargs)
+
+
+def test_small_conv_backward_checks_dout() -> None:
+    x, w = normal((8, 2, 28, 28), "float64"), normal((1, 2, 7, 7), "float64", 1)
+    _, cache = conv2d_forward(x, w, padding=3)
+    assert type(cache) is kernel_ops.Conv2dCpuCache
+    with pytest.raises(ValueError, match=r"^dout: expected the forward's output shape"):
+        conv2d_backward(normal((8, 1, 28, 27), "float64"), cache)
+    with pytest.raises(TypeError, match="dout=float32"):
+        conv2d_backward(normal((8, 1, 28, 28), "float32"), cache)
 
 
 # ---------------------------------------------------------------------------
