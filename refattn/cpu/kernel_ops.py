@@ -39,7 +39,7 @@ from refattn.backend import check_array, check_finite, check_same_dtype
 from refattn.cuda import kernels_enabled
 from refattn.ops import overrides
 from refattn.ops.conv import is_small_conv
-from refattn.ops.elementwise import AddCache, GateMulCache, sigmoid
+from refattn.ops.elementwise import AddCache, GateMulCache, ReluCache, sigmoid
 from refattn.ops.norm import BatchNormCache, GroupNormCache
 from refattn.ops.overrides import Override
 from refattn.ops.pool import ChannelPoolCache, GlobalPoolCache, MaxPoolCache
@@ -387,6 +387,33 @@ def gate_mul_backward(dout: Any, cache: GateMulCpuCache) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# ReLU
+
+
+class ReluCpuCache(ReluCache):
+    __slots__ = ()
+
+
+def relu_forward(x: np.ndarray) -> tuple[np.ndarray, ReluCpuCache]:
+    """max(x, 0) on every core, np.maximum's bits."""
+    out = np.empty_like(x)
+    _K.relu_flat(x.reshape(-1), out.reshape(-1))
+    return out, ReluCpuCache(out)
+
+
+def relu_backward(dout: Any, cache: ReluCpuCache) -> Any:
+    """dout ⊙ 1[out > 0] on every core, the generic product's bits."""
+    (out,) = cache
+    if not _same(dout, out):
+        from refattn.ops.elementwise import relu_backward as generic
+
+        return generic(dout, ReluCache(*cache))
+    dx = np.empty_like(out)
+    _K.relu_backward_flat(dout.reshape(-1), out.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+# ---------------------------------------------------------------------------
 # sums: a + b (same shape, or b per (n, c) row) and the rank-2 update
 
 
@@ -612,6 +639,11 @@ OVERRIDES: dict[str, Override] = {
         gate_mul_forward, gate_mul_backward, GateMulCpuCache,
         "the sigmoid gate with z per channel or per position: the backward's "
         "dx and dz in one pass",
+    ),
+    "relu": Override(
+        lambda x: _takes(x),
+        relu_forward, relu_backward, ReluCpuCache,
+        "ReLU, forward and backward, one pass each",
     ),
     "add": Override(
         lambda a, b: add_kind(a, b) is not None and _takes(a),

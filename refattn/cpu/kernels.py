@@ -47,6 +47,8 @@ __all__ = [
     "max_pool2d_forward",
     "norm_apply",
     "norm_backward_apply",
+    "relu_backward_flat",
+    "relu_flat",
     "row_max_arg",
     "row_sum",
     "row_sums",
@@ -251,6 +253,29 @@ def add_same(a, b, out):  # pragma: no cover - compiled
     for k in numba.prange((M + B - 1) // B):
         for j in range(k * B, min(M, (k + 1) * B)):
             out[j] = a[j] + b[j]
+
+
+@_jit
+def relu_flat(x, out):  # pragma: no cover - compiled
+    """Flat (M,): out = max(x, 0) as np.maximum takes it (x > 0 or NaN: x;
+    else +0.0), blocks of the array per thread."""
+    M = x.shape[0]
+    B = 1 << 16
+    for k in numba.prange((M + B - 1) // B):
+        for j in range(k * B, min(M, (k + 1) * B)):
+            v = x[j]
+            out[j] = v if (v > 0.0 or v != v) else 0.0
+
+
+@_jit
+def relu_backward_flat(dout, y, dx):  # pragma: no cover - compiled
+    """Flat (M,): dx = dout · 1[y > 0], the mask as 1.0 / 0.0 (NumPy's
+    product, signed zeros and NaN included)."""
+    M = y.shape[0]
+    B = 1 << 16
+    for k in numba.prange((M + B - 1) // B):
+        for j in range(k * B, min(M, (k + 1) * B)):
+            dx[j] = dout[j] * (1.0 if y[j] > 0.0 else 0.0)
 
 
 @_jit

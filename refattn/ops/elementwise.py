@@ -81,6 +81,7 @@ def relu_forward(x: Array) -> tuple[Array, ReluCache]:
     return _relu(x)
 
 
+@overridable("relu")
 def _relu(x: Array) -> tuple[Array, ReluCache]:
     """The math of relu_forward, arguments already checked."""
     xp = namespace(x=x)
@@ -88,6 +89,7 @@ def _relu(x: Array) -> tuple[Array, ReluCache]:
     return out, ReluCache(out)
 
 
+@routed_by_cache("relu")
 def relu_backward(dout: Array, cache: ReluCache) -> Array:
     """VJP of ReLU.
 
@@ -102,6 +104,7 @@ def relu_backward(dout: Array, cache: ReluCache) -> Array:
     return _relu_backward(dout, cache)
 
 
+@routed_by_cache("relu")
 def _relu_backward(dout: Array, cache: ReluCache) -> Array:
     """The math of relu_backward, arguments already checked."""
     out = cache.out

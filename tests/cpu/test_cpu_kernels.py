@@ -29,8 +29,11 @@ from refattn.ops.elementwise import (
     AddCache,
     add_backward,
     add_forward,
+    ReluCache,
     gate_mul_backward,
     gate_mul_forward,
+    relu_backward,
+    relu_forward,
 )
 from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
 from refattn.ops.linear import _add_outer_products
@@ -315,6 +318,47 @@ def test_gate_mul_matches_numpy(dtype: str, gate: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# ReLU
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_is_numpy_bit_for_bit(dtype: str) -> None:
+    """np.maximum's bits and the masked product's, signed zeros, infinities
+    and NaN included (the generic backward gives -0.0 for a negative dout)."""
+    x = normal((8, 24, 32), dtype)
+    x.reshape(-1)[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]
+    dout = normal(x.shape, dtype, 1)
+    dout.reshape(-1)[6:9] = [np.nan, -0.0, np.inf]
+    with np.errstate(invalid="ignore"):
+        # the kernels themselves: the op's own check refuses non-finite x
+        out, cache = kernel_ops.relu_forward(x)
+        out0 = np.maximum(x, 0.0)  # the generic formula
+        dx = relu_backward(dout, cache)
+        dx0 = generic(relu_backward, dout, ReluCache(out0))
+    _caches_of_tier(cache)
+    np.testing.assert_array_equal(out, out0)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(out0))
+    np.testing.assert_array_equal(dx, dx0)
+    np.testing.assert_array_equal(np.signbit(dx), np.signbit(dx0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_through_the_op_takes_the_tier(dtype: str) -> None:
+    x, dout = normal((8, 24, 32), dtype), normal((8, 24, 32), dtype, 1)
+    out, cache = relu_forward(x)
+    _caches_of_tier(cache)
+    out0, c0 = generic(relu_forward, x)
+    np.testing.assert_array_equal(out, out0)
+    np.testing.assert_array_equal(relu_backward(dout, cache),
+                                  generic(relu_backward, dout, c0))
+    strided = normal((8, 24, 64), dtype, 2)[..., ::2]  # the generic backward
+    np.testing.assert_array_equal(relu_backward(strided, cache),
+                                  generic(relu_backward, strided, c0))
+    with pytest.raises(ValueError, match="dout"):
+        relu_backward(normal((8, 24, 31), dtype), cache)
+
+
+# ---------------------------------------------------------------------------
 # sums: a + b and the rank-2 update
 
 
@@ -573,6 +617,8 @@ BLOCK_CASES = {  # block -> (preset, overrides, shapes) large enough for the tie
     "cgnl": ("yue", {"planes": 32}, {"x": (2, 64, 12, 12)}),
     "gc": ("mmcv", {"fusion_types": ["channel_mul", "channel_add"]},
            {"x": (4, 64, 14, 14)}),
+    "mlpconv": ("nin_cifar_1", {"channels": (32, 24, 16), "kernel_size": 3, "padding": 1},
+                {"x": (2, 16, 16, 16)}),
     "cross_layer": ("cnl", {"planes": 32},
                     {"x_q": (2, 64, 7, 7), "x_kv": (2, 32, 14, 14)}),
 }
