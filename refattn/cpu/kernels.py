@@ -413,48 +413,51 @@ def max_pool2d_backward(dout, idx, kw, sh, sw, dx):  # pragma: no cover - compil
 def small_conv_forward(x, w, b, has_bias, out):  # pragma: no cover - compiled
     """Images (N, C, H, W), weight (O, C, k, k): out[n, o, i, j] = b[o] +
     Σ_{c,u,v} w[o, c, u, v] · x[n, c, i + u − p, j + v − p] over the taps
-    inside the image (float64 sums), one output row per thread step, the
-    row's positions innermost."""
+    inside the image (float64 sums), one output plane per thread step, each
+    tap a pass over the plane's rows."""
     N, C, H, W = x.shape
     O, k = w.shape[0], w.shape[2]
     p = (k - 1) // 2
-    for r in numba.prange(N * O * H):
-        n = r // (O * H)
-        o = (r // H) % O
-        i = r % H
-        acc = np.zeros(W)
+    for q in numba.prange(N * O):
+        n = q // O
+        o = q % O
+        acc = np.zeros((H, W))
         for c in range(C):
-            for u in range(max(0, p - i), min(k, H + p - i)):
+            for u in range(k):
                 for v in range(k):
                     wt = np.float64(w[o, c, u, v])
-                    for j in range(max(0, p - v), min(W, W + p - v)):
-                        acc[j] += wt * x[n, c, i + u - p, j + v - p]
-        for j in range(W):
-            out[n, o, i, j] = acc[j] + b[o] if has_bias else acc[j]
+                    for i in range(max(0, p - u), min(H, H + p - u)):
+                        for j in range(max(0, p - v), min(W, W + p - v)):
+                            acc[i, j] += wt * x[n, c, i + u - p, j + v - p]
+        for i in range(H):
+            for j in range(W):
+                out[n, o, i, j] = acc[i, j] + b[o] if has_bias else acc[i, j]
 
 
 @_jit_sum
 def small_conv_backward(dout, x, w, dx, dw, db):  # pragma: no cover - compiled
     """VJP of small_conv_forward (float64 sums):
-    dx[n, c, h, q] = Σ_{o,u,v} w[o, c, u, v] · dout[n, o, h − u + p, q − v + p],
+    dx[n, c, i + u − p, j + v − p] += w[o, c, u, v] · dout[n, o, i, j],
     dw[o, c, u, v] = Σ_{n,i,j} dout[n, o, i, j] · x[n, c, i + u − p, j + v − p],
-    db[o] = Σ dout[:, o]; dx by rows (a gather, no scatter), dw and db by tap."""
+    db[o] = Σ dout[:, o]; dx by input plane (no two threads meet), dw and db
+    by tap."""
     N, C, H, W = x.shape
     O, k = w.shape[0], w.shape[2]
     p = (k - 1) // 2
-    for r in numba.prange(N * C * H):
-        n = r // (C * H)
-        c = (r // H) % C
-        h = r % H
-        acc = np.zeros(W)
+    for q in numba.prange(N * C):
+        n = q // C
+        c = q % C
+        acc = np.zeros((H, W))
         for o in range(O):
-            for u in range(max(0, h + p - H + 1), min(k, h + p + 1)):
+            for u in range(k):
                 for v in range(k):
                     wt = np.float64(w[o, c, u, v])
-                    for q in range(max(0, v - p), min(W, W + v - p)):
-                        acc[q] += wt * dout[n, o, h - u + p, q - v + p]
-        for q in range(W):
-            dx[n, c, h, q] = acc[q]
+                    for i in range(max(0, p - u), min(H, H + p - u)):
+                        for j in range(max(0, p - v), min(W, W + p - v)):
+                            acc[i + u - p, j + v - p] += wt * dout[n, o, i, j]
+        for i in range(H):
+            for j in range(W):
+                dx[n, c, i, j] = acc[i, j]
     taps = O * C * k * k
     for tap in numba.prange(taps + O):
         t = 0.0
