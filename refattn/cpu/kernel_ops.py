@@ -6,14 +6,16 @@ the passes over the data done by the kernels of ``refattn.cpu.kernels``
 (numba, multi-threaded).  The caches are subclasses of the generic caches
 (same fields), so a block reads them as it reads the generic ones; their
 type routes the backward here (``refattn.ops.overrides.routed_by_cache``).
+The small convolution's cache is its own (input, weight, has_bias), as the
+CUDA tier's: no block reads a convolution cache's fields.
 A backward whose ``dout`` is not a plain C-contiguous array of the
 forward's shape and dtype hands a generic cache to the generic backward,
 which checks it and raises the generic error.
 
 Where the NumPy math and a kernel compute the same formula in the same
-order (max-pool, the arg-max pools, the norms' normalise-and-affine pass
-and their backward's final pass, given the same statistics) the results
-are the same bits.  Sums are accumulated in float64 here (NumPy: pairwise
+order (max-pool, the arg-max pools, ReLU, the additions, GC's rank-2
+update, the norms' normalise-and-affine pass and their backward's final
+pass, given the same statistics) the results are the same bits.  Sums are accumulated in float64 here (NumPy: pairwise
 or BLAS in the data's dtype), and ``exp`` is numba's (LLVM's libm) rather
 than NumPy's SIMD one, so softmax, the norms' statistics and gradients and
 the gates' ``dz`` agree with the NumPy path within ``TOLERANCE``.
