@@ -717,6 +717,29 @@ def test_block_gradcheck_through_the_tier(block: str,
     assert report.ok, report.to_text()
 
 
+def test_golden_cases_are_the_numpy_formulas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixture's bits do not depend on the tier: generate_case runs with it
+    off even where every step would take it (threshold 0), and gives the
+    bits of the generic path.  With the tier on, the same block's gradients
+    differ in the last bits (float64 sums), so the check can see it."""
+    from refattn.golden.generate import CaseRequest, generate_case
+
+    req = CaseRequest("gc", "gcnet_r16", dtype="float64")
+    cfg = BLOCKS["gc"].config("gcnet_r16")
+    want = generic(generate_case, req, cfg).tensors
+    monkeypatch.setattr(kernel_ops, "MIN_ELEMENTS", 0)
+    taken = _tier_steps_taken(monkeypatch)
+    got = generate_case(req, cfg).tensors
+    assert taken == set()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    inputs = {k[len("input."):]: v for k, v in want.items() if k.startswith("input.")}
+    params = {k[len("param."):]: v for k, v in want.items() if k.startswith("param.")}
+    _, dins, _ = run_block(BLOCKS["gc"], cfg, inputs, params, {}, want["cotangent.out"])
+    assert taken  # the same block outside generate_case takes the tier
+    assert not np.array_equal(dins["x"], want["grad.input.x"])
+
+
 def test_threads_may_call_the_tier_at_once() -> None:
     """Concurrent callers are serialised (numba's workqueue layer would abort
     on two parallel launches at once) and each gets its own result."""
