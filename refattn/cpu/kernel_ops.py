@@ -583,7 +583,7 @@ def conv2d_forward(
     x: np.ndarray, weight: np.ndarray, bias: Any, *geometry: Any
 ) -> tuple[np.ndarray, Conv2dCpuCache]:
     """conv2d in the is_small_conv case (stride 1, 'same' padding, one
-    group), directly: no im2col matrix, one output row per thread step."""
+    group), directly: no im2col matrix, one output plane per thread step."""
     N, H, W = x.shape[0], x.shape[2], x.shape[3]
     out = np.empty((N, weight.shape[0], H, W), dtype=x.dtype)
     b = weight[:, 0, 0, 0] if bias is None else bias  # read only with a bias
@@ -592,7 +592,8 @@ def conv2d_forward(
 
 
 def conv2d_backward(dout: Any, cache: Conv2dCpuCache) -> tuple[Any, Any, Any]:
-    """dx by rows (a gather, no scatter), dW and db by tap, float64 sums."""
+    """dx by input plane (no two threads write one plane), dW and db by
+    tap, float64 sums."""
     x, weight, has_bias = cache
     want = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     check_array("dout", dout)

@@ -273,8 +273,9 @@ def is_small_conv(
     dilation: tuple[int, int],
     groups: int,
 ) -> bool:
-    """Whether conv2d is the kernel tiers' direct case's case: few channels, odd square
-    k >= 3, 'same' zero padding (k − 1)/2, stride 1, dilation 1, one group."""
+    """Whether conv2d is the kernel tiers' direct case: few channels, odd
+    square k >= 3, 'same' zero padding (k − 1)/2, stride 1, dilation 1, one
+    group."""
     cout, cin, kh, kw = (int(v) for v in weight_shape)
     return (
         groups == 1
