@@ -498,6 +498,53 @@ def test_small_conv_matches_numpy(dtype: str, geometry: Any,
             assert_close(g, g0, dtype)
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 4), o=st.integers(1, 4),
+       h=st.integers(1, 12), w=st.integers(1, 12), k=st.sampled_from([3, 5, 7]),
+       dtype=st.sampled_from(DTYPES))
+def test_small_conv_kernels_property(n: int, c: int, o: int, h: int, w: int, k: int,
+                                     dtype: str) -> None:
+    """The kernels against the sums written out in float64 (tap by tap on
+    the padded image), any image and kernel size, k larger than the image
+    included."""
+    x, wt = normal((n, c, h, w), dtype), normal((o, c, k, k), dtype, 1)
+    d = normal((n, o, h, w), dtype, 2)
+    p = (k - 1) // 2
+    xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
+    w64, d64 = wt.astype(np.float64), d.astype(np.float64)
+    want = np.zeros((n, o, h, w))
+    dxpad = np.zeros_like(xpad)
+    dw_want = np.zeros(wt.shape)
+    for u in range(k):
+        for v in range(k):
+            window = xpad[:, :, u:u + h, v:v + w]
+            want += np.einsum("oc,nchw->nohw", w64[:, :, u, v], window)
+            dxpad[:, :, u:u + h, v:v + w] += np.einsum("oc,nohw->nchw", w64[:, :, u, v], d64)
+            dw_want[:, :, u, v] = np.einsum("nohw,nchw->oc", d64, window)
+    out = np.empty((n, o, h, w), dtype=dtype)
+    K.small_conv_forward(x, wt, wt[:, 0, 0, 0], False, out)
+    assert_close(out, want, dtype)
+    dx, dw, db = np.empty_like(x), np.empty(wt.shape), np.empty(o)
+    K.small_conv_backward(d, x, wt, dx, dw, db)
+    assert_close(dx, dxpad[:, :, p:p + h, p:p + w], dtype)
+    assert_close(dw, dw_want, dtype)
+    assert_close(db, d64.sum(axis=(0, 2, 3)), dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 4), rows=st.integers(1, 40), cols=st.integers(1, 300),
+       shared=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_add_outer_products_kernel_property(n: int, rows: int, cols: int, shared: bool,
+                                            dtype: str) -> None:
+    base, u1 = normal((n, rows, cols), dtype), normal((n, rows), dtype, 1)
+    v1, v2 = normal((n, cols), dtype, 2), normal((n, cols), dtype, 3)
+    u2 = normal((1 if shared else n, rows), dtype, 4)
+    out = np.empty_like(base)
+    K.add_outer_products(base, u1, v1, u2, v2, out)
+    want = base + (u1[:, :, None] * v1[:, None, :] + u2[:, :, None] * v2[:, None, :])
+    np.testing.assert_array_equal(out, want)
+
+
 def test_small_conv_of_other_geometries_stays_on_the_numpy_path() -> None:
     x = normal((4, 4, 30, 30), "float64")
     for w, kwargs in ((normal((5, 4, 3, 3), "float64"), {"padding": 1}),  # 5 > 4 out
