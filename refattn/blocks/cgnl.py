@@ -533,8 +533,11 @@ def backward(douts: Arrays, cache: CGNLCache) -> tuple[ArrayDict, ArrayDict]:
     dx_proj, dp_proj = _stacked_conv_backward(dproj, c.proj)  # (N, C, L)
     dparams |= dp_proj
     del dproj
-    # x fans out to the three convs and the residual: sum the two paths
-    dx3 = dx_proj + dout3 if cfg.residual else dx_proj  # (N, C, L)
+    # x fans out to the three convs and the residual: sum the two paths, in
+    # place on the fresh product (one full-size array fewer at the peak)
+    dx3 = dx_proj  # (N, C, L)
+    if cfg.residual:
+        dx3 += dout3  # (N, C, L)
     dx = xp.reshape(dx3, c.x_shape)  # (N, C, *S)
     return {"x": dx}, dparams
 
