@@ -397,9 +397,10 @@ class ReluCpuCache(ReluCache):
 
 
 def relu_forward(x: np.ndarray) -> tuple[np.ndarray, ReluCpuCache]:
-    """max(x, 0) on every core, np.maximum's bits."""
-    out = np.empty_like(x)
-    _K.relu_flat(x.reshape(-1), out.reshape(-1))
+    """max(x, 0) by NumPy itself (one SIMD pass, which a parallel kernel
+    does not beat once its launch is paid), with the cache that sends the
+    backward to the kernel."""
+    out = np.maximum(x, 0.0)  # like x
     return out, ReluCpuCache(out)
 
 
@@ -416,49 +417,23 @@ def relu_backward(dout: Any, cache: ReluCpuCache) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# sums: a + b (same shape, or b per (n, c) row) and the rank-2 update
+# sums: a + b per (n, c) row, the average pools' gradient, the rank-2 update
 
 
-class AddCpuCache(AddCache):
-    __slots__ = ()
+def add_channel_kind(a: Any, b: Any) -> bool:
+    """b (N, C, 1, ..., 1) against a (N, C, *S), an ndarray of a's dtype."""
+    return (type(b) is np.ndarray and b.dtype == a.dtype and b.flags.c_contiguous
+            and a.ndim >= 3 and b.ndim == a.ndim and b.shape[:2] == a.shape[:2]
+            and all(d == 1 for d in b.shape[2:]))
 
 
-def add_kind(a: Any, b: Any) -> str | None:
-    """'same' for b of a's shape, 'channel' for b (N, C, 1, ..., 1) against
-    a (N, C, *S), else None (the generic broadcast)."""
-    if type(b) is not np.ndarray or b.dtype != a.dtype or not b.flags.c_contiguous:
-        return None
-    if b.shape == a.shape:
-        return "same"
-    if (a.ndim >= 3 and b.ndim == a.ndim and b.shape[:2] == a.shape[:2]
-            and all(d == 1 for d in b.shape[2:])):
-        return "channel"
-    return None
-
-
-def add_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, AddCpuCache]:
-    """a + b on every core: one addition per element, NumPy's bits."""
+def add_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, AddCache]:
+    """a + b with b per (n, c) row, on every core: one addition per element,
+    NumPy's bits.  The generic cache: the backward's sums stay NumPy's."""
     out = np.empty_like(a)
-    if b.shape == a.shape:
-        _K.add_same(a.reshape(-1), b.reshape(-1), out.reshape(-1))
-    else:  # b per (n, c) row
-        R = a.shape[0] * a.shape[1]
-        _K.add_channel(a.reshape(R, -1), b.reshape(R), out.reshape(R, -1))
-    return out, AddCpuCache(tuple(a.shape), tuple(b.shape))
-
-
-def add_backward(dout: Any, cache: AddCpuCache) -> tuple[Any, Any]:
-    """da = dout; db = dout, or its sum over each (n, c) row in one pass."""
-    a_shape, b_shape = cache
-    if a_shape == b_shape or type(dout) is not np.ndarray or dout.shape != a_shape \
-            or dout.dtype not in _FLOATS or not dout.flags.c_contiguous:
-        from refattn.ops.elementwise import add_backward as generic
-
-        return generic(dout, AddCache(*cache))
-    R = a_shape[0] * a_shape[1]
-    db = np.empty(R)
-    _K.row_sum(dout.reshape(R, -1), db)
-    return dout, db.astype(dout.dtype).reshape(b_shape)
+    R = a.shape[0] * a.shape[1]
+    _K.add_channel(a.reshape(R, -1), b.reshape(R), out.reshape(R, -1))
+    return out, AddCache(tuple(a.shape), tuple(b.shape))
 
 
 def add_broadcast_into(into: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -646,12 +621,12 @@ OVERRIDES: dict[str, Override] = {
     "relu": Override(
         lambda x: _takes(x),
         relu_forward, relu_backward, ReluCpuCache,
-        "ReLU, forward and backward, one pass each",
+        "ReLU's backward in one pass (the forward is NumPy's maximum)",
     ),
     "add": Override(
-        lambda a, b: add_kind(a, b) is not None and _takes(a),
-        add_forward, add_backward, AddCpuCache,
-        "a + b, b of a's shape or per (n, c) row: forward; the backward's row sums",
+        lambda a, b: add_channel_kind(a, b) and _takes(a),
+        add_forward, _unreachable, type(None),
+        "a + b with b per (n, c) row, forward (GC's channel_add)",
     ),
     "add_broadcast_into": Override(
         lambda into, g: gate_kind(into, g) is not None and _takes(into),

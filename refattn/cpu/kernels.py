@@ -36,7 +36,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 __all__ = [
     "add_channel",
     "add_outer_products",
-    "add_same",
     "add_spatial",
     "channel_pool_max_mean",
     "gate_channel_backward",
@@ -48,9 +47,7 @@ __all__ = [
     "norm_apply",
     "norm_backward_apply",
     "relu_backward_flat",
-    "relu_flat",
     "row_max_arg",
-    "row_sum",
     "row_sums",
     "row_sums_centered",
     "small_conv_backward",
@@ -246,28 +243,6 @@ def gate_spatial_backward(dout, x, s, dx, ds):  # pragma: no cover - compiled
 
 
 @_jit
-def add_same(a, b, out):  # pragma: no cover - compiled
-    """Flat (M,): out = a + b (NumPy's bits), split into one block per thread."""
-    M = a.shape[0]
-    B = 1 << 16
-    for k in numba.prange((M + B - 1) // B):
-        for j in range(k * B, min(M, (k + 1) * B)):
-            out[j] = a[j] + b[j]
-
-
-@_jit
-def relu_flat(x, out):  # pragma: no cover - compiled
-    """Flat (M,): out = max(x, 0) as np.maximum takes it (x > 0 or NaN: x;
-    else +0.0), blocks of the array per thread."""
-    M = x.shape[0]
-    B = 1 << 16
-    for k in numba.prange((M + B - 1) // B):
-        for j in range(k * B, min(M, (k + 1) * B)):
-            v = x[j]
-            out[j] = v if (v > 0.0 or v != v) else 0.0
-
-
-@_jit
 def relu_backward_flat(dout, y, dx):  # pragma: no cover - compiled
     """Flat (M,): dx = dout · 1[y > 0], the mask as 1.0 / 0.0 (NumPy's
     product, signed zeros and NaN included)."""
@@ -296,17 +271,6 @@ def add_spatial(a, b, out):  # pragma: no cover - compiled
         n = r // C
         for j in range(L):
             out[n, r - n * C, j] = a[n, r - n * C, j] + b[n, j]
-
-
-@_jit_sum
-def row_sum(a, s):  # pragma: no cover - compiled
-    """Rows (R, L): s[r] = Σ_j a[r, j] in float64."""
-    R, L = a.shape
-    for r in numba.prange(R):
-        t = 0.0
-        for j in range(L):
-            t += a[r, j]
-        s[r] = t
 
 
 @_jit

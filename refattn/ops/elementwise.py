@@ -302,7 +302,6 @@ def _add(a: Array, b: Array) -> tuple[Array, AddCache]:
     return out, AddCache(tuple(a.shape), tuple(b.shape))
 
 
-@routed_by_cache("add")
 def add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
     """VJP of add: dout flows to both operands, summed where they broadcast.
 
@@ -320,7 +319,6 @@ def add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
     return _add_backward(dout, cache)
 
 
-@routed_by_cache("add")
 def _add_backward(dout: Array, cache: AddCache) -> tuple[Array, Array]:
     """The math of add_backward, arguments already checked."""
     a_shape, b_shape = cache
