@@ -239,7 +239,7 @@ def gate_spatial_backward(dout, x, s, dx, ds):  # pragma: no cover - compiled
 
 
 # ---------------------------------------------------------------------------
-# sums: a + b, a + b broadcast per row, and the rank-2 update
+# ReLU's backward, a + b broadcast per row or per position, the rank-2 update
 
 
 @_jit

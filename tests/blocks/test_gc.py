@@ -131,7 +131,7 @@ def test_resolved_planes_is_mmcvs_int_c_times_ratio(c, ratio, want) -> None:
         "channel_add.conv1.weight"] == (want, c, 1, 1)
 
 
-@pytest.mark.parametrize("pool, fusion", itertools.product(POOLING_TYPES, FUSIONS))
+@pytest.mark.parametrize("pool, fusion", list(itertools.product(POOLING_TYPES, FUSIONS)))
 def test_param_shapes(pool: str, fusion: tuple[str, ...]) -> None:
     shapes = SPEC.param_shapes(cfg_of(pooling_type=pool, fusion_types=fusion),
                                {"x": (2, 12, 3, 5)})
