@@ -37,9 +37,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn.backend import check_array, check_finite, check_same_dtype
+from refattn.backend import check_array, check_finite
 from refattn.cuda import kernels_enabled
 from refattn.ops import overrides
+from refattn.ops.conv import _check_dout as _check_conv_dout
 from refattn.ops.conv import is_small_conv
 from refattn.ops.elementwise import AddCache, GateMulCache, ReluCache, sigmoid
 from refattn.ops.norm import BatchNormCache, GroupNormCache
@@ -340,7 +341,9 @@ class GateMulCpuCache(GateMulCache):
 
 
 def gate_kind(x: Any, z: Any) -> str | None:
-    """'channel' for z (N, C, 1, ..., 1), 'spatial' for z (N, 1, *S), else None."""
+    """How z broadcasts against x (N, C, *S): 'channel' for z (N, C, 1, ..., 1),
+    'spatial' for z (N, 1, *S), else None.  The gate's z, the per-channel
+    addend and the average pools' gradient take the kernels in these cases."""
     if type(z) is not np.ndarray or z.ndim != x.ndim or x.ndim < 3:
         return None
     if z.dtype != x.dtype or not z.flags.c_contiguous or z.shape[0] != x.shape[0]:
@@ -418,13 +421,6 @@ def relu_backward(dout: Any, cache: ReluCpuCache) -> Any:
 
 # ---------------------------------------------------------------------------
 # sums: a + b per (n, c) row, the average pools' gradient, the rank-2 update
-
-
-def add_channel_kind(a: Any, b: Any) -> bool:
-    """b (N, C, 1, ..., 1) against a (N, C, *S), an ndarray of a's dtype."""
-    return (type(b) is np.ndarray and b.dtype == a.dtype and b.flags.c_contiguous
-            and a.ndim >= 3 and b.ndim == a.ndim and b.shape[:2] == a.shape[:2]
-            and all(d == 1 for d in b.shape[2:]))
 
 
 def add_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, AddCache]:
@@ -570,13 +566,7 @@ def conv2d_backward(dout: Any, cache: Conv2dCpuCache) -> tuple[Any, Any, Any]:
     """dx by input plane (no two threads write one plane), dW and db by
     tap, float64 sums."""
     x, weight, has_bias = cache
-    want = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
-    check_array("dout", dout)
-    if tuple(dout.shape) != want:
-        raise ValueError(
-            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
-        )
-    check_same_dtype(dout=dout, weight=weight)
+    _check_conv_dout(dout, weight, (x.shape[0], weight.shape[0]) + x.shape[2:])
     dout = np.ascontiguousarray(dout)
     dx = np.empty_like(x)
     dw = np.empty(weight.shape)
@@ -624,7 +614,7 @@ OVERRIDES: dict[str, Override] = {
         "ReLU's backward in one pass (the forward is NumPy's maximum)",
     ),
     "add": Override(
-        lambda a, b: add_channel_kind(a, b) and _takes(a),
+        lambda a, b: gate_kind(a, b) == "channel" and _takes(a),
         add_forward, _unreachable, type(None),
         "a + b with b per (n, c) row, forward (GC's channel_add)",
     ),

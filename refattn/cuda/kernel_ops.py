@@ -39,6 +39,7 @@ from refattn.cuda import launch as K
 from refattn.cuda import wants_kernels
 from refattn.ops import norm, overrides
 from refattn.ops.conv import SMALL_CONV_MAX_CHANNELS, is_small_conv
+from refattn.ops.conv import _check_dout as _check_conv_dout
 from refattn.ops.overrides import Override
 
 __all__ = [
@@ -294,13 +295,7 @@ def conv2d_backward(
     """VJP of conv2d: dx as a gather (one thread per input element, no
     atomics), dW with one block of threads per weight, db = Σ dout."""
     x, weight, has_bias = cache
-    want = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
-    check_array("dout", dout)
-    if tuple(dout.shape) != want:
-        raise ValueError(
-            f"dout: expected the forward's output shape {want}, got {tuple(dout.shape)}"
-        )
-    check_same_dtype(dout=dout, weight=weight)
+    _check_conv_dout(dout, weight, (x.shape[0], weight.shape[0]) + tuple(x.shape[2:]))
     return K.small_conv_backward(dout, x, weight, with_bias=has_bias)
 
 
