@@ -13,10 +13,11 @@ forward's shape and dtype hands a generic cache to the generic backward,
 which checks it and raises the generic error.
 
 Where the NumPy math and a kernel compute the same formula in the same
-order (max-pool, the arg-max pools, ReLU, the additions, GC's rank-2
-update, the norms' normalise-and-affine pass and their backward's final
-pass, given the same statistics) the results are the same bits.  Sums are accumulated in float64 here (NumPy: pairwise
-or BLAS in the data's dtype), and ``exp`` is numba's (LLVM's libm) rather
+order (max-pool, the arg-max pools, ReLU's backward, the additions, GC's
+rank-2 update, the norms' normalise-and-affine pass and their backward's
+final pass, given the same statistics) the results are the same bits.
+Sums are accumulated in float64 here (NumPy: pairwise or BLAS in the
+data's dtype), and ``exp`` is numba's (LLVM's libm) rather
 than NumPy's SIMD one, so softmax, the norms' statistics and gradients and
 the gates' ``dz`` agree with the NumPy path within ``TOLERANCE``.
 
