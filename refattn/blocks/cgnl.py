@@ -208,21 +208,27 @@ def _dot_kernel_forward(
 
 
 def _dot_kernel_backward(
-    dy: Array, cache: DotKernelCache
-) -> tuple[Array, Array, Array]:
-    """VJP of the dot kernel: (dt, dp, dg).
+    dy: Array, cache: DotKernelCache, out: Array
+) -> Array:
+    """VJP of the dot kernel: dt, dp, dg written into out[:, 0], [:, 1], [:, 2].
 
     Math:
         dt = s dy,   ds = Σ_M dy t,   dp = c ds g,   dg = c ds p
+    Shapes:
+        dy (N, G, M) -> out (N, 3, G, M), returned
+    Each gradient is written as soon as it is formed, so that at most one of
+    them exists besides `out` (no three arrays to stack afterwards).
     """
     xp = namespace(dy=dy)
     t, p, g, s, scale = cache
-    dt = xp.reshape(s, s.shape + (1,)) * dy  # (N, G, M)
     ds = xp.vecdot(dy, t, axis=-1)  # (N, G)
     if scale != 1.0:
         ds = ds * scale  # (N, G)
     ds3 = xp.reshape(ds, ds.shape + (1,))  # (N, G, 1)
-    return dt, ds3 * g, ds3 * p
+    out[:, 0, ...] = xp.reshape(s, s.shape + (1,)) * dy  # dt (N, G, M)
+    out[:, 1, ...] = ds3 * g  # dp (N, G, M)
+    out[:, 2, ...] = ds3 * p  # dg (N, G, M)
+    return out
 
 
 class MomentsCache(NamedTuple):
@@ -326,9 +332,9 @@ def _taylor_kernel_forward(
 
 
 def _taylor_kernel_backward(
-    dy: Array, cache: TaylorKernelCache
-) -> tuple[Array, Array, Array]:
-    """VJP of the Taylor kernel: (dt, dp, dg).
+    dy: Array, cache: TaylorKernelCache, out: Array
+) -> Array:
+    """VJP of the Taylor kernel: dt, dp, dg written into out[:, 0], [:, 1], [:, 2].
 
     Math (q' = q − 1 runs over q >= 1):
         du   = dy                      (const)  | exp(−γ θ²) ⊙ dy  (per_element)
@@ -337,6 +343,8 @@ def _taylor_kernel_backward(
         dw   = c Σ_q ds_q φ^q
         dφ   = c w ⊙ Σ_q ds_q q φ^q'    [− 2γ φ ⊙ w ⊙ dw  (per_element)]
         dg   = dw                      (const)  | exp(−γ φ²) ⊙ dw  (per_element)
+    Shapes:
+        dy (N, G, M) -> out (N, 3, G, M), returned
     """
     xp = namespace(dy=dy)
     c = cache
@@ -355,6 +363,8 @@ def _taylor_kernel_backward(
         dt = xp.zeros_like(du)  # (N, G, M): y does not depend on θ^0
     if c.env_t is not None:
         dt = dt - (2.0 * c.gamma) * (c.t * c.y * dy)  # envelope exp(−γ θ²)
+    out[:, 0, ...] = dt
+    del du, dt
     # moments: s_q = c Σ_M φ^q w, a_q = α_q s_q
     dmom = da * c.alpha  # (N, G, Q+1) d(raw moment) before the scale
     if c.scale != 1.0:
@@ -362,10 +372,11 @@ def _taylor_kernel_backward(
     dp, dw = _moments_backward(dmom, c.moments)  # (N, G, M) each
     if c.env_t is not None:
         dp = dp - (2.0 * c.gamma) * (c.p * c.w * dw)  # envelope exp(−γ φ²)
-        dg = xp.exp(-c.gamma * (c.p * c.p)) * dw  # (N, G, M)
+        out[:, 2, ...] = xp.exp(-c.gamma * (c.p * c.p)) * dw  # dg (N, G, M)
     else:
-        dg = dw  # (N, G, M)
-    return dt, dp, dg
+        out[:, 2, ...] = dw  # dg (N, G, M)
+    out[:, 1, ...] = dp
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -516,18 +527,18 @@ def backward(douts: Arrays, cache: CGNLCache) -> tuple[ArrayDict, ArrayDict]:
     dy = xp.reshape(dy3, (N, G, M))  # (N, G, M)
     del dz, dy3
 
-    # 3. the kernel
+    # 3. the kernel, its three gradients written side by side into one array
+    dtpg = xp.empty((N, 3, G, M), dtype=dy.dtype, device=device(dy))
     if c.dot is not None:
-        dt, dp, dg = _dot_kernel_backward(dy, c.dot)  # (N, G, M) each
+        _dot_kernel_backward(dy, c.dot, dtpg)  # (N, 3, G, M)
     else:
-        dt, dp, dg = _taylor_kernel_backward(dy, c.taylor)  # (N, G, M) each
+        _taylor_kernel_backward(dy, c.taylor, dtpg)  # (N, 3, G, M)
     del dy
 
-    # 2. the groups were views of the t|p|g rows: put them back side by side
-    dproj = xp.concat(
-        [xp.reshape(d, (N, P, L)) for d in (dt, dp, dg)], axis=1
-    )  # (N, 3P, L)
-    del dt, dp, dg
+    # 2. the groups were views of the t|p|g rows, so dt|dp|dg in that order
+    #    are the rows of the stacked projection's gradient
+    dproj = xp.reshape(dtpg, (N, 3 * P, L))  # (N, 3P, L)
+    del dtpg
 
     # 1. t, p, g
     dx_proj, dp_proj = _stacked_conv_backward(dproj, c.proj)  # (N, C, L)
