@@ -17,9 +17,10 @@ order (max-pool, the arg-max pools, ReLU's backward, the additions, GC's
 rank-2 update, the norms' normalise-and-affine pass and their backward's
 final pass, given the same statistics) the results are the same bits.
 Sums are accumulated in float64 here (NumPy: pairwise or BLAS in the
-data's dtype), and ``exp`` is numba's (LLVM's libm) rather
-than NumPy's SIMD one, so softmax, the norms' statistics and gradients and
-the gates' ``dz`` agree with the NumPy path within ``TOLERANCE``.
+data's dtype), and softmax's ``exp`` is the kernels' own polynomial (within
+1.2 ulp, written so that it vectorises) rather than NumPy's SIMD one, so
+softmax, the norms' statistics and gradients and the gates' ``dz`` agree
+with the NumPy path within ``TOLERANCE``.
 
 ``OVERRIDES`` says when each kernel is taken: plain ``numpy.ndarray``
 inputs, C-contiguous, float32 or float64, at least ``MIN_ELEMENTS``

@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import math
 import os
+from decimal import Context, Decimal
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # numba prefers its OpenMP layer when one is found; OpenMP's workers
@@ -38,6 +42,7 @@ __all__ = [
     "add_outer_products",
     "add_spatial",
     "channel_pool_max_mean",
+    "exp_nonpositive",
     "gate_channel_backward",
     "gate_channel_forward",
     "gate_spatial_backward",
@@ -67,24 +72,179 @@ _jit_sum = numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, nogil=Tru
 
 
 # ---------------------------------------------------------------------------
+# exp(v) for v <= 0 in the data's dtype, in a form LLVM vectorises
+#
+# numba's math.exp is a call into libm per element, which LLVM cannot turn
+# into SIMD code (the PyPI llvmlite has no vector math library).  Written as
+# arithmetic, exp vectorises:
+#
+#     v = k ln2 + r,  k = round(v / ln2),  |r| <= ln2 / 2
+#     e^r = Σ_{n=0..Q} r^n / n!   (Q = 7 for float32, 13 for float64: the
+#                                  first term left out is below 0.1 ulp)
+#     e^v = (e^r · 2^(k+B)) · 2^(−B)
+#
+# ln2 is split in two (ln2 = hi + lo, hi with few significant bits) so that
+# k·hi is exact.  2^(k+B) is built from its bits; the bias B (64 | 512)
+# keeps it a normal number down to the smallest subnormal result, so that
+# the last product rounds once, into the subnormals where it must.  Below
+# v = −104 (float32) or −746 (float64) e^v rounds to 0; a NaN stays NaN.
+# Measured over [−750, 0] (tests/cpu): 1.15 ulp at most in float32 (NumPy's
+# own float32 exp: 2.35 ulp), 1.16 ulp in float64 (NumPy's: 0.72).
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):  # pragma: no cover - compiled
+    """The float whose IEEE 754 bit pattern is `bits`: int32 -> float32,
+    int64 -> float64."""
+    if bits == types.int32:
+        sig, llvm_type = types.float32(types.int32), ir.FloatType()
+    elif bits == types.int64:
+        sig, llvm_type = types.float64(types.int64), ir.DoubleType()
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_type)
+
+    return sig, codegen
+
+
+def _ln2_split(bits: int) -> tuple[float, float]:
+    """ln2 = hi + lo: hi is ln2 cut to `bits` significant bits, so that k·hi
+    is exact in a dtype of p bits while k has at most p − `bits` of them; lo
+    is the rest, from ln2 to 60 digits."""
+    ln2 = Decimal(2).ln(Context(prec=60))
+    mant, exp2 = math.frexp(float(ln2))
+    hi = math.ldexp(math.floor(math.ldexp(mant, bits)), exp2 - bits)
+    return hi, float(ln2 - Decimal(hi))
+
+
+# float32: k >= −150 (8 bits), so hi keeps 16 of float32's 24 bits.  The
+# constants are NumPy float32 scalars, which numba compiles as float32.
+_F32 = np.float32
+_F32_LN2_HI, _F32_LN2_LO = (_F32(c) for c in _ln2_split(16))
+_F32_LOG2E, _F32_LOWEST, _F32_HALF = _F32(1 / math.log(2)), _F32(-104.0), _F32(0.5)
+_F32_BIAS = 64
+_F32_UNBIAS = _F32(2.0**-_F32_BIAS)
+_F32_C0, _F32_C1, _F32_C2, _F32_C3, _F32_C4, _F32_C5, _F32_C6, _F32_C7 = (
+    _F32(1 / math.factorial(n)) for n in range(8))
+
+# float64: k >= −1075 (11 bits), hi keeps 32 bits.
+_F64_LN2_HI, _F64_LN2_LO = _ln2_split(32)
+_F64_LOG2E, _F64_LOWEST = 1 / math.log(2), -746.0
+_F64_BIAS = 512
+_F64_UNBIAS = 2.0**-_F64_BIAS
+(_F64_C0, _F64_C1, _F64_C2, _F64_C3, _F64_C4, _F64_C5, _F64_C6, _F64_C7, _F64_C8,
+ _F64_C9, _F64_C10, _F64_C11, _F64_C12, _F64_C13) = (
+    1 / math.factorial(n) for n in range(14))
+
+
+def _exp_nonpositive(v):  # pragma: no cover - replaced by the overload
+    """e^v for v <= 0 (or NaN), in v's dtype; compiled code only."""
+    raise NotImplementedError("compiled by numba only")
+
+
+@numba.njit(inline="always", fastmath=False)
+def _exp32(v):  # pragma: no cover - compiled
+    x = max(v, _F32_LOWEST)
+    k = np.floor(x * _F32_LOG2E + _F32_HALF)  # float32
+    r = (x - k * _F32_LN2_HI) - k * _F32_LN2_LO
+    p = _F32_C7 * r + _F32_C6
+    p = p * r + _F32_C5
+    p = p * r + _F32_C4
+    p = p * r + _F32_C3
+    p = p * r + _F32_C2
+    p = p * r + _F32_C1
+    p = p * r + _F32_C0
+    bits = numba.int32(numba.int32(k) + numba.int32(127 + _F32_BIAS))
+    two_k = _float_from_bits(numba.int32(bits << numba.int32(23)))  # 2^(k+B)
+    e = (p * two_k) * _F32_UNBIAS
+    return e if v == v else v
+
+
+@numba.njit(inline="always", fastmath=False)
+def _exp64(v):  # pragma: no cover - compiled
+    x = max(v, _F64_LOWEST)
+    k = np.floor(x * _F64_LOG2E + 0.5)  # float64
+    r = (x - k * _F64_LN2_HI) - k * _F64_LN2_LO
+    p = _F64_C13 * r + _F64_C12
+    p = p * r + _F64_C11
+    p = p * r + _F64_C10
+    p = p * r + _F64_C9
+    p = p * r + _F64_C8
+    p = p * r + _F64_C7
+    p = p * r + _F64_C6
+    p = p * r + _F64_C5
+    p = p * r + _F64_C4
+    p = p * r + _F64_C3
+    p = p * r + _F64_C2
+    p = p * r + _F64_C1
+    p = p * r + _F64_C0
+    bits = numba.int64(numba.int64(k) + (1023 + _F64_BIAS))
+    two_k = _float_from_bits(numba.int64(bits << 52))  # 2^(k+B)
+    e = (p * two_k) * _F64_UNBIAS
+    return e if v == v else v
+
+
+@overload(_exp_nonpositive, inline="always")
+def _exp_nonpositive_typed(v):  # pragma: no cover - compiled
+    if v == types.float32:
+        return lambda v: _exp32(v)
+    if v == types.float64:
+        return lambda v: _exp64(v)
+    return None
+
+
+@numba.njit(inline="always")
+def _row_max(v):  # pragma: no cover - compiled
+    """max of a 1-D array, in eight independent lanes so that LLVM vectorises
+    it (a single running max is a chain of compares: 0.20 instead of 0.06 ms
+    for the rows of (3136, 196) float32).  A NaN may or may not win; the
+    softmax's output is NaN on such a row either way."""
+    n = v.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = v[0]
+    for j in range(0, n - n % 8, 8):
+        m0 = v[j] if v[j] > m0 else m0
+        m1 = v[j + 1] if v[j + 1] > m1 else m1
+        m2 = v[j + 2] if v[j + 2] > m2 else m2
+        m3 = v[j + 3] if v[j + 3] > m3 else m3
+        m4 = v[j + 4] if v[j + 4] > m4 else m4
+        m5 = v[j + 5] if v[j + 5] > m5 else m5
+        m6 = v[j + 6] if v[j + 6] > m6 else m6
+        m7 = v[j + 7] if v[j + 7] > m7 else m7
+    for j in range(n - n % 8, n):
+        m0 = v[j] if v[j] > m0 else m0
+    m0 = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    return m0
+
+
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def exp_nonpositive(v, out):  # pragma: no cover - compiled
+    """out = e^v element by element, v <= 0 (the tests' handle on the scalar
+    exp; one thread)."""
+    for i in range(v.shape[0]):
+        out[i] = _exp_nonpositive(v[i])
+
+
+# ---------------------------------------------------------------------------
 # softmax along the last axis of (R, L)
 
 
 @_jit_sum
 def softmax_rows(x, y):  # pragma: no cover - compiled
-    """y[r] = exp(x[r] − max x[r]) / Σ exp(x[r] − max x[r])."""
+    """y[r] = exp(x[r] − max x[r]) / Σ exp(x[r] − max x[r]), scaled by the
+    float64 reciprocal of the sum."""
     R, L = x.shape
     for r in numba.prange(R):
-        m = x[r, 0]
-        for j in range(1, L):
-            m = max(m, x[r, j])
+        m = _row_max(x[r])
+        for j in range(L):
+            y[r, j] = _exp_nonpositive(x[r, j] - m)
         total = 0.0
         for j in range(L):
-            e = math.exp(x[r, j] - m)
-            y[r, j] = e
-            total += e
+            total += y[r, j]
+        inv = 1.0 / total
         for j in range(L):
-            y[r, j] = y[r, j] / total
+            y[r, j] = y[r, j] * inv
 
 
 @_jit_sum

@@ -3,7 +3,7 @@
 Bit for bit where the tier does the NumPy path's arithmetic in the same
 order (max-pool, the arg-max pools, the gate's forward and dx, the norms'
 normalise-and-affine pass given the same statistics); within
-``kernel_ops.TOLERANCE`` elsewhere (float64 sums, libm's exp), and each
+``kernel_ops.TOLERANCE`` elsewhere (float64 sums, the kernels' exp), and each
 tolerance comparison is shown to fail on a wrong result.  Whole blocks run
 through the tier agree with the NumPy path and pass float64 gradient
 checks.  Skipped without numba (the ``cpu`` extra); REFATTN_REQUIRE_NUMBA=1
@@ -152,6 +152,80 @@ def test_views_and_subclasses_stay_on_the_numpy_path() -> None:
     assert type(cache) is SoftmaxCache
     _, cache = softmax_forward(x, axis=0)  # not the last axis
     assert type(cache) is SoftmaxCache
+
+
+# ---------------------------------------------------------------------------
+# the kernels' exp (softmax's), against a 64-digit reference
+
+
+EXP_MAX_ULP = 1.5  # measured 1.15 (float32) and 1.16 (float64)
+
+
+def ulp_error(got: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|got − e^x| in units of the spacing of the dtype at e^x, e^x taken in
+    extended precision (longdouble) and rounded to nothing in between."""
+    ref = np.exp(x.astype(np.longdouble))
+    spacing = np.spacing(np.abs(ref).astype(got.dtype)).astype(np.longdouble)
+    return np.abs(got.astype(np.longdouble) - ref) / spacing
+
+
+def exp_grid(dtype: str) -> np.ndarray:
+    """[−750, 0] densely, the subnormal outputs, and v near 0 on a log scale."""
+    return np.concatenate([
+        np.linspace(-750.0, 0.0, 1_500_001),
+        -np.logspace(-320, 2.9, 20_000),
+        np.linspace(-104.0, -87.0, 20_001),  # float32's subnormal outputs
+        np.linspace(-746.0, -707.0, 20_001),  # float64's
+    ]).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_exp_is_within_one_and_a_half_ulp(dtype: str) -> None:
+    x = exp_grid(dtype)
+    got = np.empty_like(x)
+    K.exp_nonpositive(x, got)
+    err = ulp_error(got, x)
+    assert float(err.max()) <= EXP_MAX_ULP, (float(err.max()), x[int(err.argmax())])
+    # the check sees 2 ulp: the same values pushed away from e^x by 2 spacings
+    ref = np.exp(x.astype(np.longdouble)).astype(dtype)
+    away = ref + 2 * np.spacing(ref)
+    assert float(ulp_error(away, x).max()) > EXP_MAX_ULP
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_exp_special_values(dtype: str) -> None:
+    x = np.array([0.0, -0.0, -np.inf, np.nan, -1e30, -750.0, -1.0], dtype)
+    got = np.empty_like(x)
+    K.exp_nonpositive(x, got)
+    assert got[0] == got[1] == 1.0  # exactly
+    assert got[2] == got[4] == got[5] == 0.0
+    assert np.isnan(got[3])
+    e = np.asarray(np.exp(-1.0), dtype)
+    assert abs(float(got[6]) - float(e)) <= float(np.spacing(e))
+
+
+@settings(max_examples=50, deadline=None)
+@given(v=st.floats(-800.0, 0.0), dtype=st.sampled_from(DTYPES))
+def test_kernel_exp_property(v: float, dtype: str) -> None:
+    x = np.full(3, v, dtype)
+    got = np.empty_like(x)
+    K.exp_nonpositive(x, got)
+    assert float(ulp_error(got, x).max()) <= EXP_MAX_ULP
+    assert 0.0 <= got[0] <= 1.0
+
+
+def test_softmax_keeps_non_finite_rows_non_finite() -> None:
+    """A NaN or an infinite logit (an overflow upstream) must not come out as
+    a finite probability: the block's output check relies on it."""
+    x = normal((6, 40), "float32")
+    x[1, 3] = np.nan
+    x[2, :] = np.inf
+    x[3, 5] = np.inf
+    y = np.empty_like(x)
+    K.softmax_rows(x, y)
+    assert np.isnan(y[1]).all() or np.isnan(y[1, 3])
+    assert np.isnan(y[2]).all() and not np.isfinite(y[3]).all()
+    assert np.isfinite(y[[0, 4, 5]]).all()
 
 
 # ---------------------------------------------------------------------------
