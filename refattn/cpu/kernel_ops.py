@@ -180,39 +180,67 @@ def softmax_backward(dout: Any, cache: SoftmaxCpuCache) -> Any:
 # batch norm (training) and group norm
 
 
-class BatchNormCpuCache(BatchNormCache):
-    __slots__ = ()
+class BatchNormCpuCache(NamedTuple):
+    """The tier's batch-norm cache: the input and its statistics.  The
+    backward recomputes x̂ from them, with the forward's arithmetic, where the
+    generic cache stores x̂ (one full-size array fewer written and kept)."""
+
+    x: np.ndarray  # (N, C, *S) the input
+    mean: np.ndarray  # (C,) batch mean, x's dtype
+    inv_std: np.ndarray  # (C,) 1/sqrt(var + eps)
+    weight: Any  # (C,) γ, or None
+    has_bias: bool
+    training: bool  # always True: the tier takes training mode only
+
+    def generic(self) -> BatchNormCache:
+        """The generic cache of the same forward (x̂ computed here)."""
+        xhat = _normalise(self.x, self.mean, self.inv_std, 1, None, None)
+        return BatchNormCache(xhat, self.inv_std, self.weight, self.has_bias,
+                              self.training)
 
 
-class GroupNormCpuCache(GroupNormCache):
-    __slots__ = ()
+class GroupNormCpuCache(NamedTuple):
+    """The tier's group-norm cache: the input and its statistics (see
+    ``BatchNormCpuCache``); ``inv_std`` is the generic cache's field."""
+
+    x: np.ndarray  # (N, C, *S) the input
+    mean: np.ndarray  # (N·G,) per sample and group, x's dtype
+    inv_std: np.ndarray  # (N, G) 1/sqrt(var + eps)
+    weight: Any  # (C,) γ, or None
+    has_bias: bool
+
+    def generic(self) -> GroupNormCache:
+        """The generic cache of the same forward (x̂ computed here)."""
+        N, G = self.inv_std.shape
+        xhat = _normalise(self.x, self.mean, self.inv_std.reshape(-1),
+                          self.x.shape[1] // G, None, None)
+        return GroupNormCache(xhat, self.inv_std, self.weight, self.has_bias)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """(N, C, *S) -> the (N·C, L) rows of the kernels (a view)."""
+    return a.reshape(a.shape[0] * a.shape[1], -1)
 
 
 def _normalise(
     x: np.ndarray, mean: np.ndarray, inv_std: np.ndarray, per: int,
     weight: Any, bias: Any,
-) -> tuple[np.ndarray, np.ndarray]:
-    """x̂ and y = γ ⊙ x̂ + β in one pass over rows (N·C, L)."""
-    N, C = x.shape[0], x.shape[1]
-    rows = x.reshape(N * C, -1)  # (N·C, L)
-    xhat = np.empty_like(x)
-    y = xhat if weight is None and bias is None else np.empty_like(x)
-    _K.norm_apply(rows, mean, inv_std, per, _vec(weight, x.dtype),
-                  _vec(bias, x.dtype), xhat.reshape(rows.shape), y.reshape(rows.shape))
-    return xhat, y
+) -> np.ndarray:
+    """y = γ ⊙ x̂ + β, x̂ = (x − mean) · inv_std, in one pass over the rows
+    (x̂ itself when there is no γ and no β)."""
+    y = np.empty_like(x)
+    _K.norm_apply(_rows(x), mean, inv_std, per, _vec(weight, x.dtype),
+                  _vec(bias, x.dtype), _rows(y))
+    return y
 
 
-def _statistics(rows: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Biased mean and variance of each of `groups` groups of rows, where row
-    r belongs to group r % groups (float64 sums, two passes)."""
-    R, L = rows.shape
-    count = (R // groups) * L
-    sums = np.empty(R)
-    _K.row_sums(rows, rows, sums, _empty(np.float64))
-    mean = (sums.reshape(-1, groups).sum(axis=0) / count).astype(rows.dtype)
-    css = np.empty(R)
-    _K.row_sums_centered(rows, mean, css)
-    var = (css.reshape(-1, groups).sum(axis=0) / count).astype(rows.dtype)
+def _statistics(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and biased variance of x3[:, b, :] for each b, in x3's dtype
+    (float64 sums; the variance about the rounded mean, as NumPy's)."""
+    B = x3.shape[1]
+    mean = np.empty(B, x3.dtype)
+    var = np.empty(B, x3.dtype)
+    _K.group_mean_var(x3, mean, var)
     return mean, var
 
 
@@ -224,113 +252,118 @@ def batch_norm_forward(
     x: np.ndarray, weight: Any, bias: Any, running_mean: Any, running_var: Any,
     training: bool, momentum: float, eps: float,
 ) -> Any:
-    """batch_norm in training mode: per-(n, c) row sums in parallel, the
-    per-channel statistics from them, then one normalise-and-affine pass.
+    """batch_norm in training mode: each channel's statistics from two passes
+    over it while it is in cache, then one normalise-and-affine pass.
     Non-finite statistics go to the generic math, which reports them."""
     from refattn.ops import norm
 
     N, C = x.shape[0], x.shape[1]
     M = x.size // C
-    mean, var = _statistics(x.reshape(N * C, -1), C)  # (C,) each
+    mean, var = _statistics(x.reshape(N, C, -1))  # (C,) each
     if M == 1 or not _finite(mean, var):
         return norm._batch_norm.__wrapped__(
             x, weight, bias, running_mean, running_var, training, momentum, eps
         )
     inv_std = 1.0 / np.sqrt(var + eps)  # (C,)
-    xhat, y = _normalise(x, mean, inv_std, 1, weight, bias)
+    y = _normalise(x, mean, inv_std, 1, weight, bias)
     if running_mean is None:
         new_mean = new_var = None
     else:
         unbiased_var = var * (M / (M - 1))  # (C,)
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * unbiased_var
-    cache = BatchNormCpuCache(xhat, inv_std, weight, bias is not None, training)
+    cache = BatchNormCpuCache(x, mean, inv_std, weight, bias is not None, training)
     return (y, new_mean, new_var), cache
 
 
-def _row_sums(dout: np.ndarray, xhat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _row_sums(
+    dout: np.ndarray, x: np.ndarray, mean: np.ndarray, inv_std: np.ndarray, per: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Σ dout and Σ dout ⊙ x̂ per (n, c) row, float64, each (N, C)."""
-    N, C = xhat.shape[0], xhat.shape[1]
+    N, C = x.shape[0], x.shape[1]
     db = np.empty(N * C)
     dw = np.empty(N * C)
-    _K.row_sums(dout.reshape(N * C, -1), xhat.reshape(N * C, -1), db, dw)
+    _K.norm_row_sums(_rows(dout), _rows(x), mean, inv_std, per, db, dw)
     return db.reshape(N, C), dw.reshape(N, C)
 
 
 def _apply_backward(
-    dout: np.ndarray, xhat: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray
+    dout: np.ndarray, x: np.ndarray, mean: np.ndarray, inv_std: np.ndarray,
+    per: int, a: np.ndarray, b: np.ndarray, c: np.ndarray,
 ) -> np.ndarray:
     """dx = dout · a − x̂ · b − c with one coefficient of each per (n, c) row."""
-    N, C = xhat.shape[0], xhat.shape[1]
-    dx = np.empty_like(xhat)
-    rows = (N * C, -1)
-    _K.norm_backward_apply(dout.reshape(rows), xhat.reshape(rows),
+    dx = np.empty_like(x)
+    _K.norm_backward_apply(_rows(dout), _rows(x), mean, inv_std, per,
                            np.ascontiguousarray(a).reshape(-1),
                            np.ascontiguousarray(b).reshape(-1),
-                           np.ascontiguousarray(c).reshape(-1), dx.reshape(rows))
+                           np.ascontiguousarray(c).reshape(-1), _rows(dx))
     return dx
 
 
 def batch_norm_backward(dout: Any, cache: BatchNormCpuCache) -> Any:
     """The generic formula with the two per-channel sums from one parallel
     pass and dx from a second."""
-    xhat, inv_std, weight, has_bias, _ = cache  # training: always, here
-    if not _same(dout, xhat):
+    x, mean, inv_std, weight, has_bias, _ = cache  # training: always, here
+    if not _same(dout, x):
         from refattn.ops.norm import batch_norm_backward as generic
 
-        return generic(dout, BatchNormCache(*cache))
-    N, C = xhat.shape[0], xhat.shape[1]
-    M = xhat.size // C
-    db_nc, dw_nc = _row_sums(dout, xhat)  # (N, C) float64
-    dbias = db_nc.sum(axis=0).astype(xhat.dtype)  # (C,)
-    dweight = dw_nc.sum(axis=0).astype(xhat.dtype)  # (C,)
+        return generic(dout, cache.generic())
+    N, C = x.shape[0], x.shape[1]
+    M = x.size // C
+    db_nc, dw_nc = _row_sums(dout, x, mean, inv_std, 1)  # (N, C) float64
+    dbias = db_nc.sum(axis=0).astype(x.dtype)  # (C,)
+    dweight = dw_nc.sum(axis=0).astype(x.dtype)  # (C,)
     scale = inv_std if weight is None else weight * inv_std  # (C,)
     b = scale * (dweight / M)  # (C,)
     c = scale * (dbias / M)  # (C,)
-    dx = _apply_backward(dout, xhat, np.tile(scale, N), np.tile(b, N), np.tile(c, N))
+    dx = _apply_backward(dout, x, mean, inv_std, 1,
+                         np.tile(scale, N), np.tile(b, N), np.tile(c, N))
     return dx, (None if weight is None else dweight), (dbias if has_bias else None)
 
 
 def group_norm_forward(
     x: np.ndarray, weight: Any, bias: Any, G: int, eps: float
 ) -> Any:
-    """group_norm: per-(n, group) statistics in parallel, then one
-    normalise-and-affine pass over the (n, c) rows."""
+    """group_norm: each (sample, group)'s statistics from two passes over it
+    while it is in cache, then one normalise-and-affine pass over the (n, c)
+    rows."""
     from refattn.ops import norm
 
     N, C = x.shape[0], x.shape[1]
-    mean, var = _statistics(x.reshape(N * G, -1), N * G)  # (N·G,) each
+    mean, var = _statistics(x.reshape(1, N * G, -1))  # (N·G,) each
     if not _finite(mean, var):
         return norm._group_norm.__wrapped__(x, weight, bias, G, eps)
     inv_std = 1.0 / np.sqrt(var + eps)  # (N·G,)
-    xhat, y = _normalise(x, mean, inv_std, C // G, weight, bias)
-    return y, GroupNormCpuCache(xhat, inv_std.reshape(N, G), weight, bias is not None)
+    y = _normalise(x, mean, inv_std, C // G, weight, bias)
+    cache = GroupNormCpuCache(x, mean, inv_std.reshape(N, G), weight, bias is not None)
+    return y, cache
 
 
 def group_norm_backward(dout: Any, cache: GroupNormCpuCache) -> Any:
     """The generic formula: the per-(n, c) sums from one parallel pass, the
     group means from them, and dx from a second pass."""
-    xhat, inv_std, weight, has_bias = cache
-    if not _same(dout, xhat):
+    x, mean, inv_std, weight, has_bias = cache
+    if not _same(dout, x):
         from refattn.ops.norm import group_norm_backward as generic
 
-        return generic(dout, GroupNormCache(*cache))
-    N, C = xhat.shape[0], xhat.shape[1]
+        return generic(dout, cache.generic())
+    N, C = x.shape[0], x.shape[1]
     G = inv_std.shape[1]
-    K = xhat.size // (N * G)
-    db64, dw64 = _row_sums(dout, xhat)  # (N, C) float64
-    db_nc, dw_nc = db64.astype(xhat.dtype), dw64.astype(xhat.dtype)
+    K = x.size // (N * G)
+    per = C // G
+    db64, dw64 = _row_sums(dout, x, mean, inv_std.reshape(-1), per)  # (N, C) float64
+    db_nc, dw_nc = db64.astype(x.dtype), dw64.astype(x.dtype)
     gdb = db_nc if weight is None else db_nc * weight  # (N, C)
     gdw = dw_nc if weight is None else dw_nc * weight
-    mean_dxhat = gdb.reshape(N, G, C // G).sum(axis=-1) / K  # (N, G)
-    mean_dxhat_xhat = gdw.reshape(N, G, C // G).sum(axis=-1) / K
-    inv_c = np.repeat(inv_std, C // G, axis=1)  # (N, C)
+    mean_dxhat = gdb.reshape(N, G, per).sum(axis=-1) / K  # (N, G)
+    mean_dxhat_xhat = gdw.reshape(N, G, per).sum(axis=-1) / K
+    inv_c = np.repeat(inv_std, per, axis=1)  # (N, C)
     scale = inv_c if weight is None else inv_c * weight  # (N, C)
-    q = np.repeat(inv_std * mean_dxhat_xhat, C // G, axis=1)  # (N, C)
-    r = np.repeat(inv_std * mean_dxhat, C // G, axis=1)  # (N, C)
-    dx = _apply_backward(dout, xhat, scale, q, r)
-    dweight = None if weight is None else dw64.sum(axis=0).astype(xhat.dtype)
-    dbias = db64.sum(axis=0).astype(xhat.dtype) if has_bias else None
+    q = np.repeat(inv_std * mean_dxhat_xhat, per, axis=1)  # (N, C)
+    r = np.repeat(inv_std * mean_dxhat, per, axis=1)  # (N, C)
+    dx = _apply_backward(dout, x, mean, inv_std.reshape(-1), per, scale, q, r)
+    dweight = None if weight is None else dw64.sum(axis=0).astype(x.dtype)
+    dbias = db64.sum(axis=0).astype(x.dtype) if has_bias else None
     return dx, dweight, dbias
 
 

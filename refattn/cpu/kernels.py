@@ -47,14 +47,14 @@ __all__ = [
     "gate_channel_forward",
     "gate_spatial_backward",
     "gate_spatial_forward",
+    "group_mean_var",
     "max_pool2d_backward",
     "max_pool2d_forward",
     "norm_apply",
     "norm_backward_apply",
+    "norm_row_sums",
     "relu_backward_flat",
     "row_max_arg",
-    "row_sums",
-    "row_sums_centered",
     "small_conv_backward",
     "small_conv_forward",
     "softmax_backward_rows",
@@ -66,8 +66,8 @@ _jit = numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
 # lets LLVM split the sum into SIMD lanes (a 4x faster reduction at
 # (2048, 784) float32; softmax's backward at (4, 784, 196) float32: 2.98 ->
 # 2.34 ms forward + backward); the order of a float64 sum moves its result by
-# far less than the tier's tolerance, and no element-wise formula of these
-# kernels has two terms to regroup.
+# far less than the tier's tolerance, and a regrouped product inside a summed
+# term (the norms' dout ⊙ x̂) by an ulp of that term at most.
 _jit_sum = numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, nogil=True)
 
 
@@ -260,49 +260,42 @@ def softmax_backward_rows(dout, y, dx):  # pragma: no cover - compiled
 
 
 # ---------------------------------------------------------------------------
-# row statistics (the norms' sums; float64 results)
+# the norms: statistics, normalise-and-affine, and the backward's two passes
+#
+# x̂ = (x − mean) · inv_std is never stored: the forward writes y only, and
+# the backward recomputes x̂ from x where it reads it, with the same
+# arithmetic (so the same bits as a stored x̂).  Row r of the (R, L) rows
+# belongs to statistics group k = (r // per) % len(mean) and to channel
+# c = r % len(γ).
 
 
 @_jit_sum
-def row_sums(a, b, s_a, s_ab):  # pragma: no cover - compiled
-    """s_a[r] = Σ a[r];  s_ab[r] = Σ a[r] ⊙ b[r]  (b unused when s_ab is empty)."""
-    R, L = a.shape
-    both = s_ab.shape[0] == R
-    for r in numba.prange(R):
+def group_mean_var(x, mean, var):  # pragma: no cover - compiled
+    """For each b, the mean and the biased variance of x[:, b, :] (A, B, L):
+    mean = Σ x / n rounded to x's dtype, then var = Σ (x − mean)² / n with
+    the difference in x's dtype (as NumPy's x − mean); both sums in float64.
+    The second pass reads the group while the first has left it in cache."""
+    A, B, L = x.shape
+    n = A * L
+    for b in numba.prange(B):
         t = 0.0
-        tb = 0.0
-        if both:
+        for a in range(A):
             for j in range(L):
-                v = a[r, j]
-                t += v
-                tb += v * b[r, j]
-            s_ab[r] = tb
-        else:
+                t += x[a, b, j]
+        mean[b] = t / n
+        m = mean[b]  # rounded to x's dtype
+        q = 0.0
+        for a in range(A):
             for j in range(L):
-                t += a[r, j]
-        s_a[r] = t
-
-
-@_jit_sum
-def row_sums_centered(x, mean, out):  # pragma: no cover - compiled
-    """out[r] = Σ (x[r] − mean[r % len(mean)])², the centred value in x's
-    dtype (as NumPy's x − mean), squared and summed in float64."""
-    R, L = x.shape
-    G = mean.shape[0]
-    for r in numba.prange(R):
-        m = mean[r % G]
-        t = 0.0
-        for j in range(L):
-            d = x[r, j] - m
-            t += float(d) * float(d)
-        out[r] = t
+                d = x[a, b, j] - m
+                q += float(d) * float(d)
+        var[b] = q / n
 
 
 @_jit
-def norm_apply(x, mean, inv_std, per, gamma, beta, xhat, y):  # pragma: no cover
-    """Row r of group k = (r // per) % len(mean): x̂ = (x − mean[k]) · inv_std[k],
-    then y = x̂ · γ[c] + β[c] with c = r % len(γ) (empty γ: no scale; empty β:
-    no shift; y may be x̂ itself when both are empty)."""
+def norm_apply(x, mean, inv_std, per, gamma, beta, y):  # pragma: no cover
+    """y = x̂ · γ[c] + β[c], x̂ = (x − mean[k]) · inv_std[k] (empty γ: no
+    scale; empty β: no shift; both empty: y = x̂)."""
     R, L = x.shape
     G = mean.shape[0]
     C = gamma.shape[0]
@@ -311,38 +304,62 @@ def norm_apply(x, mean, inv_std, per, gamma, beta, xhat, y):  # pragma: no cover
         k = (r // per) % G
         m = mean[k]
         s = inv_std[k]
-        for j in range(L):
-            xhat[r, j] = (x[r, j] - m) * s
-        if C > 0:
+        if C > 0 and Cb > 0:
             g = gamma[r % C]
-            if Cb > 0:
-                b = beta[r % Cb]
-                for j in range(L):
-                    y[r, j] = xhat[r, j] * g + b
-            else:
-                for j in range(L):
-                    y[r, j] = xhat[r, j] * g
+            b = beta[r % Cb]
+            for j in range(L):
+                y[r, j] = ((x[r, j] - m) * s) * g + b
+        elif C > 0:
+            g = gamma[r % C]
+            for j in range(L):
+                y[r, j] = ((x[r, j] - m) * s) * g
         elif Cb > 0:
             b = beta[r % Cb]
             for j in range(L):
-                y[r, j] = xhat[r, j] + b
+                y[r, j] = ((x[r, j] - m) * s) + b
+        else:
+            for j in range(L):
+                y[r, j] = (x[r, j] - m) * s
+
+
+@_jit_sum
+def norm_row_sums(dout, x, mean, inv_std, per, s_d, s_dxhat):  # pragma: no cover
+    """s_d[r] = Σ dout[r];  s_dxhat[r] = Σ dout[r] ⊙ x̂[r]  (float64)."""
+    R, L = x.shape
+    G = mean.shape[0]
+    for r in numba.prange(R):
+        k = (r // per) % G
+        m = mean[k]
+        s = inv_std[k]
+        t = 0.0
+        tx = 0.0
+        for j in range(L):
+            v = dout[r, j]
+            t += v
+            tx += v * ((x[r, j] - m) * s)
+        s_d[r] = t
+        s_dxhat[r] = tx
 
 
 @_jit
-def norm_backward_apply(dout, xhat, a, b, c, dx):  # pragma: no cover - compiled
+def norm_backward_apply(dout, x, mean, inv_std, per, a, b, c, dx):  # pragma: no cover
     """dx[r] = dout[r] · a[r] − x̂[r] · b[r] − c[r]  (c may be empty: no term)."""
-    R, L = dout.shape
+    R, L = x.shape
+    G = mean.shape[0]
     has_c = c.shape[0] == R
     for r in numba.prange(R):
+        k = (r // per) % G
+        m = mean[k]
+        s = inv_std[k]
         ar = a[r]
         br = b[r]
         if has_c:
             cr = c[r]
             for j in range(L):
-                dx[r, j] = dout[r, j] * ar - xhat[r, j] * br - cr
+                dx[r, j] = dout[r, j] * ar - ((x[r, j] - m) * s) * br - cr
         else:
             for j in range(L):
-                dx[r, j] = dout[r, j] * ar - xhat[r, j] * br
+                dx[r, j] = dout[r, j] * ar - ((x[r, j] - m) * s) * br
 
 
 # ---------------------------------------------------------------------------

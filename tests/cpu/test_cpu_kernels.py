@@ -339,34 +339,82 @@ def test_group_norm_backward_with_a_bad_dout_raises_the_numpy_error() -> None:
     with pytest.raises(ValueError) as tier:
         group_norm_backward(np.ones((3, 32, 10, 12)), cache)
     with pytest.raises(ValueError) as numpy_path:
-        group_norm_backward(np.ones((3, 32, 10, 12)), GroupNormCache(*cache))
+        group_norm_backward(np.ones((3, 32, 10, 12)), cache.generic())
     assert str(tier.value) == str(numpy_path.value)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norm_apply_is_the_numpy_formula_bit_for_bit(dtype: str) -> None:
-    """Given the same statistics, x̂ = (x − μ)·inv and y = x̂·γ + β are the
-    NumPy ops' bits (same order, the data's dtype)."""
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_norm_passes_are_the_numpy_formula_bit_for_bit(dtype: str, affine: str) -> None:
+    """Given the same statistics, y = x̂·γ + β with x̂ = (x − μ)·inv is the NumPy
+    ops' bits (same order, the data's dtype), and so is the backward's
+    dout·a − x̂·b − c with x̂ recomputed from x: the same as a stored x̂."""
     N, C, L = 4, 6, 50
     x = normal((N, C, L), dtype)
     mean, inv = normal((C,), dtype, 1), np.abs(normal((C,), dtype, 2)) + 0.1
-    g, b = normal((C,), dtype, 3), normal((C,), dtype, 4)
-    xhat, y = np.empty_like(x), np.empty_like(x)
-    K.norm_apply(x.reshape(N * C, L), mean, inv, 1, g, b,
-                 xhat.reshape(N * C, L), y.reshape(N * C, L))
+    g = normal((C,), dtype, 3) if affine in ("both", "weight") else None
+    b = normal((C,), dtype, 4) if affine in ("both", "bias") else None
+    empty = np.empty(0, dtype)
+    y = np.empty_like(x)
+    K.norm_apply(x.reshape(N * C, L), mean, inv, 1, empty if g is None else g,
+                 empty if b is None else b, y.reshape(N * C, L))
     xhat0 = (x - mean[:, None]) * inv[:, None]
-    np.testing.assert_array_equal(xhat, xhat0)
-    y0 = xhat0 * g[:, None]
-    y0 += b[:, None]
+    y0 = xhat0 if g is None else xhat0 * g[:, None]
+    y0 = y0 if b is None else y0 + b[:, None]
     np.testing.assert_array_equal(y, y0)
+    dout = normal(x.shape, dtype, 8)
     dx = np.empty_like(x)
     a, bb, c = (np.tile(normal((C,), dtype, s), N) for s in (5, 6, 7))
-    K.norm_backward_apply(y.reshape(N * C, L), xhat.reshape(N * C, L), a, bb, c,
-                          dx.reshape(N * C, L))
-    dx0 = y * a.reshape(N, C, 1)
-    dx0 -= xhat * bb.reshape(N, C, 1)
+    K.norm_backward_apply(dout.reshape(N * C, L), x.reshape(N * C, L), mean, inv, 1,
+                          a, bb, c, dx.reshape(N * C, L))
+    dx0 = dout * a.reshape(N, C, 1)
+    dx0 -= xhat0 * bb.reshape(N, C, 1)
     dx0 -= c.reshape(N, C, 1)
     np.testing.assert_array_equal(dx, dx0)
+    # the row sums: Σ dout and Σ dout ⊙ x̂, float64
+    s_d, s_dx = np.empty(N * C), np.empty(N * C)
+    K.norm_row_sums(dout.reshape(N * C, L), x.reshape(N * C, L), mean, inv, 1, s_d, s_dx)
+    np.testing.assert_allclose(s_d, dout.astype(np.float64).sum(-1).reshape(-1),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        s_dx, (dout * xhat0).astype(np.float64).sum(-1).reshape(-1),
+        rtol=1e-12 if dtype == "float64" else 1e-6, atol=1e-12 if dtype == "float64" else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 6, 50), (1, 8, 3000), (3, 2, 1)])
+def test_group_mean_var_is_the_two_pass_formula(dtype: str, shape: tuple) -> None:
+    """mean = (Σ x / n) rounded to the dtype, var = Σ (x − mean)² / n with the
+    difference in the dtype, both sums in float64; and a shifted mean is
+    rejected by the same comparison."""
+    x = normal(shape, dtype) * 3 + 100
+    mean, var = np.empty(shape[1], dtype), np.empty(shape[1], dtype)
+    K.group_mean_var(x, mean, var)
+    n = shape[0] * shape[2]
+    mean0 = (x.astype(np.float64).sum(axis=(0, 2)) / n).astype(dtype)
+    d = (x - mean0[None, :, None]).astype(np.float64)
+    var0 = ((d * d).sum(axis=(0, 2)) / n).astype(dtype)
+    tol = {"rtol": 1e-12} if dtype == "float64" else {"rtol": 2 * np.finfo(dtype).eps}
+    np.testing.assert_allclose(mean, mean0, **tol)
+    np.testing.assert_allclose(var, var0, **tol)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(mean * (1 + 1e-5), mean0, **tol)
+
+
+def test_norm_cache_keeps_the_input_and_the_generic_cache_recomputes_xhat() -> None:
+    """The tier caches x and the statistics, not x̂; ``generic()`` rebuilds the
+    generic cache with x̂ = (x − mean)·inv_std, the forward's bits."""
+    x = normal((3, 32, 10, 13), "float32") * 2 - 1
+    _, gn = group_norm_forward(x, None, None, num_groups=8)
+    assert gn.x is x
+    xg = x.reshape(3, 8, -1)
+    xhat0 = ((xg - gn.mean.reshape(3, 8, 1)) * gn.inv_std.reshape(3, 8, 1)).reshape(x.shape)
+    np.testing.assert_array_equal(gn.generic().xhat, xhat0)
+    assert type(gn.generic()) is GroupNormCache and gn.generic().inv_std is gn.inv_std
+    _, bn = batch_norm_forward(x, None, None, None, None, training=True)
+    xhat0 = (x - bn.mean.reshape(1, 32, 1, 1)) * bn.inv_std.reshape(1, 32, 1, 1)
+    np.testing.assert_array_equal(bn.generic().xhat, xhat0)
+    assert type(bn.generic()) is BatchNormCache
 
 
 # ---------------------------------------------------------------------------
