@@ -749,8 +749,9 @@ def test_global_max_pool_is_numpy_bit_for_bit(dtype: str, keepdim: bool) -> None
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 12), length=st.integers(1, 100), levels=st.integers(1, 5),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-def test_row_max_arg_kernel_is_numpy_argmax_property(rows: int, length: int, levels: int,
-                                                   dtype: str, seed: int) -> None:
+def test_row_max_arg_kernel_is_numpy_argmax_property(
+    rows: int, length: int, levels: int, dtype: str, seed: int
+) -> None:
     """Eight lanes and a tail, with many ties (a few distinct values): the
     first position of the maximum, as NumPy's argmax."""
     x = np.random.default_rng(seed).integers(0, levels, (rows, length)).astype(dtype)
