@@ -6,6 +6,9 @@ the passes over the data done by the kernels of ``refattn.cpu.kernels``
 (numba, multi-threaded).  The caches are subclasses of the generic caches
 (same fields), so a block reads them as it reads the generic ones; their
 type routes the backward here (``refattn.ops.overrides.routed_by_cache``).
+The norms' caches are their own: they keep the input and its statistics
+instead of x̂, share the generic caches' ``inv_std`` (which CGNL's kink
+margin reads), and ``generic()`` rebuilds the generic cache.
 The small convolution's cache is its own (input, weight, has_bias), as the
 CUDA tier's: no block reads a convolution cache's fields.
 A backward whose ``dout`` is not a plain C-contiguous array of the
@@ -211,7 +214,7 @@ class GroupNormCpuCache(NamedTuple):
 
     def generic(self) -> GroupNormCache:
         """The generic cache of the same forward (x̂ computed here)."""
-        N, G = self.inv_std.shape
+        G = self.inv_std.shape[1]
         xhat = _normalise(self.x, self.mean, self.inv_std.reshape(-1),
                           self.x.shape[1] // G, None, None)
         return GroupNormCache(xhat, self.inv_std, self.weight, self.has_bias)
