@@ -363,7 +363,7 @@ def _taylor_kernel_backward(
         dt = xp.zeros_like(du)  # (N, G, M): y does not depend on θ^0
     if c.env_t is not None:
         dt = dt - (2.0 * c.gamma) * (c.t * c.y * dy)  # envelope exp(−γ θ²)
-    out[:, 0, ...] = dt
+    out[:, 0, ...] = dt  # (N, G, M)
     del du, dt
     # moments: s_q = c Σ_M φ^q w, a_q = α_q s_q
     dmom = da * c.alpha  # (N, G, Q+1) d(raw moment) before the scale
@@ -375,7 +375,7 @@ def _taylor_kernel_backward(
         out[:, 2, ...] = xp.exp(-c.gamma * (c.p * c.p)) * dw  # dg (N, G, M)
     else:
         out[:, 2, ...] = dw  # dg (N, G, M)
-    out[:, 1, ...] = dp
+    out[:, 1, ...] = dp  # (N, G, M)
     return out
 
 
