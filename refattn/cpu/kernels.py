@@ -267,9 +267,10 @@ def softmax_backward_rows(dout, y, dx):  # pragma: no cover - compiled
 #
 # x̂ = (x − mean) · inv_std is never stored: the forward writes y only, and
 # the backward recomputes x̂ from x where it reads it, with the same
-# arithmetic (so the same bits as a stored x̂).  Row r of the (R, L) rows
-# belongs to statistics group k = (r // per) % len(mean) and to channel
-# c = r % len(γ).
+# arithmetic: dx has the bits it would have with a stored x̂, and the
+# reassociating row sums may move a term of Σ dout ⊙ x̂ by an ulp.  Row r
+# of the (R, L) rows belongs to statistics group k = (r // per) % len(mean)
+# and to channel c = r % len(γ).
 
 
 @_jit_sum
