@@ -474,6 +474,14 @@ def add_outer_products(base, u1, v1, u2, v2, out):  # pragma: no cover - compile
 
 
 @numba.njit(inline="always")
+def _max_step(a, j, m, k):  # pragma: no cover - compiled
+    """One lane's step: (a, j) replaces (m, k) when a > m (the first of
+    equal maxima stays), as two selects that LLVM vectorises."""
+    g = a > m
+    return (a if g else m), (j if g else k)
+
+
+@numba.njit(inline="always")
 def _max_arg(v):  # pragma: no cover - compiled
     """(max v, its first position), in eight independent lanes as _row_max
     (lane u sees positions u, u + 8, ...; the first of equal maxima wins in
@@ -483,43 +491,16 @@ def _max_arg(v):  # pragma: no cover - compiled
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = v[0]
     k0 = k1 = k2 = k3 = k4 = k5 = k6 = k7 = 0
     for j in range(0, n - n % 8, 8):
-        a = v[j]
-        g = a > m0
-        m0 = a if g else m0
-        k0 = j if g else k0
-        a = v[j + 1]
-        g = a > m1
-        m1 = a if g else m1
-        k1 = j + 1 if g else k1
-        a = v[j + 2]
-        g = a > m2
-        m2 = a if g else m2
-        k2 = j + 2 if g else k2
-        a = v[j + 3]
-        g = a > m3
-        m3 = a if g else m3
-        k3 = j + 3 if g else k3
-        a = v[j + 4]
-        g = a > m4
-        m4 = a if g else m4
-        k4 = j + 4 if g else k4
-        a = v[j + 5]
-        g = a > m5
-        m5 = a if g else m5
-        k5 = j + 5 if g else k5
-        a = v[j + 6]
-        g = a > m6
-        m6 = a if g else m6
-        k6 = j + 6 if g else k6
-        a = v[j + 7]
-        g = a > m7
-        m7 = a if g else m7
-        k7 = j + 7 if g else k7
+        m0, k0 = _max_step(v[j], j, m0, k0)
+        m1, k1 = _max_step(v[j + 1], j + 1, m1, k1)
+        m2, k2 = _max_step(v[j + 2], j + 2, m2, k2)
+        m3, k3 = _max_step(v[j + 3], j + 3, m3, k3)
+        m4, k4 = _max_step(v[j + 4], j + 4, m4, k4)
+        m5, k5 = _max_step(v[j + 5], j + 5, m5, k5)
+        m6, k6 = _max_step(v[j + 6], j + 6, m6, k6)
+        m7, k7 = _max_step(v[j + 7], j + 7, m7, k7)
     for j in range(n - n % 8, n):
-        a = v[j]
-        g = a > m0
-        m0 = a if g else m0
-        k0 = j if g else k0
+        m0, k0 = _max_step(v[j], j, m0, k0)
     m, k = m0, k0
     for mu, ku in ((m1, k1), (m2, k2), (m3, k3), (m4, k4), (m5, k5), (m6, k6),
                    (m7, k7)):
