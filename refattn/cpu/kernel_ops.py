@@ -141,6 +141,11 @@ def _empty(dt: Any) -> np.ndarray:
     return np.empty(0, dtype=dt)
 
 
+def _rows(a: np.ndarray) -> np.ndarray:
+    """(N, C, *S) -> the (N·C, L) rows of the kernels (a view)."""
+    return a.reshape(a.shape[0] * a.shape[1], -1)
+
+
 def _vec(a: Any, dt: Any) -> np.ndarray:
     """An optional (C,) parameter as a contiguous array; empty for None."""
     return _empty(dt) if a is None else np.ascontiguousarray(a)
@@ -218,11 +223,6 @@ class GroupNormCpuCache(NamedTuple):
         xhat = _normalise(self.x, self.mean, self.inv_std.reshape(-1),
                           self.x.shape[1] // G, None, None)
         return GroupNormCache(xhat, self.inv_std, self.weight, self.has_bias)
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    """(N, C, *S) -> the (N·C, L) rows of the kernels (a view)."""
-    return a.reshape(a.shape[0] * a.shape[1], -1)
 
 
 def _normalise(
@@ -400,8 +400,7 @@ def gate_mul_forward(x: np.ndarray, z: np.ndarray) -> tuple[Any, GateMulCpuCache
     N, C = x.shape[0], x.shape[1]
     y = np.empty_like(x)
     if s.shape[1] == C:  # channel gate: one value per (n, c) row
-        _K.gate_channel_forward(x.reshape(N * C, -1), s.reshape(N * C),
-                                y.reshape(N * C, -1))
+        _K.gate_channel_forward(_rows(x), s.reshape(N * C), _rows(y))
     else:  # spatial gate: one value per (n, position)
         _K.gate_spatial_forward(x.reshape(N, C, -1), s.reshape(N, -1),
                                 y.reshape(N, C, -1))
@@ -419,8 +418,8 @@ def gate_mul_backward(dout: Any, cache: GateMulCpuCache) -> Any:
     dx = np.empty_like(x)
     if s.shape[1] == C:  # channel gate: one value per (n, c) row
         ds = np.empty(N * C)
-        _K.gate_channel_backward(dout.reshape(N * C, -1), x.reshape(N * C, -1),
-                                 s.reshape(N * C), dx.reshape(N * C, -1), ds)
+        _K.gate_channel_backward(_rows(dout), _rows(x), s.reshape(N * C),
+                                 _rows(dx), ds)
     else:  # spatial gate: one value per (n, position)
         ds = np.empty((N, x.size // (N * C)))
         _K.gate_spatial_backward(dout.reshape(N, C, -1), x.reshape(N, C, -1),
@@ -465,8 +464,7 @@ def add_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, AddCache]:
     """a + b with b per (n, c) row, on every core: one addition per element,
     NumPy's bits.  The generic cache: the backward's sums stay NumPy's."""
     out = np.empty_like(a)
-    R = a.shape[0] * a.shape[1]
-    _K.add_channel(a.reshape(R, -1), b.reshape(R), out.reshape(R, -1))
+    _K.add_channel(_rows(a), b.reshape(-1), _rows(out))
     return out, AddCache(tuple(a.shape), tuple(b.shape))
 
 
@@ -475,8 +473,7 @@ def add_broadcast_into(into: np.ndarray, g: np.ndarray) -> np.ndarray:
     core (the same single addition per element, so NumPy's bits)."""
     N, C = into.shape[0], into.shape[1]
     if g.shape[1] == C:
-        _K.add_channel(into.reshape(N * C, -1), g.reshape(N * C),
-                       into.reshape(N * C, -1))
+        _K.add_channel(_rows(into), g.reshape(N * C), _rows(into))
     else:
         _K.add_spatial(into.reshape(N, C, -1), g.reshape(N, -1), into.reshape(N, C, -1))
     return into
@@ -539,7 +536,7 @@ def global_pool_forward(x: np.ndarray, kind: str, keepdim: bool) -> Any:
     """The global max and its first arg-max in one pass ('max' only; the
     average is a BLAS product already)."""
     N, C = x.shape[0], x.shape[1]
-    rows = x.reshape(N * C, -1)
+    rows = _rows(x)
     out = np.empty(N * C, dtype=x.dtype)
     arg = np.empty(N * C, dtype=np.int64)
     _K.row_max_arg(rows, out, arg)
