@@ -81,9 +81,9 @@ _LOCK = threading.Lock()
 class _Serialised:
     """The kernels, imported on the first kernel call (so a process whose
     arrays all stay below MIN_ELEMENTS never imports numba), one call at a
-    time: numba's workqueue threading layer aborts the process when two
-    Python threads launch parallel kernels at once, so concurrent callers
-    queue here instead."""
+    time: numba's workqueue threading layer, the tier's layer where TBB is
+    not installed, aborts the process when two Python threads launch
+    parallel kernels at once, so concurrent callers queue here instead."""
 
     def __init__(self) -> None:
         self._module: Any = None
@@ -437,10 +437,10 @@ class ReluCpuCache(ReluCache):
 
 
 def relu_forward(x: np.ndarray) -> tuple[np.ndarray, ReluCpuCache]:
-    """max(x, 0) by NumPy itself (one SIMD pass, which a parallel kernel
-    does not beat once its launch is paid), with the cache that sends the
-    backward to the kernel."""
-    out = np.maximum(x, 0.0)  # like x
+    """max(x, 0) on every core, NumPy's ``maximum(x, 0.0)`` bits, with the
+    cache that sends the backward to the kernel."""
+    out = np.empty_like(x)
+    _K.relu_flat(x.reshape(-1), out.reshape(-1))
     return out, ReluCpuCache(out)
 
 

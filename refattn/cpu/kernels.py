@@ -31,11 +31,16 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba prefers its OpenMP layer when one is found; OpenMP's workers
-    # spin after each parallel loop and take the cores from the BLAS calls
-    # that follow (non_local float32 on 2 cores: 53 instead of 40 ms per
-    # forward + backward).  The workqueue layer's workers sleep.
-    numba.config.THREADING_LAYER = "workqueue"
+    # TBB when its wheel is installed (the cpu extra brings it where one
+    # exists), else the workqueue; never OpenMP, which numba would take
+    # before the workqueue.  Measured on 2 cores (docs/cpu-kernels.md, "The
+    # threading layer"): a launch costs 4 us on TBB (25 us right after a
+    # GEMM) and about 100 us on the workqueue, whose workers sleep between
+    # loops; GNU OpenMP's workers spin after each loop against OpenBLAS's,
+    # so a launch right after a GEMM costs 3.6 ms, and a forked child that
+    # launches one is terminated.
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+    numba.config.THREADING_LAYER = "default"
 
 __all__ = [
     "add_channel",
@@ -54,6 +59,7 @@ __all__ = [
     "norm_backward_apply",
     "norm_row_sums",
     "relu_backward_flat",
+    "relu_flat",
     "row_max_arg",
     "small_conv_backward",
     "small_conv_forward",
@@ -420,18 +426,26 @@ def gate_spatial_backward(dout, x, s, dx, ds):  # pragma: no cover - compiled
 
 
 # ---------------------------------------------------------------------------
-# ReLU's backward, a + b broadcast per row or per position, the rank-2 update
+# ReLU, a + b broadcast per row or per position, the rank-2 update
+
+
+@_jit
+def relu_flat(x, y):  # pragma: no cover - compiled
+    """Flat (M,): y = max(x, 0) with NumPy's ``maximum(x, 0.0)`` bits: NaN
+    is passed through, -0.0 becomes +0.0."""
+    zero = x.dtype.type(0.0)
+    for j in numba.prange(x.shape[0]):
+        v = x[j]
+        y[j] = v if (v > zero or v != v) else zero
 
 
 @_jit
 def relu_backward_flat(dout, y, dx):  # pragma: no cover - compiled
-    """Flat (M,): dx = dout · 1[y > 0], the mask as 1.0 / 0.0 (NumPy's
-    product, signed zeros and NaN included)."""
-    M = y.shape[0]
-    B = 1 << 16
-    for k in numba.prange((M + B - 1) // B):
-        for j in range(k * B, min(M, (k + 1) * B)):
-            dx[j] = dout[j] * (1.0 if y[j] > 0.0 else 0.0)
+    """Flat (M,): dx = dout · 1[y > 0], the mask as 1 / 0 in the data's
+    dtype (NumPy's product, signed zeros and NaN included)."""
+    one, zero = y.dtype.type(1.0), y.dtype.type(0.0)
+    for j in numba.prange(y.shape[0]):
+        dx[j] = dout[j] * (one if y[j] > zero else zero)
 
 
 @_jit

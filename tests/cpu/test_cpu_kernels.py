@@ -459,8 +459,8 @@ def test_relu_is_numpy_bit_for_bit(dtype: str) -> None:
         dx = relu_backward(dout, cache)
         dx0 = generic(relu_backward, dout, ReluCache(out0))
     _caches_of_tier(cache)
-    np.testing.assert_array_equal(out, out0)
-    np.testing.assert_array_equal(np.signbit(out), np.signbit(out0))
+    uint = np.uint32 if dtype == "float32" else np.uint64
+    np.testing.assert_array_equal(out.view(uint), out0.view(uint))  # NaNs' too
     np.testing.assert_array_equal(dx, dx0)
     np.testing.assert_array_equal(np.signbit(dx), np.signbit(dx0))
 
@@ -913,3 +913,57 @@ def test_threads_may_call_the_tier_at_once() -> None:
         t.join()
     for x, y in zip(xs, results):
         assert_close(y, generic(softmax_forward, x)[0], "float64")
+
+
+def _tbb_expected() -> bool:
+    """The cpu extra installs TBB's wheel on x86-64, where one exists."""
+    import platform
+
+    return (os.environ.get("REFATTN_REQUIRE_NUMBA") == "1"
+            and platform.machine() in ("x86_64", "AMD64"))
+
+
+def test_threading_layer_is_tbb_or_the_workqueue_never_openmp() -> None:
+    """GNU OpenMP's spinning workers make a launch after a GEMM cost
+    milliseconds, and it terminates a forked child that launches a loop
+    (docs/cpu-kernels.md, "The threading layer")."""
+    import numba
+
+    softmax_forward(normal((64, 300), "float64"))  # starts the thread pool
+    layer = numba.threading_layer()
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        pytest.skip(f"the layer is the user's: {layer}")
+    assert layer in ("tbb", "workqueue")
+    if _tbb_expected():
+        assert layer == "tbb"
+
+
+_FORK_SCRIPT = """
+import os
+import numpy as np
+from refattn.ops.softmax import softmax_forward
+
+x = np.random.default_rng(0).standard_normal((64, 300))
+want = softmax_forward(x)[0]  # the parent launches the tier first
+pid = os.fork()
+if pid == 0:
+    got = softmax_forward(x)[0]
+    os._exit(0 if np.array_equal(got, want) else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), type(softmax_forward(x)[1]).__name__)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_forked_child_runs_the_tier() -> None:
+    """The parent has launched kernels; a child forked after it gets the same
+    softmax (GNU OpenMP's layer would terminate it instead).  In a fresh
+    interpreter: this one may hold other libraries' threads (JAX's), which a
+    fork must not copy."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["child", "0", "SoftmaxCpuCache"], proc.stderr[-2000:]
