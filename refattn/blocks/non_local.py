@@ -73,7 +73,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays, Shape
-from refattn.backend import namespace, prod
+from refattn.backend import device, namespace, prod
 from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
                               _pointwise_conv_backward)
 from refattn.ops.elementwise import (AddCache, ReluCache, _add, _add_backward, _relu,
@@ -443,7 +443,19 @@ def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]
     del dphi, dg
 
     # 2. sub-sampling max-pool
-    if cfg.sub_sample:
+    dproj = None  # step 1's [dθ | dkv], when the pool writes into it
+    if cfg.sub_sample and embedded and not pool_first:
+        # the pool's gradient goes straight into rows Ci: of [dθ | dkv],
+        # which step 1 would otherwise concatenate
+        ci, K = int(dtheta.shape[1]), int(dkv.shape[1])
+        dkv = xp.reshape(dkv, (N, K) + _pooled(spatial))  # (N, 2Ci, *P(S))
+        dproj = xp.empty((N, ci + K) + spatial, dtype=dkv.dtype,
+                         device=device(dkv))  # (N, 3Ci, *S)
+        dproj[:, :ci, ...] = xp.reshape(dtheta, (N, ci) + spatial)
+        dproj = xp.reshape(_max_pool_backward(dkv, c.pool, out=(dproj, ci)),
+                           (N, ci + K, lq))  # (N, 3Ci, Lq)
+        del dkv
+    elif cfg.sub_sample:
         K = int(dkv.shape[1])
         dkv = xp.reshape(dkv, (N, K) + _pooled(spatial))  # (N, K, *P(S))
         dkv_full = xp.reshape(_max_pool_backward(dkv, c.pool), (N, K, lq))  # (N, K, Lq)
@@ -456,8 +468,9 @@ def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]
     if pool_first:
         dx_kv, dproj = dkv_full, dtheta if embedded else None
     elif embedded:
-        dproj = xp.concat([dtheta, dkv_full], axis=1)  # (N, 3Ci, Lq)
-        del dkv_full
+        if dproj is None:  # not written by step 2
+            dproj = xp.concat([dtheta, dkv_full], axis=1)  # (N, 3Ci, Lq)
+            del dkv_full
     else:
         dx_kv, dproj = dkv_full[:, :C, :], dkv_full[:, C:, :]  # x|g rows
     dx_proj = None

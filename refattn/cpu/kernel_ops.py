@@ -560,19 +560,30 @@ def max_pool_forward(
     return out, MaxPoolCpuCache(idx, tuple(x.shape), k, s)
 
 
-def max_pool_backward(dout: Any, cache: MaxPoolCpuCache) -> Any:
-    """dout to each window's arg-max, one plane per thread step."""
+def max_pool_backward(
+    dout: Any, cache: MaxPoolCpuCache, *, out: tuple[np.ndarray, int] | None = None
+) -> Any:
+    """dout to each window's arg-max, one plane per thread step; with
+    ``out=(buf, c0)`` into buf's channels c0 : c0 + C (see the generic
+    ``_max_pool_backward``), returning buf."""
     idx, x_shape, k, s = cache
     if (type(dout) is not np.ndarray or dout.shape != idx.shape
-            or dout.dtype not in _FLOATS):
-        from refattn.ops.pool import max_pool_backward as generic
+            or dout.dtype not in _FLOATS
+            or (out is not None and type(out[0]) is not np.ndarray)):
+        from refattn.ops.pool import _max_pool_backward, max_pool_backward
 
-        return generic(dout, MaxPoolCache(*cache))
+        if out is None:
+            return max_pool_backward(dout, MaxPoolCache(*cache))
+        return _max_pool_backward(dout, MaxPoolCache(*cache), out=out)
     check_array("dout", dout, shape=tuple(idx.shape))
     check_finite("dout", dout)
-    dx = np.empty(x_shape, dtype=dout.dtype)
-    _K.max_pool2d_backward(dout, idx, k[1], s[0], s[1], dx)  # dout: any strides
-    return dx
+    if out is None:
+        dx = buf = np.empty(x_shape, dtype=dout.dtype)  # (N, C, H, W)
+    else:
+        buf, c0 = out  # (N, C', H, W)
+        dx = buf[:, c0 : c0 + x_shape[1]]  # (N, C, H, W), a view
+    _K.max_pool2d_backward(dout, idx, k[1], s[0], s[1], dx)  # any strides
+    return buf
 
 
 # ---------------------------------------------------------------------------

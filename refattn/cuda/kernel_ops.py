@@ -262,12 +262,21 @@ def max_pool_forward(
     return out, MaxPoolKernelCache(arg, tuple(x.shape))
 
 
-def max_pool_backward(dout: Array, cache: MaxPoolKernelCache) -> Array:
+def max_pool_backward(
+    dout: Array, cache: MaxPoolKernelCache, *, out: tuple[Array, int] | None = None
+) -> Array:
     """VJP of max_pool: dx[n, c, arg] += dout (atomicAdd, so where windows
-    overlap the float sums may differ between runs in the last bit)."""
+    overlap the float sums may differ between runs in the last bit).  With
+    ``out=(buf, c0)`` dx is copied into buf's channels c0 : c0 + C and buf is
+    returned (see the generic ``_max_pool_backward``)."""
     arg, x_shape = cache
     _check_dout(dout, tuple(arg.shape))
-    return K.max_pool_backward(dout, arg, x_shape)  # (N, C, *S)
+    dx = K.max_pool_backward(dout, arg, x_shape)  # (N, C, *S)
+    if out is None:
+        return dx
+    buf, c0 = out  # (N, C', *S)
+    buf[:, c0 : c0 + x_shape[1]] = dx
+    return buf
 
 
 # ---------------------------------------------------------------------------

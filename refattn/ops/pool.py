@@ -140,15 +140,28 @@ def max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
 
 
 @routed_by_cache("max_pool")
-def _max_pool_backward(dout: Array, cache: MaxPoolCache) -> Array:
-    """The math of max_pool_backward, arguments already checked."""
+def _max_pool_backward(
+    dout: Array, cache: MaxPoolCache, *, out: tuple[Array, int] | None = None
+) -> Array:
+    """The math of max_pool_backward, arguments already checked.
+
+    ``out=(buf, c0)`` writes dx into the channels c0 : c0 + C of `buf`
+    (N, C', *S), a buffer of dout's dtype that the caller allocated (a
+    concatenation the caller would otherwise make), and returns `buf`; every
+    element of those channels is written.
+    """
     xp = namespace(dout=dout)
     idx, x_shape, k, s = cache
     so = tuple(idx.shape[2:])
-    dx = _grad_buffer(xp, dout, x_shape, k, s, so)  # (N, C, *S)
+    if out is None:
+        dx, c0 = _grad_buffer(xp, dout, x_shape, k, s, so), 0  # (N, C, *S)
+    else:
+        dx, c0 = out  # (N, C', *S)
+        if not _tiles(x_shape, k, s, so):
+            dx[_channels(c0, x_shape[1]) + (...,)] = 0.0
     for t, offset in enumerate(product(*(range(kk) for kk in k))):
         g = xp.astype(idx == t, dout.dtype) * dout  # (N, C, *So)
-        _scatter(dx, _windows(offset, s, so), g, k, s)
+        _scatter(dx, _windows(offset, s, so, c0, x_shape[1]), g, k, s)
     return dx
 
 
@@ -519,11 +532,19 @@ def _along(ndim: int, axis: int, sl: slice) -> tuple[slice, ...]:
     return (slice(None),) * axis + (sl,) + (slice(None),) * (ndim - axis - 1)
 
 
-def _windows(offset: Shape, s: Shape, so: Shape) -> tuple[slice, ...]:
-    """(N, C, *S) index of the elements at window offset `offset` of every window."""
-    return (slice(None), slice(None)) + tuple(
+def _windows(
+    offset: Shape, s: Shape, so: Shape, c0: int = 0, channels: int | None = None
+) -> tuple[slice, ...]:
+    """(N, C, *S) index of the elements at window offset `offset` of every
+    window (of channels c0 : c0 + channels of a larger buffer, if given)."""
+    return _channels(c0, channels) + tuple(
         window(t, ss, n) for t, ss, n in zip(offset, s, so)
     )
+
+
+def _channels(c0: int, channels: int | None) -> tuple[slice, slice]:
+    """(N, C', ...) index of channels c0 : c0 + channels (all when None)."""
+    return (slice(None), slice(c0, None if channels is None else c0 + channels))
 
 
 def _window_sum(xp: Any, x: Array, k: Shape, s: Shape, so: Shape) -> Array:
@@ -589,9 +610,14 @@ def _grad_buffer(
     so that the K window offsets write every element once; zeros otherwise
     (overlaps, gaps, and the floor-mode tail that gets no gradient).
     """
-    tiles = all(kk == ss and o * kk == d for kk, ss, o, d in zip(k, s, so, x_shape[2:]))
-    make = xp.empty if tiles else xp.zeros
+    make = xp.empty if _tiles(x_shape, k, s, so) else xp.zeros
     return make(tuple(x_shape), dtype=dout.dtype, device=device(dout))  # (N, C, *S)
+
+
+def _tiles(x_shape: Shape, k: Shape, s: Shape, so: Shape) -> bool:
+    """kernel == stride and the windows cover x exactly: the K window offsets
+    write every element of x once."""
+    return all(kk == ss and o * kk == d for kk, ss, o, d in zip(k, s, so, x_shape[2:]))
 
 
 def _scatter(dx: Array, index: tuple[slice, ...], g: Array, k: Shape, s: Shape) -> None:

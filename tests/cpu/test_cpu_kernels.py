@@ -704,6 +704,36 @@ def test_max_pool_takes_a_channel_slice_and_a_strided_dout(dtype: str) -> None:
         dx, generic(max_pool_backward, np.ascontiguousarray(dout), c0))
 
 
+class _Sub(np.ndarray):
+    """An ndarray subclass: the tier leaves it to the NumPy formulas."""
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", [((2, 2), None), ((3, 3), (2, 2))])
+def test_max_pool_backward_into_channels_of_a_buffer(dtype: str, geometry: Any) -> None:
+    """out=(buf, c0), as non_local's backward passes it: the fresh dx's bits
+    (sums in another order where windows overlap) in channels c0 : c0 + C,
+    every element written (buf starts as NaN), the others left alone; also
+    through the generic route, which a subclass takes."""
+    from refattn.ops.pool import _max_pool_backward
+
+    k, s = geometry
+    x = _with_ties((3, 16, 15, 14), dtype)
+    out, cache = max_pool_forward(x, kernel_size=k, stride=s)
+    _caches_of_tier(cache)
+    dout = normal(out.shape, dtype, 1)
+    want = generic(max_pool_backward, dout,
+                   generic(max_pool_forward, x, kernel_size=k, stride=s)[1])
+    for d in (dout, dout.view(_Sub)):
+        buf = np.full((3, 21, 15, 14), np.nan, dtype=dtype)
+        assert _max_pool_backward(d, cache, out=(buf, 3)) is buf
+        if s is not None and type(d) is np.ndarray:
+            assert_close(buf[:, 3:19], want, dtype)  # overlaps: another order
+        else:
+            np.testing.assert_array_equal(buf[:, 3:19], want)
+        assert np.isnan(buf[:, :3]).all() and np.isnan(buf[:, 19:]).all()
+
+
 def test_max_pool_backward_checks_dout_finite() -> None:
     x = normal((3, 16, 16, 16), "float64")
     out, cache = max_pool_forward(x, kernel_size=2)

@@ -266,6 +266,33 @@ def test_windowed_matches_naive_loops_with_ties(kind: str, case: tuple) -> None:
     np.testing.assert_allclose(bwd(dout, cache), ref_dx, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize(
+    "x_shape,k,s",
+    [((2, 3, 8), 2, 2),  # the windows tile x
+     ((2, 3, 7, 6), 2, 2),  # a floor-mode tail row that gets no gradient
+     ((2, 3, 7, 7), 3, 2),  # overlapping windows
+     ((1, 2, 4, 5, 6), (2, 2, 3), (2, 2, 3))],
+)
+def test_max_pool_backward_into_channels_of_a_buffer(x_shape, k, s) -> None:
+    """out=(buf, c0) writes exactly the fresh dx into channels c0 : c0 + C,
+    every one of them (buf starts as NaN), and leaves the others alone."""
+    from refattn.cuda import use_kernels
+    from refattn.ops.pool import _max_pool_backward
+
+    rng = np.random.default_rng(5)
+    x = tie_free(rng, x_shape)
+    with use_kernels(False):  # the generic math (the CPU tier's is in tests/cpu)
+        out, cache = max_pool_forward(x, kernel_size=k, stride=s)
+        dout = rng.standard_normal(out.shape)
+        want = max_pool_backward(dout, cache)
+        n, c = x_shape[:2]
+        buf = np.full((n, c + 3) + x_shape[2:], np.nan)
+        got = _max_pool_backward(dout, cache, out=(buf, 2))
+    assert got is buf
+    np.testing.assert_array_equal(buf[:, 2 : 2 + c], want)
+    assert np.isnan(buf[:, :2]).all() and np.isnan(buf[:, 2 + c :]).all()
+
+
 def test_all_equal_window_sends_everything_to_its_first_element() -> None:
     x = np.ones((1, 1, 4, 4))
     out, cache = max_pool_forward(x, kernel_size=2)
