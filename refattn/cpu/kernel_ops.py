@@ -468,12 +468,26 @@ def add_forward(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, AddCache]:
     return out, AddCache(tuple(a.shape), tuple(b.shape))
 
 
+def addend_kind(into: Any, g: Any) -> str | None:
+    """gate_kind's cases, and 'shared' for g (1, C, 1, ..., 1), a C-contiguous
+    ndarray of into's dtype: one value per channel for every sample (a
+    convolution's bias)."""
+    kind = gate_kind(into, g)
+    if (kind is None and _beside(g, into) and g.ndim == into.ndim >= 3
+            and g.shape[0] == 1 and g.shape[1] == into.shape[1]
+            and all(d == 1 for d in g.shape[2:])):
+        return "shared"
+    return kind
+
+
 def add_broadcast_into(into: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """into += g in place, g per (n, c) row or per (n, position), on every
-    core (the same single addition per element, so NumPy's bits)."""
+    """into += g in place, g per (n, c) row, per channel or per (n,
+    position), on every core (the same single addition per element, so
+    NumPy's bits)."""
     N, C = into.shape[0], into.shape[1]
     if g.shape[1] == C:
-        _K.add_channel(_rows(into), g.reshape(N * C), _rows(into))
+        per_row = g.reshape(-1) if g.shape[0] == N else np.tile(g.reshape(C), N)  # (N·C,)
+        _K.add_channel(_rows(into), per_row, _rows(into))
     else:
         _K.add_spatial(into.reshape(N, C, -1), g.reshape(N, -1), into.reshape(N, C, -1))
     return into
@@ -657,7 +671,7 @@ OVERRIDES: dict[str, Override] = {
     "relu": Override(
         lambda x: _takes(x),
         relu_forward, relu_backward, ReluCpuCache,
-        "ReLU's backward in one pass (the forward is NumPy's maximum)",
+        "ReLU's forward and its backward, one pass each",
     ),
     "add": Override(
         lambda a, b: gate_kind(a, b) == "channel" and _takes(a),
@@ -665,10 +679,10 @@ OVERRIDES: dict[str, Override] = {
         "a + b with b per (n, c) row, forward (GC's channel_add)",
     ),
     "add_broadcast_into": Override(
-        lambda into, g: gate_kind(into, g) is not None and _takes(into),
+        lambda into, g: addend_kind(into, g) is not None and _takes(into),
         add_broadcast_into, _unreachable, type(None),
-        "into += g in place, g per (n, c) or per (n, position): the average "
-        "pools' backward",
+        "into += g in place, g per (n, c), per channel or per (n, position): "
+        "the average pools' backward and the convolutions' bias",
     ),
     "add_outer_products": Override(
         lambda base, *uv: outer_kind(base, *uv) and _takes(base),

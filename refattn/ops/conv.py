@@ -44,6 +44,7 @@ from refattn.backend import (
     zeros_like_shape,
 )
 from refattn.ops.overrides import overridable, routed_by_cache
+from refattn.ops.pool import _add_broadcast_into
 
 __all__ = [
     "SHIFTED_MIN_CHANNELS",
@@ -334,7 +335,7 @@ def _conv2d_shifted(
     out = xp.empty((N, Cout, ho, wo), dtype=x.dtype, device=device(x))
     out[...] = xp.permute_dims(y4, (1, 0, 2, 3))  # (N, O, Ho, Wo), row-major
     if bias is not None:
-        out += xp.reshape(bias, (1, Cout, 1, 1))
+        out = _add_broadcast_into(out, xp.reshape(bias, (1, Cout, 1, 1)))  # in place
     cache = Conv2dShiftedCache(
         xc, weight, (N, C, H, W), (1, 1), padding, (1, 1), 1, bias is not None
     )
@@ -492,8 +493,8 @@ def _mix_forward(
         wg = xp.reshape(w2, (G, Cout // G, K // G))  # (G, O/G, K/G)
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
         out = xp.reshape(matmul(xp, wg, cg), (N, Cout, L))  # (N, O, L)
-    if bias is not None:
-        out += xp.reshape(bias, (Cout, 1))  # in place on the fresh product
+    if bias is not None:  # in place on the fresh product, on every core with the tier
+        out = _add_broadcast_into(out, xp.reshape(bias, (1, Cout, 1)))  # (N, O, L)
     return out
 
 

@@ -368,8 +368,8 @@ def _add_broadcast_into(into: Array, g: Array) -> Array:
     """into += g broadcast to into's shape, in place; returns into.
 
     g is (N, C, 1, ..., 1) for a global average, (N, 1, *S) for a channel
-    mean: one addition per element, which the CPU tier spreads over the
-    cores with the same bits.
+    mean, (1, C, 1, ..., 1) for a convolution's bias: one addition per
+    element, which the CPU tier spreads over the cores with the same bits.
     """
     xp = namespace(into=into)
     into += xp.broadcast_to(g, tuple(into.shape))  # (N, C, *S)

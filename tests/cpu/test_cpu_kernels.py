@@ -505,8 +505,8 @@ def test_add_per_channel_is_numpy_bit_for_bit(dtype: str,
 
 def test_add_of_other_broadcasts_stays_on_the_numpy_path(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Same shapes (NumPy's single SIMD pass beats a parallel kernel once
-    its launch is paid), b shared over the batch, b per position, strided b."""
+    """The tier's add takes b per (n, c) only: not same shapes, b shared
+    over the batch, b per position or a strided b."""
     a = normal((4, 24, 14, 13), "float64")
     taken = _tier_steps_taken(monkeypatch)
     for b in (normal((4, 24, 14, 13), "float64"), normal((1, 24, 1, 1), "float64"),
@@ -515,6 +515,24 @@ def test_add_of_other_broadcasts_stays_on_the_numpy_path(
         out, _ = add_forward(a, b)
         np.testing.assert_array_equal(out, a + b)
     assert taken == set()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_bias_is_added_on_the_tier_bit_for_bit(
+        dtype: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A convolution's bias, one value per channel for every sample, is added
+    in place by the tier (the 1x1 product and the shifted-view k x k path):
+    NumPy's single addition per element, so its bits, signed zeros included."""
+    x, w = normal((4, 24, 14, 13), dtype), normal((32, 24, k, k), dtype, 1)
+    b = normal((32,), dtype, 2)
+    b[:2] = [-0.0, 0.0]
+    taken = _tier_steps_taken(monkeypatch)
+    out, _ = conv2d_forward(x, w, b, padding=k // 2)
+    assert "add_broadcast_into" in taken
+    out0, _ = generic(conv2d_forward, x, w, b, padding=k // 2)
+    uint = np.uint32 if dtype == "float32" else np.uint64
+    np.testing.assert_array_equal(out.view(uint), out0.view(uint))
 
 
 def _outer_operands(dtype: str, shared: bool) -> tuple[np.ndarray, ...]:
