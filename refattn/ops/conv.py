@@ -504,25 +504,38 @@ def _mix_backward(
 ) -> tuple[Array | None, Array, Array | None]:
     """VJP of _mix_forward: (dcols, dW2, db); dcols is None when not needed.
 
-    dcols[n] = W2ᵀ · dout[n] and dW2 = Σ_n dout[n] · cols[n]ᵀ: one batched
-    matmul each, the second followed by the sum over n.
+    dW2 = Σ_n dout[n] · cols[n]ᵀ, one product per sample added in order
+    (the bits of a batched product summed over n, without its (N, O, K)
+    temporary), then dcols[n] = W2ᵀ · dout[n], one batched matmul.
     """
     N, K, L = cols.shape
     Cout = w2.shape[0]
     if groups == 1:
+        dw2 = _sum_of_products(xp, dout3, cols)  # (O, K)
         dcols = matmul(xp, w2.mT, dout3) if need_dcols else None  # (N, K, L)
-        dw2 = xp.sum(matmul(xp, dout3, cols.mT), axis=0)  # (O, K)
     else:
         G = groups
         wg = xp.reshape(w2, (G, Cout // G, K // G))  # (G, O/G, K/G)
         cg = xp.reshape(cols, (N, G, K // G, L))  # (N, G, K/G, L)
         dg = xp.reshape(dout3, (N, G, Cout // G, L))  # (N, G, O/G, L)
+        dwg = _sum_of_products(xp, dg, cg)  # (G, O/G, K/G)
+        dw2 = xp.reshape(dwg, (Cout, K // G))  # (O, K/G)
         dcols = (xp.reshape(matmul(xp, wg.mT, dg), (N, K, L))  # (N, K, L)
                  if need_dcols else None)
-        dwg = xp.sum(matmul(xp, dg, cg.mT), axis=0)  # (G, O/G, K/G)
-        dw2 = xp.reshape(dwg, (Cout, K // G))  # (O, K/G)
     dbias = xp.sum(dout3, axis=(0, 2)) if has_bias else None  # (O,)
     return dcols, dw2, dbias
+
+
+def _sum_of_products(xp: Any, a: Array, b: Array) -> Array:
+    """Σ_n a[n] · b[n]ᵀ over the leading axis, accumulated in order: the same
+    additions as ``xp.sum(a @ bᵀ, axis=0)``, one product alive at a time.
+
+        a (N, ..., O, L), b (N, ..., K, L) -> (..., O, K)
+    """
+    total = matmul(xp, a[0, ...], b[0, ...].mT)  # (..., O, K), a fresh array
+    for n in range(1, int(a.shape[0])):
+        total += matmul(xp, a[n, ...], b[n, ...].mT)
+    return total
 
 
 # ---------------------------------------------------------------------------

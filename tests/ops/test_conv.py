@@ -767,3 +767,22 @@ def test_pointwise_backward_without_dx_gives_the_same_weight_grads(groups) -> No
     assert none is None and dx is not None
     np.testing.assert_array_equal(dw_only, dw)
     np.testing.assert_array_equal(db_only, db)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("a_shape,b_shape", [((8, 24, 50), (8, 16, 50)),  # groups == 1
+                                             ((3, 2, 12, 40), (3, 2, 8, 40)),  # 2 groups
+                                             ((1, 5, 7), (1, 3, 7))])
+def test_weight_gradient_sum_is_the_batched_sums_bits(dtype, a_shape, b_shape) -> None:
+    """dW's per-sample products added in order are the bits of the batched
+    product summed over the batch (and a reordered sum is not)."""
+    from refattn.ops.conv import _sum_of_products
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(a_shape).astype(dtype)
+    b = rng.standard_normal(b_shape).astype(dtype)
+    products = np.matmul(a, np.swapaxes(b, -1, -2))
+    got = _sum_of_products(np, a, b)
+    np.testing.assert_array_equal(got, np.sum(products, axis=0))
+    if a_shape[0] > 2:  # the same terms added in another order move some bits
+        assert not np.array_equal(got, np.sum(products[::-1], axis=0))
