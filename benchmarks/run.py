@@ -75,6 +75,11 @@ MALLOC_MODES: dict[str, dict[str, str]] = {
 }
 
 SIDES = ("refattn", "torch")
+# The standard table (CPU) also times refattn's matmuls alone ("matmuls": the
+# worker replays the matmuls of one forward + backward on their operands), so
+# each row carries its floor: matmuls alone / PyTorch, the ratio refattn would
+# reach if every pass but the BLAS calls were free.
+FLOOR_SIDES = ("refattn", "matmuls", "torch")
 
 
 # ---------------------------------------------------------------------------
@@ -234,12 +239,13 @@ def measure_block(
     env: Mapping[str, str],
     rounds: int,
     device: str,
+    sides: Sequence[str] = SIDES,
 ) -> dict[str, Any]:
-    """Both sides, `rounds` fresh processes each, the order alternating."""
+    """Every side, `rounds` fresh processes each, the order alternating."""
     case = STANDARD[block]
-    per_side: dict[str, dict[str, Any]] = {s: {"times": [], "runs": []} for s in SIDES}
+    per_side: dict[str, dict[str, Any]] = {s: {"times": [], "runs": []} for s in sides}
     for r in range(rounds):
-        order = SIDES if r % 2 == 0 else SIDES[::-1]
+        order = tuple(sides) if r % 2 == 0 else tuple(sides)[::-1]
         for side in order:
             job = {
                 "task": "block",
@@ -294,6 +300,8 @@ def measure_block(
     if "median_ms" in out["refattn"] and "median_ms" in out["torch"]:
         out["ratio"] = out["refattn"]["median_ms"] / out["torch"]["median_ms"]
         out["ratio_min"] = out["refattn"]["min_ms"] / out["torch"]["min_ms"]
+    if "median_ms" in out.get("matmuls", {}) and "median_ms" in out["torch"]:
+        out["floor"] = out["matmuls"]["median_ms"] / out["torch"]["median_ms"]
     return out
 
 
@@ -639,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         env_m,
                         args.rounds,
                         device,
+                        FLOOR_SIDES if device == "cpu" else SIDES,
                     )
                     res["measured_at"] = _dt.datetime.now().isoformat(
                         timespec="seconds"
@@ -716,8 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _line(res: Mapping[str, Any]) -> str:
     parts = []
-    for side in SIDES:
-        s = res.get(side, {})
+    for side in (name for name in FLOOR_SIDES if name in res):
+        s = res[side]
         if "median_ms" in s:
             parts.append(
                 f"{side} {s['median_ms']:8.2f} ms (peak {s['peak_mb']:6.1f} MB, "
@@ -727,6 +736,8 @@ def _line(res: Mapping[str, Any]) -> str:
             parts.append(f"{side} ERROR")
     if "ratio" in res:
         parts.append(f"ratio {res['ratio']:.2f}")
+    if "floor" in res:
+        parts.append(f"floor {res['floor']:.2f}")
     return "  ".join(parts)
 
 

@@ -9,8 +9,10 @@ Tasks (``"task"`` in the JSON argument):
 
 ``block``      forward + backward of one block; side ``refattn`` (NumPy, or
                CuPy with ``device='cuda'``) or ``torch`` (eager autograd, CPU
-               or CUDA).  Returns per-rep wall times, the first call's time,
-               peak memory and process counters.
+               or CUDA), or ``matmuls``: only the matmuls of refattn's
+               forward + backward, replayed on the operands it gave them.
+               Returns per-rep wall times, the first call's time, peak memory
+               and process counters.
 ``gemm``       an n x n x n matmul (the machine's attainable matmul rate for
                that side and dtype).
 ``gradcheck``  refattn ``gradcheck_block`` (fast / full) or
@@ -292,6 +294,9 @@ def _block_refattn(job: Mapping[str, Any]) -> dict[str, Any]:
         _outputs, cache = spec.forward(inputs, params, state, cfg)
         spec.backward(douts, cache)
 
+    if job["side"] == "matmuls":
+        rep = _matmuls_alone(rep)
+
     _runtime_warmup("refattn", job.get("device"))
 
     if job.get("device") == "cuda":
@@ -306,6 +311,34 @@ def _block_refattn(job: Mapping[str, Any]) -> dict[str, Any]:
         res["mem_method"] = "cupy-pool-growth"
         return res
     return _time_loop(rep, job["warmup"], job["reps"], sync, job["min_time"])
+
+
+def _matmuls_alone(rep: Callable[[], None]) -> Callable[[], None]:
+    """A rep that makes only the matmuls `rep` makes: the same operands (the
+    arrays themselves, so the same shapes, strides and values), in the same
+    order, each result a fresh array as in the block.  Its time is the floor
+    of refattn's time with this BLAS: what the block would cost if every
+    other pass were free."""
+    import array_api_compat.numpy as anp
+
+    orig = anp.matmul
+    calls: list[tuple[Any, Any, dict[str, Any]]] = []
+
+    def record(a: Any, b: Any, /, **kw: Any) -> Any:
+        calls.append((a, b, kw))
+        return orig(a, b, **kw)
+
+    anp.matmul = record
+    try:
+        rep()
+    finally:
+        anp.matmul = orig
+
+    def matmuls() -> None:
+        for a, b, kw in calls:
+            orig(a, b, **kw)
+
+    return matmuls
 
 
 def _block_torch(job: Mapping[str, Any]) -> dict[str, Any]:
