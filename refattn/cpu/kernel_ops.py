@@ -25,6 +25,11 @@ data's dtype), and softmax's ``exp`` is the kernels' own polynomial (within
 softmax, the norms' statistics and gradients and the gates' ``dz`` agree
 with the NumPy path within ``TOLERANCE``.
 
+The sums of products of the shifted-view convolution (``c += a·b``) are no
+kernel: they go to NumPy's own BLAS as one GEMM with β = 1
+(``refattn.cpu.blas``), within ``TOLERANCE`` of the product formed and
+then added.
+
 ``OVERRIDES`` says when each kernel is taken: plain ``numpy.ndarray``
 inputs, C-contiguous, float32 or float64, at least ``MIN_ELEMENTS``
 elements (below that numba's call and thread-pool start cost more than the
@@ -43,6 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from refattn.backend import check_array, check_finite
+from refattn.cpu import blas
 from refattn.cuda import kernels_enabled
 from refattn.ops import overrides
 from refattn.ops.conv import _check_dout as _check_conv_dout
@@ -70,8 +76,9 @@ TOLERANCE: dict[str, tuple[float, float]] = {
 }
 """(rtol, atol relative to the reference's largest magnitude) within which
 the tier's results agree with the NumPy path where their arithmetic differs
-(float64 sums instead of pairwise or BLAS ones in the data's dtype; libm's
-exp instead of NumPy's)."""
+(float64 sums instead of pairwise or BLAS ones in the data's dtype; the
+kernels' exp instead of NumPy's; a product added by BLAS as it is
+written)."""
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _K: Any = None  # refattn.cpu.kernels behind _Serialised, set by register()
@@ -493,6 +500,18 @@ def add_broadcast_into(into: np.ndarray, g: np.ndarray) -> np.ndarray:
     return into
 
 
+def product_applies(c: Any, a: Any, b: Any) -> bool:
+    """c += a·b goes to NumPy's BLAS: ``blas.applies`` (2-D float operands,
+    c a writeable row-major view), c of at least MIN_ELEMENTS elements, and
+    the BLAS found."""
+    return (
+        blas.applies(c, a, b)
+        and c.size >= MIN_ELEMENTS
+        and kernels_enabled()
+        and blas.gemm() is not None
+    )
+
+
 def outer_kind(base: Any, u1: Any, v1: Any, u2: Any, v2: Any) -> bool:
     """base (N, n, m) with u1 (N, n, 1), v1 and v2 (N, 1, m), u2 (n, 1),
     (1, n, 1) or (N, n, 1), all ndarrays of base's dtype."""
@@ -683,6 +702,12 @@ OVERRIDES: dict[str, Override] = {
         add_broadcast_into, _unreachable, type(None),
         "into += g in place, g per (n, c), per channel or per (n, position): "
         "the average pools' backward and the convolutions' bias",
+    ),
+    "add_product_into": Override(
+        product_applies,
+        blas.add_product_into, _unreachable, type(None),
+        "c += a·b in place as one GEMM with β = 1 (NumPy's own BLAS, "
+        "refattn.cpu.blas): the shifted-view convolution's sums over taps",
     ),
     "add_outer_products": Override(
         lambda base, *uv: outer_kind(base, *uv) and _takes(base),

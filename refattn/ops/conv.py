@@ -43,6 +43,7 @@ from refattn.backend import (
     window,
     zeros_like_shape,
 )
+from refattn.ops.linear import _add_product_into
 from refattn.ops.overrides import overridable, routed_by_cache
 from refattn.ops.pool import _add_broadcast_into
 
@@ -322,15 +323,12 @@ def _conv2d_shifted(
     grid[:, :, padding[0] : padding[0] + H, padding[1] : padding[1] + W] = (
         xp.permute_dims(x, (1, 0, 2, 3))
     )
-    y = None  # (O, Q)
+    y = xp.matmul(weight[:, :, 0, 0], xc[:, :Q])  # (O, Q), tap (0, 0)
     for u in range(KH):
         for v in range(KW):
-            d = _shift(u, v, Wp)
-            term = xp.matmul(weight[:, :, u, v], xc[:, d : d + Q])  # (O, Q)
-            if y is None:
-                y = term
-            else:
-                y += term
+            if u or v:
+                d = _shift(u, v, Wp)
+                _add_product_into(y, weight[:, :, u, v], xc[:, d : d + Q])  # (O, Q)
     y4 = xp.reshape(y, (Cout, N, Hp, Wp))[:, :, :ho, :wo]  # (O, N, Ho, Wo) view
     out = xp.empty((N, Cout, ho, wo), dtype=x.dtype, device=device(x))
     out[...] = xp.permute_dims(y4, (1, 0, 2, 3))  # (N, O, Ho, Wo), row-major
@@ -371,7 +369,7 @@ def _conv2d_shifted_backward(
         for v in range(KW):
             s = _shift(u, v, Wp)
             taps.append(xp.matmul(d, xc[:, s : s + Q].mT))  # (O, C)
-            dxc[:, s : s + Q] += xp.matmul(weight[:, :, u, v].mT, d)  # (C, Q)
+            _add_product_into(dxc[:, s : s + Q], weight[:, :, u, v].mT, d)  # (C, Q)
     dweight = xp.reshape(xp.stack(taps, axis=2), (Cout, C, KH, KW))
     grid = xp.reshape(dxc[:, :Q], (C, N, Hp, Wp))[:, :, ph : ph + H, pw : pw + W]
     dx = xp.empty((N, C, H, W), dtype=dout.dtype, device=device(dout))

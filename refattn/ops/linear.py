@@ -246,6 +246,25 @@ def _add_outer_products(base: Array, u1: Array, v1: Array, u2: Array, v2: Array)
     return out
 
 
+@overridable("add_product_into")
+def _add_product_into(c: Array, a: Array, b: Array) -> Array:
+    """c ← c + a·b in place; returns c.
+
+    Math:
+        c[i, j] += Σ_k a[i, k] b[k, j]
+    Shapes:
+        c (M, N), a (M, K), b (K, N); c may be a view into a larger array
+    The product is formed, then added: one more pass over c than the
+    product itself.  The CPU tier adds it as BLAS writes it (a GEMM with
+    β = 1, ``refattn.cpu.blas``), within the tier's tolerance.  The
+    shifted-view convolution sums its KH·KW tap products this way, forward
+    and backward.
+    """
+    xp = namespace(c=c)
+    c += matmul(xp, a, b)  # (M, N)
+    return c
+
+
 def _check_dout(dout: Array, want: Shape, **forward: Array) -> None:
     """dout must have the forward's output shape `want` and its dtype."""
     check_array("dout", dout)

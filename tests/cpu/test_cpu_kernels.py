@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from refattn.ops.elementwise import (
     relu_forward,
 )
 from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
-from refattn.ops.linear import _add_outer_products
+from refattn.ops.linear import _add_outer_products, _add_product_into
 from refattn.ops.norm import (
     BatchNormCache,
     GroupNormCache,
@@ -60,7 +61,7 @@ if os.environ.get("REFATTN_REQUIRE_NUMBA") == "1":
 else:
     pytest.importorskip("numba", reason="the cpu extra (numba) is not installed")
 
-from refattn.cpu import kernel_ops
+from refattn.cpu import blas, kernel_ops
 from refattn.cpu import kernels as K
 
 DTYPES = ("float32", "float64")
@@ -527,6 +528,7 @@ def test_conv_bias_is_added_on_the_tier_bit_for_bit(
     x, w = normal((4, 24, 14, 13), dtype), normal((32, 24, k, k), dtype, 1)
     b = normal((32,), dtype, 2)
     b[:2] = [-0.0, 0.0]
+    monkeypatch.delitem(overrides.CPU_OVERRIDES, "add_product_into")  # NumPy's sums on both sides
     taken = _tier_steps_taken(monkeypatch)
     out, _ = conv2d_forward(x, w, b, padding=k // 2)
     assert "add_broadcast_into" in taken
@@ -577,6 +579,217 @@ def test_add_outer_products_of_other_shapes_stays_on_the_numpy_path(
     np.testing.assert_array_equal(out, base + (u1 * v1 + u2[:1] * v2[:, :, :1]))
     assert taken == set()
 
+
+# ---------------------------------------------------------------------------
+# sums of products through NumPy's own BLAS (a GEMM with beta = 1)
+
+
+needs_blas = pytest.mark.skipif(
+    blas.library_path() is None,
+    reason="this NumPy is not built with its bundled ILP64 OpenBLAS",
+)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+def _fresh_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make blas.gemm() look for the library again (restored afterwards)."""
+    monkeypatch.setattr(blas, "_looked", False)
+    monkeypatch.setattr(blas, "_found", None)
+
+
+@needs_blas
+def test_numpys_own_blas_is_found_and_passes_its_check() -> None:
+    """The library found is the one NumPy loaded (the same file mapped into
+    the process), and it passes the load-time check."""
+    assert blas.gemm() is not None
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert os.path.realpath(blas.library_path()) in maps.read_text()
+
+
+WHOLE, WINDOW = (slice(None), slice(None)), (slice(None), slice(35, 165))
+PRODUCT_LAYOUTS = {  # name -> (buffer, c's window in it, a, b): (48, 130) += (48, 64)·(64, 130)
+    "row-major": lambda d: (normal((48, 130), d), WHOLE, normal((48, 64), d, 1),
+                            normal((64, 130), d, 2)),
+    "c a window of a wider array": lambda d: (normal((48, 200), d), WINDOW, normal((48, 64), d, 1),
+                                              normal((64, 200), d, 2)[:, 7:137]),
+    "a and b transposed": lambda d: (normal((48, 130), d), WHOLE, normal((64, 48), d, 1).T,
+                                     normal((130, 64), d, 2).T),
+    "a a strided tap of a weight": lambda d: (normal((48, 130), d), WHOLE,
+                                              normal((48, 64, 3, 3), d, 1)[:, :, 1, 2],
+                                              normal((64, 130), d, 2)),
+    "b broadcast along a row": lambda d: (normal((48, 130), d), WHOLE, normal((48, 64), d, 1),
+                                          np.broadcast_to(normal((64, 1), d, 2), (64, 130))),
+}
+
+
+@needs_blas
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", sorted(PRODUCT_LAYOUTS))
+def test_add_product_into_matches_numpy(dtype: str, layout: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """c += a·b through BLAS, whatever the operands' strides: NumPy's product
+    and addition within the tolerance, c updated in place, and nothing
+    around it in its buffer touched."""
+    buf, window, a, b = PRODUCT_LAYOUTS[layout](dtype)
+    c = buf[window]
+    before = buf.copy()
+    want = c + a @ b
+    taken = _tier_steps_taken(monkeypatch)
+    out = _add_product_into(c, a, b)
+    assert taken == {"add_product_into"} and out is c
+    assert_close(buf[window], want, dtype)
+    outside = np.ones(buf.shape, dtype=bool)
+    outside[window] = False
+    np.testing.assert_array_equal(_bits(buf[outside]), _bits(before[outside]))
+
+
+@needs_blas
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_product_into_with_a_long_contraction_is_within_tolerance(dtype: str) -> None:
+    """K = 3000 spans several of OpenBLAS's blocks, each added to c in turn:
+    the sum regrouped, within the tier's tolerance."""
+    c, a, b = normal((40, 150), dtype), normal((40, 3000), dtype, 1), normal((3000, 150), dtype, 2)
+    want = c + a @ b
+    _add_product_into(c, a, b)
+    assert_close(c, want, dtype)
+
+
+@needs_blas
+@pytest.mark.parametrize("wrong", ["negated", "scaled", "zeroed", "one ulp x 1000"])
+def test_the_product_comparison_rejects_a_wrong_sum(wrong: str) -> None:
+    c, a, b = normal((40, 150), "float32"), normal((40, 3000), "float32", 1), normal((3000, 150), "float32", 2)
+    want = c + a @ b
+    _add_product_into(c, a, b)
+    bad = {"negated": -c, "scaled": c * np.float32(1.001), "zeroed": np.zeros_like(c),
+           "one ulp x 1000": c + 1000 * np.spacing(c)}[wrong]
+    with pytest.raises(AssertionError):
+        assert_close(bad, want, "float32")
+
+
+def test_products_blas_cannot_write_stay_on_the_numpy_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """c column-major, read-only, overlapping an operand, too small, of another
+    dtype than its operands, 3-D, or a subclass: NumPy's product and addition."""
+    d = "float64"
+    buf = normal((128, 130), d)
+    cases = [
+        (normal((130, 64), d).T, normal((64, 32), d, 1), normal((32, 130), d, 2)),  # column-major
+        (np.broadcast_to(normal((1, 130), d), (64, 130)), normal((64, 32), d, 1), normal((32, 130), d, 2)),
+        (buf[:64], buf[64:96, :64].T @ np.eye(32, dtype=d), buf[32:64]),  # b overlaps c
+        (normal((8, 130), d), normal((8, 32), d, 1), normal((32, 130), d, 2)),  # 1,040 < MIN_ELEMENTS
+        (normal((64, 130), d), normal((64, 32), "float32", 1), normal((32, 130), d, 2)),
+        (normal((2, 64, 130), d), normal((2, 64, 32), d, 1), normal((2, 32, 130), d, 2)),
+        (normal((64, 130), d).view(_Sub), normal((64, 32), d, 1), normal((32, 130), d, 2)),
+    ]
+    taken = _tier_steps_taken(monkeypatch)
+    for c, a, b in cases:
+        if c.flags.writeable:
+            want = np.asarray(c + np.asarray(a, dtype=c.dtype) @ b).copy()
+            out = _add_product_into(c, a, b)
+            np.testing.assert_array_equal(np.asarray(out), want)
+        else:
+            assert not kernel_ops.product_applies(c, a, b)
+    assert taken == set()
+
+
+def test_without_numpys_blas_the_shifted_conv_is_numpys(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No bundled OpenBLAS found (NumPy built against another BLAS): the
+    override declines and the convolution runs NumPy's formulas."""
+    _fresh_lookup(monkeypatch)
+    monkeypatch.setattr(blas, "library_path", lambda: None)
+    assert blas.gemm() is None
+    x, w = normal((2, 32, 12, 12), "float64"), normal((40, 32, 3, 3), "float64", 1)
+    taken = _tier_steps_taken(monkeypatch)
+    out, _ = conv2d_forward(x, w, None, padding=1)
+    assert "add_product_into" not in taken
+    np.testing.assert_array_equal(out, generic(conv2d_forward, x, w, None, padding=1)[0])
+
+
+@needs_blas
+@pytest.mark.parametrize("fault", ["beta 0", "transpose ignored", "leading dimension ignored",
+                                   "swapped operands"])
+def test_the_load_check_rejects_a_wrong_gemm(fault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check made before the first use fails on a GEMM that overwrites c,
+    that reads a transposed operand as row-major, that takes c's rows as
+    contiguous, or that multiplies b·a; then gemm() is None."""
+    real = blas._bind(blas.library_path())
+
+    def wrong(f: Any) -> Any:
+        def call(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # noqa: ANN001, ANN202
+            if fault == "beta 0":
+                beta = 0.0
+            elif fault == "transpose ignored":
+                ta, lda = blas._NO_TRANS, k
+            elif fault == "leading dimension ignored":
+                ldc = n
+            else:
+                a, b = b, a
+            return f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        return call
+
+    bad = {dt: wrong(f) for dt, f in real.items()}
+    assert blas._passes_check(real)
+    assert not blas._passes_check(bad)
+    _fresh_lookup(monkeypatch)
+    monkeypatch.setattr(blas, "_bind", lambda path: bad)
+    assert blas.gemm() is None
+
+
+@needs_blas
+def test_generic_env_keeps_products_on_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    c, _, a, b = PRODUCT_LAYOUTS["row-major"]("float64")
+    assert kernel_ops.product_applies(c, a, b)
+    monkeypatch.setenv("REFATTN_KERNELS", "generic")
+    assert not kernel_ops.product_applies(c, a, b)
+
+
+@needs_blas
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k, padding", [(3, 1), (5, 0), (3, (2, 0))])
+def test_shifted_conv_sums_its_taps_in_blas(
+        dtype: str, k: int, padding: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shifted-view k x k convolution adds each tap's product as BLAS
+    writes it, forward (into Y) and backward (into dX's shifted views):
+    out, dx, dW and db as on the NumPy path, within the tolerance."""
+    x, w = normal((3, 24, 11, 13), dtype), normal((40, 24, k, k), dtype, 1)
+    b = normal((40,), dtype, 2)
+    taken = _tier_steps_taken(monkeypatch)
+    out, cache = conv2d_forward(x, w, b, padding=padding)
+    dout = normal(out.shape, dtype, 3)
+    grads = conv2d_backward(dout, cache)
+    assert "add_product_into" in taken
+    out0, cache0 = generic(conv2d_forward, x, w, b, padding=padding)
+    grads0 = generic(conv2d_backward, dout, cache0)
+    for got, want in zip((out, *grads), (out0, *grads0)):
+        assert_close(got, want, dtype)
+
+
+@needs_blas
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 70), n=st.integers(1, 90), k=st.integers(1, 64),
+       lead=st.integers(0, 9), trans_a=st.booleans(), trans_b=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_add_product_into_property(m: int, n: int, k: int, lead: int, trans_a: bool,
+                                   trans_b: bool, dtype: str, seed: int) -> None:
+    """Any shapes, c a view with extra columns on each side, a and b in
+    either order: NumPy's product and addition within the tolerance, through
+    the BLAS call itself (below MIN_ELEMENTS too), and the columns beside c
+    untouched."""
+    buf = normal((m, n + 2 * lead), dtype, seed)
+    c = buf[:, lead:lead + n]
+    a = normal((k, m), dtype, seed + 1).T if trans_a else normal((m, k), dtype, seed + 1)
+    b = normal((n, k), dtype, seed + 2).T if trans_b else normal((k, n), dtype, seed + 2)
+    assert blas.applies(c, a, b)
+    before, want = buf.copy(), c + a @ b
+    blas.add_product_into(c, a, b)
+    assert_close(c, want, dtype)
+    np.testing.assert_array_equal(_bits(buf[:, :lead]), _bits(before[:, :lead]))
+    np.testing.assert_array_equal(_bits(buf[:, lead + n:]), _bits(before[:, lead + n:]))
 
 # ---------------------------------------------------------------------------
 # the small k x k convolution (CBAM's spatial conv)

@@ -14,6 +14,7 @@ from refattn import backend
 from refattn.gradcheck import gradcheck_op
 from refattn.ops.linear import (
     _add_outer_products,
+    _add_product_into,
     _matmul_backward,
     linear_backward,
     linear_forward,
@@ -527,6 +528,29 @@ def test_add_outer_products_leaves_its_operands_alone() -> None:
     for o, c in zip(ops, copies):
         np.testing.assert_array_equal(o, c)
         assert not np.shares_memory(out, o)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_add_product_into_writes_into_a_window_of_its_buffer(xb, dtype) -> None:
+    """c += a·b into a window of a wider array (the shifted convolution's
+    dX[:, s : s + Q]): the window holds c + a·b, the columns beside it are
+    untouched, on NumPy (whichever tier) and on array_api_strict."""
+    rng = np.random.default_rng(25)
+    host = rng.standard_normal((48, 160)).astype(dtype)
+    ha, hb = (rng.standard_normal(s).astype(dtype) for s in ((48, 64), (64, 130)))
+    buf, a, b = xb.asarray(host.copy()), xb.asarray(ha), xb.asarray(hb)
+    out = _add_product_into(buf[:, 20:150], a, b)
+    got = backend.to_host(buf)
+    want = host.copy()
+    want[:, 20:150] += ha @ hb
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == "float32" else 1e-12,
+                               atol=1e-5 if dtype == "float32" else 1e-12)
+    np.testing.assert_array_equal(got[:, :20], host[:, :20])
+    np.testing.assert_array_equal(got[:, 150:], host[:, 150:])
+    np.testing.assert_array_equal(backend.to_host(out), got[:, 20:150])
+    # the comparison sees a product left out or added twice
+    assert not np.allclose(host[:, 20:150], want[:, 20:150], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want[:, 20:150] + ha @ hb, want[:, 20:150], rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_backward_without_da_gives_the_same_db() -> None:
