@@ -63,7 +63,10 @@ _lock = threading.Lock()
 def library_path() -> str | None:
     """The bundled OpenBLAS of this NumPy (``numpy.libs`` on Linux and
     Windows, ``numpy/.dylibs`` on macOS), or None."""
-    config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    try:
+        config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except (KeyError, TypeError, ValueError):  # a NumPy that does not say
+        return None
     if config.get("name") != "scipy-openblas" or "USE64BITINT" not in str(
         config.get("openblas configuration", "")
     ):

@@ -710,6 +710,19 @@ def test_without_numpys_blas_the_shifted_conv_is_numpys(
     np.testing.assert_array_equal(out, generic(conv2d_forward, x, w, None, padding=1)[0])
 
 
+@pytest.mark.parametrize("config", [
+    {"Build Dependencies": {"blas": {"name": "accelerate"}}},
+    {"Build Dependencies": {"blas": {"name": "scipy-openblas",
+                                     "openblas configuration": "OpenBLAS 0.3.31 DYNAMIC_ARCH"}}},
+    {"Build Dependencies": {}},
+])
+def test_only_numpys_ilp64_openblas_is_taken(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another BLAS, an OpenBLAS with 32-bit integers, or a configuration that
+    names none: no library, whatever files lie beside NumPy."""
+    monkeypatch.setattr(np, "show_config", lambda mode=None: config)
+    assert blas.library_path() is None
+
+
 @needs_blas
 @pytest.mark.parametrize("fault", ["beta 0", "transpose ignored", "leading dimension ignored",
                                    "swapped operands"])
