@@ -7,7 +7,8 @@ For each block at its standard shape, after two warm-up calls:
 
 1. refattn under cProfile: the functions of refattn (and the array-API
    wrappers it calls) by self time, with file:line;
-2. every ``xp.matmul`` refattn makes, timed individually: the calling line in
+2. every ``xp.matmul`` refattn makes, and every GEMM with β = 1 of the CPU
+   tier (``refattn.cpu.blas``), timed individually: the calling line in
    refattn, operand shapes and strides, milliseconds and GFLOP/s (a matmul
    far below the machine's GEMM rate points at a layout problem or at a
    matmul too small to amortise its overhead);
@@ -65,7 +66,8 @@ def _caller() -> str:
     f = sys._getframe(2)
     while f is not None:
         name = f.f_code.co_filename
-        if "/refattn/" in name and not name.endswith("backend.py"):
+        if "/refattn/" in name and not name.endswith(("backend.py", "blas.py", "overrides.py")) \
+                and f.f_code.co_name != "_add_product_into":
             return f"{name.split('/refattn/', 1)[1]}:{f.f_lineno} ({f.f_code.co_name})"
         f = f.f_back
     return "?"
@@ -100,12 +102,34 @@ def matmul_log(
         )
         return out
 
-    anp.matmul = timed
+    from refattn.cpu import blas
+
+    gemm = blas._call
+
+    def timed_gemm(found: Any, c: Any, a: Any, b: Any) -> None:
+        t0 = time.perf_counter()
+        gemm(found, c, a, b)
+        dt = time.perf_counter() - t0
+        fl = 2 * c.size * a.shape[-1]
+        log.append(
+            {
+                "where": _caller() + " [GEMM, beta = 1]",
+                "a": list(a.shape),
+                "a_strides": list(a.strides),
+                "b": list(b.shape),
+                "b_strides": list(b.strides),
+                "out": list(c.shape),
+                "ms": dt * 1e3,
+                "gflops": fl / dt / 1e9 if dt > 0 else None,
+            }
+        )
+
+    anp.matmul, blas._call = timed, timed_gemm
     try:
         _outputs, cache = spec.forward(inputs, params, state, cfg)
         spec.backward(douts, cache)
     finally:
-        anp.matmul = orig
+        anp.matmul, blas._call = orig, gemm
     return log
 
 

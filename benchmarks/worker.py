@@ -9,8 +9,9 @@ Tasks (``"task"`` in the JSON argument):
 
 ``block``      forward + backward of one block; side ``refattn`` (NumPy, or
                CuPy with ``device='cuda'``) or ``torch`` (eager autograd, CPU
-               or CUDA), or ``matmuls``: only the matmuls of refattn's
-               forward + backward, replayed on the operands it gave them.
+               or CUDA), or ``matmuls``: only the matrix products of
+               refattn's forward + backward (its matmuls and the CPU tier's
+               GEMMs), replayed on the operands it gave them.
                Returns per-rep wall times, the first call's time, peak memory
                and process counters.
 ``gemm``       an n x n x n matmul (the machine's attainable matmul rate for
@@ -314,31 +315,38 @@ def _block_refattn(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _matmuls_alone(rep: Callable[[], None]) -> Callable[[], None]:
-    """A rep that makes only the matmuls `rep` makes: the same operands (the
-    arrays themselves, so the same shapes, strides and values), in the same
-    order, each result a fresh array as in the block.  Its time is the floor
-    of refattn's time with this BLAS: what the block would cost if every
-    other pass were free."""
+    """A rep that makes only the matrix products `rep` makes: its matmuls and
+    the CPU tier's GEMMs with β = 1 (``refattn.cpu.blas``), on the same
+    operands (the arrays themselves, so the same shapes, strides and values),
+    in the same order, each matmul's result a fresh array as in the block.
+    Its time is the floor of refattn's time with this BLAS: what the block
+    would cost if every other pass were free."""
     import array_api_compat.numpy as anp
 
-    orig = anp.matmul
-    calls: list[tuple[Any, Any, dict[str, Any]]] = []
+    from refattn.cpu import blas
 
-    def record(a: Any, b: Any, /, **kw: Any) -> Any:
-        calls.append((a, b, kw))
-        return orig(a, b, **kw)
+    matmul, gemm = anp.matmul, blas._call
+    calls: list[Callable[[], Any]] = []
 
-    anp.matmul = record
+    def record_matmul(a: Any, b: Any, /, **kw: Any) -> Any:
+        calls.append(lambda: matmul(a, b, **kw))
+        return matmul(a, b, **kw)
+
+    def record_gemm(found: Any, c: Any, a: Any, b: Any) -> None:
+        calls.append(lambda: gemm(found, c, a, b))  # adds into c again: timing only
+        gemm(found, c, a, b)
+
+    anp.matmul, blas._call = record_matmul, record_gemm
     try:
         rep()
     finally:
-        anp.matmul = orig
+        anp.matmul, blas._call = matmul, gemm
 
-    def matmuls() -> None:
-        for a, b, kw in calls:
-            orig(a, b, **kw)
+    def products() -> None:
+        for call in calls:
+            call()
 
-    return matmuls
+    return products
 
 
 def _block_torch(job: Mapping[str, Any]) -> dict[str, Any]:
