@@ -28,7 +28,8 @@ import pstats
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,12 @@ def _setup(block: str, dtype: str) -> tuple[Any, Any, dict, dict, dict, dict]:
     )
 
 
-def _caller() -> str:
-    f = sys._getframe(2)
+def _caller(depth: int = 2) -> str:
+    f = sys._getframe(depth)
     while f is not None:
         name = f.f_code.co_filename
         if "/refattn/" in name and not name.endswith(("backend.py", "blas.py", "overrides.py")) \
-                and f.f_code.co_name != "_add_product_into":
+                and f.f_code.co_name not in ("_add_product_into", "_product_into"):
             return f"{name.split('/refattn/', 1)[1]}:{f.f_lineno} ({f.f_code.co_name})"
         f = f.f_back
     return "?"
@@ -76,60 +77,51 @@ def _caller() -> str:
 def matmul_log(
     spec: Any, cfg: Any, inputs: dict, params: dict, state: dict, douts: dict
 ) -> list[dict[str, Any]]:
-    """Every matmul of one forward+backward, timed, with its calling line."""
+    """Every matrix product of one forward+backward, timed, with its calling
+    line: the matmuls, the CPU tier's GEMMs with β = 1 and its matmuls into
+    a buffer's rows."""
     import array_api_compat.numpy as anp
 
-    orig = anp.matmul
+    from refattn.cpu import blas
+
+    orig, gemm, write = anp.matmul, blas._call, blas._write
     log: list[dict[str, Any]] = []
 
-    def timed(a: Any, b: Any, /, **kw: Any) -> Any:
+    def timed_call(tag: str, call: Callable[[], Any], a: Any, b: Any) -> Any:
         t0 = time.perf_counter()
-        out = orig(a, b, **kw)
+        out = call()
         dt = time.perf_counter() - t0
-        k = a.shape[-1]
-        fl = 2 * out.size * k
+        out_shape = tuple(a.shape[:-1]) + (b.shape[-1],) if out is None else out.shape
+        fl = 2 * prod(out_shape) * a.shape[-1]
         log.append(
             {
-                "where": _caller(),
+                "where": _caller(3) + tag,
                 "a": list(a.shape),
                 "a_strides": list(a.strides),
                 "b": list(b.shape),
                 "b_strides": list(b.strides),
-                "out": list(out.shape),
+                "out": list(out_shape),
                 "ms": dt * 1e3,
                 "gflops": fl / dt / 1e9 if dt > 0 else None,
             }
         )
         return out
 
-    from refattn.cpu import blas
-
-    gemm = blas._call
+    def timed(a: Any, b: Any, /, **kw: Any) -> Any:
+        return timed_call("", lambda: orig(a, b, **kw), a, b)
 
     def timed_gemm(found: Any, c: Any, a: Any, b: Any) -> None:
-        t0 = time.perf_counter()
-        gemm(found, c, a, b)
-        dt = time.perf_counter() - t0
-        fl = 2 * c.size * a.shape[-1]
-        log.append(
-            {
-                "where": _caller() + " [GEMM, beta = 1]",
-                "a": list(a.shape),
-                "a_strides": list(a.strides),
-                "b": list(b.shape),
-                "b_strides": list(b.strides),
-                "out": list(c.shape),
-                "ms": dt * 1e3,
-                "gflops": fl / dt / 1e9 if dt > 0 else None,
-            }
-        )
+        timed_call(" [GEMM, beta = 1]", lambda: gemm(found, c, a, b), a, b)
 
-    anp.matmul, blas._call = timed, timed_gemm
+    def timed_write(c: Any, a: Any, b: Any) -> None:
+        timed_call(" [matmul into rows]", lambda: write(c, a, b), a, b)
+
+    anp.matmul, blas._call, blas._write = timed, timed_gemm, timed_write
     try:
         _outputs, cache = spec.forward(inputs, params, state, cfg)
         spec.backward(douts, cache)
     finally:
-        anp.matmul, blas._call = orig, gemm
+        anp.matmul, blas._call, blas._write = orig, gemm, write
     return log
 
 

@@ -315,9 +315,9 @@ def _block_refattn(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _matmuls_alone(rep: Callable[[], None]) -> Callable[[], None]:
-    """A rep that makes only the matrix products `rep` makes: its matmuls and
-    the CPU tier's GEMMs with β = 1 (``refattn.cpu.blas``), on the same
-    operands (the arrays themselves, so the same shapes, strides and values),
+    """A rep that makes only the matrix products `rep` makes: its matmuls,
+    the CPU tier's GEMMs with β = 1 and its matmuls into a buffer's rows
+    (``refattn.cpu.blas``), on the same operands (the arrays themselves, so the same shapes, strides and values),
     in the same order, each matmul's result a fresh array as in the block.
     Its time is the floor of refattn's time with this BLAS: what the block
     would cost if every other pass were free."""
@@ -325,7 +325,7 @@ def _matmuls_alone(rep: Callable[[], None]) -> Callable[[], None]:
 
     from refattn.cpu import blas
 
-    matmul, gemm = anp.matmul, blas._call
+    matmul, gemm, write = anp.matmul, blas._call, blas._write
     calls: list[Callable[[], Any]] = []
 
     def record_matmul(a: Any, b: Any, /, **kw: Any) -> Any:
@@ -336,11 +336,15 @@ def _matmuls_alone(rep: Callable[[], None]) -> Callable[[], None]:
         calls.append(lambda: gemm(found, c, a, b))  # adds into c again: timing only
         gemm(found, c, a, b)
 
-    anp.matmul, blas._call = record_matmul, record_gemm
+    def record_write(c: Any, a: Any, b: Any) -> None:
+        calls.append(lambda: write(c, a, b))  # the same rows again
+        write(c, a, b)
+
+    anp.matmul, blas._call, blas._write = record_matmul, record_gemm, record_write
     try:
         rep()
     finally:
-        anp.matmul, blas._call = matmul, gemm
+        anp.matmul, blas._call, blas._write = matmul, gemm, write
 
     def products() -> None:
         for call in calls:

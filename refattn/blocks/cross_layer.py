@@ -67,10 +67,10 @@ from functools import reduce
 from typing import Literal, NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays, Shape
-from refattn.backend import namespace
+from refattn.backend import device, matmul, namespace
 from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
                               _pointwise_conv_backward)
-from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.linear import MatmulCache, _matmul, _product_into
 from refattn.ops.norm import (BatchNormCache, _batch_norm_named,
                               _batch_norm_named_backward)
 from refattn.ops.softmax import SoftmaxCache, _softmax, _softmax_backward
@@ -325,22 +325,29 @@ def backward(douts: Arrays, cache: CrossLayerCache) -> tuple[ArrayDict, ArrayDic
         else:
             dy_t = xp.reshape(dy, (N, lq, P))  # (N, Lq, P)
 
-        # 5. A_m V_m
-        dattention, dg_t = _matmul_backward(dy_t, layer.attend)  # (N,Lq,Lk), (N,Lk,P)
+        # The keys' and values' gradients are the rows of one array,
+        # [dΦ_m | dG_m] (N, 2P, Lk), which step 2's stacked convs read:
+        # steps 5 and 3 write their rows instead of concatenating them.
+        attention, g = layer.attend.a, layer.attend.b.mT  # (N, Lq, Lk), (N, P, Lk)
+        q, phi = layer.affinity.a, layer.affinity.b  # (N, Lq, P), (N, P, Lk)
+        lk = int(attention.shape[-1])
+        dkv = xp.empty((N, 2 * P, lk), dtype=dout.dtype, device=device(dout))
+
+        # 5. A_m V_m: dA_m = dY_mᵀ V_mᵀ, dG_m = (A_mᵀ dY_mᵀ)ᵀ = dY_m A_m
+        dattention = matmul(xp, dy_t, g)  # (N, Lq, Lk)
+        dkv = _product_into(dkv, P, dy_t.mT, attention)  # rows of dG_m
         del dy, dy_t
 
         # 4. softmax over the keys
         df = _softmax_backward(dattention, layer.softmax)  # (N, Lq, Lk)
         del dattention
 
-        # 3. Q K_m
-        dq, dphi = _matmul_backward(df, layer.affinity)  # (N, Lq, P), (N, P, Lk)
-        dqs.append(dq)
-        del df, dq
+        # 3. Q K_m: dQ_m = dF_m K_mᵀ, dK_m = Qᵀ dF_m
+        dqs.append(matmul(xp, df, phi.mT))  # (N, Lq, P)
+        dkv = _product_into(dkv, 0, q.mT, df)  # rows of dΦ_m
+        del df
 
         # 2. φ_m and g_m (stacked rows, as in the forward)
-        dkv = xp.concat([dphi, dg_t.mT], axis=1)  # (N, 2P, Lk)
-        del dphi, dg_t
         dxk3, dw_kv, db_kv = _pointwise_conv_backward(dkv, layer.kv)  # (N, Ck, Lk)
         del dkv
         ck = layer.x_shape[1]

@@ -73,12 +73,12 @@ from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 from refattn._typing import Array, ArrayDict, Arrays, Shape
-from refattn.backend import device, namespace, prod
+from refattn.backend import device, matmul, namespace, prod
 from refattn.ops.conv import (PointwiseConvCache, _pointwise_conv,
                               _pointwise_conv_backward)
 from refattn.ops.elementwise import (AddCache, ReluCache, _add, _add_backward, _relu,
                                      _relu_backward)
-from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward
+from refattn.ops.linear import MatmulCache, _matmul, _matmul_backward, _product_into
 from refattn.ops.norm import (BatchNormCache, _batch_norm_named,
                               _batch_norm_named_backward)
 from refattn.ops.pool import MaxPoolCache, _geometry, _max_pool, _max_pool_backward
@@ -404,9 +404,34 @@ def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]
             dparams["W.bias"] = db_w  # (C,)
     del dz
 
-    # 6. Y = (A Gᵀ)ᵀ
-    dattention, dg_t = _matmul_backward(dy.mT, c.attend)  # (N, Lq, Lk), (N, Lk, Ci)
-    dg = dg_t.mT  # (N, Ci, Lk)
+    # The gradients that step 3 or 1 reads stacked are written into one
+    # array each, rather than concatenated: [dΦ | dG] (N, Cφ + Cv, Lk) for
+    # the stacked phi|g convs or the pool (all but gaussian before_proj),
+    # and [dΘ | dΦ | dG] (N, Ci + Ci + Cv, Lq) for step 1's stacked convs
+    # (embedded, the pool after the convs or none).  Steps 6, 4 and 2 write
+    # their rows.
+    theta, phi = ((c.affinity.a.mT, c.affinity.b) if c.concat is None
+                  else (c.concat.theta_side.b, c.concat.phi_side.b))  # (N, Ci|C, Lq|Lk)
+    c_theta, c_phi = int(theta.shape[1]), int(phi.shape[1])  # Ci, or C in gaussian
+    c_g = int(c.attend.b.shape[-1])  # Cv
+    dproj = (xp.empty((N, c_theta + c_phi + c_g, lq), dtype=dout.dtype,
+                      device=device(dout))
+             if embedded and not pool_first else None)  # (N, Ci + Ci + Cv, Lq)
+    if dproj is not None and not cfg.sub_sample:
+        dkv, kv0 = dproj, c_theta  # no pool: [dΦ | dG] are dproj's rows Ci:
+    elif embedded or not pool_first:
+        dkv, kv0 = xp.empty((N, c_phi + c_g, lk), dtype=dout.dtype,
+                            device=device(dout)), 0  # (N, Cφ + Cv, Lk)
+    else:
+        dkv, kv0 = None, 0
+
+    # 6. Y = (A Gᵀ)ᵀ: dA = dYᵀ G, dG = dY A
+    attention, g = c.attend.a, c.attend.b.mT  # (N, Lq, Lk), (N, Cv, Lk)
+    dattention = matmul(xp, dy.mT, g)  # (N, Lq, Lk)
+    if dkv is not None:
+        dkv = _product_into(dkv, kv0 + c_phi, dy, attention)  # rows of dG
+    else:
+        dg = matmul(xp, dy, attention)  # (N, Cv, Lk)
     del dy
 
     # 5. normalisation over the keys
@@ -422,38 +447,42 @@ def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]
         dparams["concat_project.weight"] = dw_f
         if db_f is not None:
             dparams["concat_project.bias"] = db_f
+        dkv[:, kv0 : kv0 + c_phi, :] = dphi  # (N, Ci, Lk); embedded, so dkv is there
+        del dphi
+        if dproj is not None:  # else before_proj: dΘ goes to x's conv alone
+            dproj[:, :c_theta, :] = dtheta  # (N, Ci, Lq)
     else:
         if c.scale != 1.0:
             df *= c.scale  # (N, Lq, Lk), in place on the fresh gradient
-        dtheta_t, dphi = _matmul_backward(df, c.affinity)  # (N, Lq, Ci), (N, Ci, Lk)
-        dtheta = dtheta_t.mT  # (N, Ci, Lq)
+        # F = Θᵀ Φ: dΘ = Φ dFᵀ and dΦ = Θ dF, both channel-major
+        if dproj is not None:
+            dproj = _product_into(dproj, 0, phi, df.mT)  # rows of dΘ
+        else:
+            dtheta = matmul(xp, phi, df.mT)  # (N, Ci|C, Lq)
+        if dkv is not None:
+            dkv = _product_into(dkv, kv0, theta, df)  # rows of dΦ
+        else:
+            dphi = matmul(xp, theta, df)  # (N, C, Lk)
     del df
 
     # 3. 1x1 convs on the pooled x (before_proj)
     if pool_first:
-        if embedded:
-            dkv_proj = xp.concat([dphi, dg], axis=1)  # (N, 2Ci, Lk)
-            dkv, dp = _stacked_conv_backward(dkv_proj, c.kv_proj)  # (N, C, Lk)
+        if embedded:  # [dΦ | dG] through the stacked phi|g convs
+            dkv, dp = _stacked_conv_backward(dkv, c.kv_proj)  # (N, C, Lk)
         else:
             dkv_g, dp = _stacked_conv_backward(dg, c.kv_proj)  # (N, C, Lk)
             dkv = dphi + dkv_g  # gaussian: the pooled x is phi and feeds g's conv
+            del dphi, dg
         dparams |= dp
-    else:
-        dkv = xp.concat([dphi, dg], axis=1)  # (N, K, Lk)
-    del dphi, dg
 
     # 2. sub-sampling max-pool
-    dproj = None  # step 1's [dθ | dkv], when the pool writes into it
-    if cfg.sub_sample and embedded and not pool_first:
-        # the pool's gradient goes straight into rows Ci: of [dθ | dkv],
-        # which step 1 would otherwise concatenate
-        ci, K = int(dtheta.shape[1]), int(dkv.shape[1])
+    if dproj is not None and cfg.sub_sample:
+        # the pool's gradient goes straight into rows Ci: of [dΘ | dΦ | dG]
+        K = int(dkv.shape[1])
         dkv = xp.reshape(dkv, (N, K) + _pooled(spatial))  # (N, 2Ci, *P(S))
-        dproj = xp.empty((N, ci + K) + spatial, dtype=dkv.dtype,
-                         device=device(dkv))  # (N, 3Ci, *S)
-        dproj[:, :ci, ...] = xp.reshape(dtheta, (N, ci) + spatial)
-        dproj = xp.reshape(_max_pool_backward(dkv, c.pool, out=(dproj, ci)),
-                           (N, ci + K, lq))  # (N, 3Ci, Lq)
+        dproj = xp.reshape(dproj, (N, c_theta + K) + spatial)  # (N, 3Ci, *S)
+        dproj = xp.reshape(_max_pool_backward(dkv, c.pool, out=(dproj, c_theta)),
+                           (N, c_theta + K, lq))  # (N, 3Ci, Lq)
         del dkv
     elif cfg.sub_sample:
         K = int(dkv.shape[1])
@@ -467,12 +496,9 @@ def backward(douts: Arrays, cache: NonLocalCache) -> tuple[ArrayDict, ArrayDict]
     dx_kv = None  # the key/value branch's share that reaches x directly
     if pool_first:
         dx_kv, dproj = dkv_full, dtheta if embedded else None
-    elif embedded:
-        if dproj is None:  # not written by step 2
-            dproj = xp.concat([dtheta, dkv_full], axis=1)  # (N, 3Ci, Lq)
-            del dkv_full
-    else:
+    elif not embedded:
         dx_kv, dproj = dkv_full[:, :C, :], dkv_full[:, C:, :]  # x|g rows
+    # else: dproj = [dΘ | dΦ | dG], written above
     dx_proj = None
     if c.proj is not None:
         dx_proj, dp = _stacked_conv_backward(dproj, c.proj)  # (N, C, Lq)

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["add_product_into", "applies", "gemm", "library_path"]
+__all__ = ["add_product_into", "applies", "gemm", "library_path", "product_into"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SYMBOLS = {np.dtype(np.float32): "scipy_cblas_sgemm64_",
@@ -190,3 +190,24 @@ def add_product_into(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     assert found is not None, "add_product_into without NumPy's BLAS"
     _call(found, c, a, b)
     return c
+
+
+def product_into(buf: np.ndarray, r0: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a·b written straight into the rows r0 : r0 + M of buf; returns buf.
+
+    The β = 0 counterpart of ``add_product_into`` needs no ctypes:
+    ``np.matmul(a, b, out=rows)`` hands the rows' memory to the same GEMM,
+    with buf's row stride as its leading dimension, so that the product
+    skips the fresh array and its copy.  Formed as ``backend.matmul`` forms
+    it (a contraction of length 1 as a broadcast multiply), so the bits are
+    the generic formula's.  The caller checks ``kernel_ops.into_applies``.
+    """
+    _write(buf[..., r0 : r0 + a.shape[-2], :], a, b)
+    return buf
+
+
+def _write(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape[-1] == 1:
+        np.multiply(a, b, out=c)
+    else:
+        np.matmul(a, b, out=c)

@@ -512,6 +512,36 @@ def product_applies(c: Any, a: Any, b: Any) -> bool:
     )
 
 
+def into_applies(buf: Any, r0: Any, a: Any, b: Any) -> bool:
+    """a·b into rows r0 : r0 + M of buf goes to ``np.matmul(a, b, out=rows)``:
+    plain float ndarrays of one dtype, the rows inside buf and of the
+    product's shape, buf writeable and aligned, sharing no memory with a or
+    b, its rows of unit stride at least a row apart.  NumPy then hands the
+    rows to BLAS as it would fresh memory; rows it could not (a
+    column-major buffer) would take NumPy's own loop, whose sums are
+    ordered differently."""
+    if not (type(buf) is np.ndarray and type(a) is np.ndarray and type(b) is np.ndarray):
+        return False
+    if buf.dtype.kind != "f" or a.dtype != buf.dtype or b.dtype != buf.dtype:
+        return False
+    if type(r0) is not int or min(a.ndim, b.ndim) < 2 or a.shape[-1] != b.shape[-2]:
+        return False
+    try:
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        return False
+    m, n = a.shape[-2], b.shape[-1]
+    if buf.shape != batch + (buf.shape[-2], n) or not 0 <= r0 <= buf.shape[-2] - m:
+        return False
+    row, unit = buf.strides[-2], buf.itemsize
+    if buf.size == 0 or buf.strides[-1] != unit or row % unit or row < n * unit:
+        return False
+    if not (buf.flags.writeable and buf.flags.aligned):
+        return False
+    return (not (np.may_share_memory(buf, a) or np.may_share_memory(buf, b))
+            and kernels_enabled())
+
+
 def outer_kind(base: Any, u1: Any, v1: Any, u2: Any, v2: Any) -> bool:
     """base (N, n, m) with u1 (N, n, 1), v1 and v2 (N, 1, m), u2 (n, 1),
     (1, n, 1) or (N, n, 1), all ndarrays of base's dtype."""
@@ -708,6 +738,12 @@ OVERRIDES: dict[str, Override] = {
         blas.add_product_into, _unreachable, type(None),
         "c += a·b in place as one GEMM with β = 1 (NumPy's own BLAS, "
         "refattn.cpu.blas): the shifted-view convolution's sums over taps",
+    ),
+    "product_into": Override(
+        into_applies,
+        blas.product_into, _unreachable, type(None),
+        "c ← a·b written into the caller's rows (np.matmul with out=): the "
+        "attention blocks' stacked key and value gradients",
     ),
     "add_outer_products": Override(
         lambda base, *uv: outer_kind(base, *uv) and _takes(base),

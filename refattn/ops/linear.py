@@ -246,6 +246,29 @@ def _add_outer_products(base: Array, u1: Array, v1: Array, u2: Array, v2: Array)
     return out
 
 
+@overridable("product_into")
+def _product_into(buf: Array, r0: int, a: Array, b: Array) -> Array:
+    """a·b written into the rows r0 : r0 + M of a caller's buffer; returns buf.
+
+    Math:
+        buf[..., r0 + i, j] = Σ_k a[..., i, k] b[..., k, j]
+    Shapes:
+        a (*B, M, K), b (*B, K, N), buf (*B, M', N) with r0 + M ≤ M'
+    The buffer is a stacked gradient the caller would otherwise concatenate
+    from separate products: non_local and cross_layer write dΦ and dG into
+    [dΦ | dG], which their stacked 1x1 convs' backward reads, and non_local
+    writes dΘ above them.  Here the product is formed in fresh memory, then
+    copied into the rows (indexing buf itself, so any array library keeps
+    the write).  The CPU tier has NumPy's matmul write it there directly
+    (``out=``): the same GEMM with the buffer's row stride as its leading
+    dimension, and the same bits.
+    """
+    xp = namespace(buf=buf)
+    m = int(a.shape[-2])
+    buf[..., r0 : r0 + m, :] = matmul(xp, a, b)  # (*B, M, N)
+    return buf
+
+
 @overridable("add_product_into")
 def _add_product_into(c: Array, a: Array, b: Array) -> Array:
     """c ← c + a·b in place; returns c.

@@ -37,7 +37,7 @@ from refattn.ops.elementwise import (
     relu_forward,
 )
 from refattn.ops.conv import Conv2dCache, conv2d_backward, conv2d_forward
-from refattn.ops.linear import _add_outer_products, _add_product_into
+from refattn.ops.linear import _add_outer_products, _add_product_into, _product_into
 from refattn.ops.norm import (
     BatchNormCache,
     GroupNormCache,
@@ -694,6 +694,97 @@ def test_products_blas_cannot_write_stay_on_the_numpy_path(
         else:
             assert not kernel_ops.product_applies(c, a, b)
     assert taken == set()
+
+
+INTO_LAYOUTS = {  # name -> (buffer, r0, a, b): rows r0 : r0 + 12 of (3, M', 50) ← (3, 12, K)·(3, K, 50)
+    "contiguous operands": lambda d: (normal((3, 40, 50), d), 17, normal((3, 12, 37), d, 1),
+                                      normal((3, 37, 50), d, 2)),
+    "transposed operands": lambda d: (normal((3, 40, 50), d), 0, normal((3, 37, 12), d, 1).mT,
+                                      normal((3, 50, 37), d, 2).mT),
+    "rows wider apart than a row": lambda d: (normal((3, 40, 80), d)[:, :, 10:60], 28,
+                                              normal((3, 12, 37), d, 1), normal((3, 37, 50), d, 2)),
+    "a shared by the batch": lambda d: (normal((3, 40, 50), d), 5, normal((12, 37), d, 1),
+                                        normal((3, 37, 50), d, 2)),
+    "a contraction of length 1": lambda d: (normal((3, 40, 50), d), 9, normal((3, 12, 1), d, 1),
+                                            normal((3, 1, 50), d, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", sorted(INTO_LAYOUTS))
+def test_product_into_has_the_numpy_paths_bits(dtype: str, layout: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """a·b written into rows of a buffer by NumPy's matmul (``out=``): bit
+    for bit the product formed and copied, and every other row untouched."""
+    buf, r0, a, b = INTO_LAYOUTS[layout](dtype)
+    want = generic(_product_into, buf.copy(), r0, a, b)
+    taken = _tier_steps_taken(monkeypatch)
+    out = _product_into(buf, r0, a, b)
+    assert taken == {"product_into"} and out is buf
+    np.testing.assert_array_equal(_bits(buf), _bits(want))
+    assert not np.array_equal(want[:, r0 : r0 + 12], np.zeros_like(want[:, r0 : r0 + 12]))
+
+
+def test_product_into_declines_rows_blas_could_not_write(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A column-major buffer (NumPy's own loop would sum in another order),
+    a read-only one, one overlapping an operand, rows outside the buffer, a
+    row index that is not an int, mixed dtypes, integer arrays, a batch
+    that does not match, or a subclass: the product formed and copied."""
+    d = "float64"
+    a, b = normal((3, 12, 37), d, 1), normal((3, 37, 50), d, 2)
+    shared = normal((3, 50, 50), d)
+    cases = [
+        (normal((3, 50, 40), d).mT, 0, a, b),  # column-major rows
+        (shared, 0, shared[:, 20:32, 3:40], b),  # a inside the buffer
+        (normal((3, 40, 50), d), 30, a, b),  # rows 30 : 42 of 40
+        (normal((3, 40, 50), d), np.int64(3), a, b),
+        (normal((3, 40, 50), d), 3, a.astype("float32"), b),
+        (np.zeros((3, 40, 50), dtype="int64"), 3, a.astype("int64"), b.astype("int64")),
+        (normal((2, 40, 50), d), 3, a, b),  # batch 2 against 3
+        (normal((3, 40, 50), d).view(_Sub), 3, a, b),
+    ]
+    readonly = normal((3, 40, 50), d)
+    readonly.flags.writeable = False
+    assert not kernel_ops.into_applies(readonly, 3, a, b)
+    taken = _tier_steps_taken(monkeypatch)
+    for buf, r0, ca, cb in cases:
+        assert not kernel_ops.into_applies(buf, r0, ca, cb)
+        if buf.shape[0] == 3 and int(r0) + 12 <= buf.shape[1]:
+            want = np.array(buf, copy=True)
+            want[:, int(r0) : int(r0) + 12] = np.asarray(ca, dtype=buf.dtype) @ cb
+            np.testing.assert_array_equal(np.asarray(_product_into(buf, r0, ca, cb)), want)
+    assert taken == set()
+
+
+@pytest.mark.parametrize("block", ["non_local", "cross_layer"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_blocks_write_their_stacked_gradients_with_numpys_bits(
+        block: str, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``product_into`` the only override, non_local's and cross_layer's
+    gradients are the NumPy path's bit for bit: the rows written in place
+    are the products that would have been concatenated."""
+    preset, sets, shapes = BLOCK_CASES[block]
+    spec = BLOCKS[block]
+    cfg = spec.config(preset, **sets)
+    inputs, params, state = draw_case(spec, cfg, shapes, seed=3)
+    cast = {k: v.astype(dtype) for k, v in inputs.items()}
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    state = {k: v.astype(dtype) for k, v in state.items()}
+    out0, _, _ = generic(run_block, spec, cfg, cast, params, state)
+    dout = normal(out0["out"].shape, dtype, 8)
+    want = generic(run_block, spec, cfg, cast, params, state, dout)
+    if not overrides._cpu_loaded:
+        overrides._load_cpu()
+    only = {"product_into": overrides.CPU_OVERRIDES["product_into"]}
+    monkeypatch.setattr(overrides, "CPU_OVERRIDES", only)
+    taken = _tier_steps_taken(monkeypatch)
+    got = run_block(spec, cfg, cast, params, state, dout)
+    assert taken == {"product_into"}
+    for g, w in zip(got, want):
+        assert set(g) == set(w)
+        for key in w:
+            np.testing.assert_array_equal(_bits(g[key]), _bits(w[key]), err_msg=key)
 
 
 def test_without_numpys_blas_the_shifted_conv_is_numpys(

@@ -16,6 +16,7 @@ from refattn.ops.linear import (
     _add_outer_products,
     _add_product_into,
     _matmul_backward,
+    _product_into,
     linear_backward,
     linear_forward,
     matmul_backward,
@@ -551,6 +552,35 @@ def test_add_product_into_writes_into_a_window_of_its_buffer(xb, dtype) -> None:
     # the comparison sees a product left out or added twice
     assert not np.allclose(host[:, 20:150], want[:, 20:150], rtol=1e-5, atol=1e-5)
     assert not np.allclose(want[:, 20:150] + ha @ hb, want[:, 20:150], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k", [1, 37])
+def test_product_into_writes_its_rows_of_the_buffer(xb, dtype, k) -> None:
+    """a·b into rows r0 : r0 + M of a stacked buffer (non_local's [dΘ | dΦ |
+    dG]): those rows hold the product, bit for bit as ``backend.matmul``
+    forms it, the rows around them are untouched, on NumPy (whichever tier)
+    and on array_api_strict.  k = 1 is a broadcast multiply there."""
+    rng = np.random.default_rng(26)
+    host = rng.standard_normal((3, 40, 50)).astype(dtype)
+    ha = rng.standard_normal((3, 12, k)).astype(dtype)
+    hb = np.swapaxes(rng.standard_normal((3, 50, k)).astype(dtype), 1, 2)  # a transposed view
+    buf, a, b = xb.asarray(host.copy()), xb.asarray(ha), xb.asarray(hb)
+    out = _product_into(buf, 17, a, b)
+    got = backend.to_host(out)
+    want = host.copy()
+    want[:, 17:29, :] = backend.to_host(backend.matmul(xb.xp, a, b))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got[:, 17:29, :], ha @ hb, rtol=1e-5 if dtype == "float32"
+                               else 1e-12, atol=1e-5 if dtype == "float32" else 1e-12)
+    np.testing.assert_array_equal(backend.to_host(buf), got)  # written into buf itself
+    # the exact comparison sees rows written one too low, or a product scaled by an ulp
+    shifted = host.copy()
+    shifted[:, 18:30, :] = ha @ hb
+    assert not np.array_equal(shifted, want)
+    nudged = want.copy()
+    nudged[:, 17:29, :] = np.nextafter(nudged[:, 17:29, :], np.inf)
+    assert not np.array_equal(nudged, want)
 
 
 def test_matmul_backward_without_da_gives_the_same_db() -> None:
