@@ -742,8 +742,8 @@ OVERRIDES: dict[str, Override] = {
     "product_into": Override(
         into_applies,
         blas.product_into, _unreachable, type(None),
-        "c ← a·b written into the caller's rows (np.matmul with out=): the "
-        "attention blocks' stacked key and value gradients",
+        "a·b written into rows r0 : r0 + M of the caller's buffer (np.matmul "
+        "with out=): the attention blocks' stacked projection gradients",
     ),
     "add_outer_products": Override(
         lambda base, *uv: outer_kind(base, *uv) and _takes(base),
