@@ -764,15 +764,7 @@ def test_attention_blocks_write_their_stacked_gradients_with_numpys_bits(
     """With ``product_into`` the only override, non_local's and cross_layer's
     gradients are the NumPy path's bit for bit: the rows written in place
     are the products that would have been concatenated."""
-    preset, sets, shapes = BLOCK_CASES[block]
-    spec = BLOCKS[block]
-    cfg = spec.config(preset, **sets)
-    inputs, params, state = draw_case(spec, cfg, shapes, seed=3)
-    cast = {k: v.astype(dtype) for k, v in inputs.items()}
-    params = {k: v.astype(dtype) for k, v in params.items()}
-    state = {k: v.astype(dtype) for k, v in state.items()}
-    out0, _, _ = generic(run_block, spec, cfg, cast, params, state)
-    dout = normal(out0["out"].shape, dtype, 8)
+    spec, cfg, cast, params, state, dout = _block_case(block, dtype, 3, 8)
     want = generic(run_block, spec, cfg, cast, params, state, dout)
     if not overrides._cpu_loaded:
         overrides._load_cpu()
@@ -1143,6 +1135,19 @@ BLOCK_CASES = {  # block -> (preset, overrides, shapes) large enough for the tie
 }
 
 
+def _block_case(block: str, dtype: str, seed: int, dout_seed: int) -> tuple[Any, ...]:
+    """spec, cfg, inputs, params, state and a drawn dout of BLOCK_CASES[block]
+    at `dtype`."""
+    preset, sets, shapes = BLOCK_CASES[block]
+    spec = BLOCKS[block]
+    cfg = spec.config(preset, **sets)
+    inputs, params, state = (
+        {k: v.astype(dtype) for k, v in d.items()}
+        for d in draw_case(spec, cfg, shapes, seed=seed))
+    out, _, _ = generic(run_block, spec, cfg, inputs, params, state)
+    return spec, cfg, inputs, params, state, normal(out["out"].shape, dtype, dout_seed)
+
+
 def _tier_steps_taken(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """Record which tier steps run."""
     taken: set[str] = set()
@@ -1158,15 +1163,7 @@ def _tier_steps_taken(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 @pytest.mark.parametrize("block", sorted(BLOCK_CASES))
 def test_block_matches_the_numpy_path(block: str, dtype: str,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    preset, sets, shapes = BLOCK_CASES[block]
-    spec = BLOCKS[block]
-    cfg = spec.config(preset, **sets)
-    inputs, params, state = draw_case(spec, cfg, shapes, seed=1)
-    cast = {k: v.astype(dtype) for k, v in inputs.items()}
-    params = {k: v.astype(dtype) for k, v in params.items()}
-    state = {k: v.astype(dtype) for k, v in state.items()}
-    out0, _, _ = generic(run_block, spec, cfg, cast, params, state)
-    dout = normal(out0["out"].shape, dtype, 7)
+    spec, cfg, cast, params, state, dout = _block_case(block, dtype, 1, 7)
     taken = _tier_steps_taken(monkeypatch)
     out, dins, dparams = run_block(spec, cfg, cast, params, state, dout)
     assert taken, "no step of the block took the tier"
@@ -1201,15 +1198,7 @@ def test_block_matches_the_numpy_path(block: str, dtype: str,
 def test_block_comparison_rejects_a_wrong_gradient() -> None:
     """The bound of test_block_matches_the_numpy_path fails on a gradient
     scaled by 1.01 (float32 non_local)."""
-    preset, sets, shapes = BLOCK_CASES["non_local"]
-    spec = BLOCKS["non_local"]
-    cfg = spec.config(preset, **sets)
-    inputs, params, state = draw_case(spec, cfg, shapes, seed=1)
-    cast = {k: v.astype("float32") for k, v in inputs.items()}
-    params = {k: v.astype("float32") for k, v in params.items()}
-    state = {k: v.astype("float32") for k, v in state.items()}
-    out, _, _ = run_block(spec, cfg, cast, params, state)
-    dout = normal(out["out"].shape, "float32", 7)
+    spec, cfg, cast, params, state, dout = _block_case("non_local", "float32", 1, 7)
     _, dins, _ = run_block(spec, cfg, cast, params, state, dout)
     _, dins0, _ = generic(run_block, spec, cfg, cast, params, state, dout)
     rtol, atol = kernel_ops.TOLERANCE["float32"]
